@@ -1,0 +1,1 @@
+"""agentctl: the thin client of agentd. Importing it never imports mlx."""
