@@ -1,0 +1,468 @@
+"""The agentd wire protocol: every message the daemon and its clients exchange.
+
+This module is the single definition of message shapes; the daemon, `agentctl` and any
+other local program import it. It imports neither mlx nor anything heavy.
+
+Transport (see `agentd.framing`): each frame is a 4-byte big-endian unsigned length, then
+a msgpack map of at most MAX_FRAME_BYTES. A connection carries one request at a time.
+
+Requests (client -> daemon) are maps `{"id": <int>, "op": "<op>", ...fields}`; the client
+sends `hello` first on every connection. Ops and fields (defaults in brackets):
+
+    hello     protocol: int, client: str [""]
+    ping      -
+    status    -
+    create    name, role: str [""] (<= 200 chars), system: str [""] (<= 1 MiB UTF-8)
+    list      -
+    show      name
+    history   name
+    delete    name
+    reset     name
+    chat      name, message: str (1 char .. 1 MiB UTF-8), max_tokens: int [256] (1..8192),
+              temperature: float [0.0] (0..5), seed: int | None [None] (0..2**63-1)
+    save      name: str | None [None]  (None: every dirty agent)
+    evict     name
+    shutdown  -
+
+An agent name is 1..64 of letters, digits, "-", "_", "." and does not start with ".".
+
+Responses (daemon -> client) are maps carrying the request's "id" and a "type":
+
+    {"id", "type": "result", ...fields}           terminal
+    {"id", "type": "token", "text": str}          chat only, zero or more before the result
+    {"id", "type": "error", "code": str, "message": str}   terminal; code is an ErrorCode
+
+A frame the daemon could not parse, or whose id it could not read, gets an error with
+"id": None.
+
+Result fields per op:
+
+    hello     protocol, daemon_version, model_id, pid
+              (a protocol mismatch is an error PROTOCOL_MISMATCH instead)
+    ping      pong: True, pid
+    status    pid, uptime_s, daemon_version,
+              model  {id, path, bytes},
+              memory {model_bytes, cache_bytes, active_bytes, system_available,
+                      system_total, pressure: str},
+              limits {max_hot, cache_budget, min_available},
+              flush  {interval_s, last_flush_at, last_result, last_error,
+                      consecutive_failures},
+              agents [AgentInfo]
+    create    agent: AgentInfo
+    list      agents: [AgentInfo]
+    show      agent: AgentInfo, system: str
+    history   messages: [{role, content}]
+    delete    deleted: name
+    reset     agent: AgentInfo
+    chat      text, cached_tokens, prefilled_tokens, generated_tokens, prompt_tokens,
+              cache_source ("memory"|"disk"|"rebuilt"|"new"), restore_ms, ttft_ms,
+              decode_tokens_per_s, finish_reason ("stop"|"length")
+    save      saved: [name]
+    evict     evicted: name, was_dirty: bool
+    shutdown  stopping: True
+
+    AgentInfo {name, role, state ("hot"|"cold"), tokens, bytes, dirty: bool,
+               messages: int, created_at, updated_at, last_saved_at}
+               (times are float epoch seconds; last_saved_at may be None)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import MISSING, dataclass, fields
+from enum import Enum
+from typing import Any, ClassVar, TypedDict
+
+PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+
+MAX_NAME_CHARS = 64
+MAX_ROLE_CHARS = 200
+MAX_TEXT_BYTES = 1024 * 1024  # message and system prompt, UTF-8 encoded
+MAX_CLIENT_CHARS = 200
+MAX_TOKENS_LIMIT = 8192
+MAX_TEMPERATURE = 5.0
+MAX_SEED = 2**63 - 1
+
+
+class ErrorCode(str, Enum):
+    """Error codes carried by `{"type": "error"}` frames; the wire value is the name."""
+
+    BAD_FRAME = "BAD_FRAME"  # not a msgpack map, too large, truncated
+    BAD_REQUEST = "BAD_REQUEST"  # missing/unknown field, wrong type or range
+    UNKNOWN_OP = "UNKNOWN_OP"
+    PROTOCOL_MISMATCH = "PROTOCOL_MISMATCH"  # hello with another protocol, or no hello
+    INVALID_NAME = "INVALID_NAME"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    BUSY = "BUSY"  # the agent has a request in flight, or the daemon is at capacity
+    CANCELLED = "CANCELLED"
+    SHUTTING_DOWN = "SHUTTING_DOWN"
+    INTERNAL = "INTERNAL"
+    MODEL_ERROR = "MODEL_ERROR"
+
+
+class ProtocolError(Exception):
+    """A message that breaks the protocol. `request_id` is set when the id was readable."""
+
+    def __init__(self, code: ErrorCode, message: str, request_id: int | None = None):
+        super().__init__(message)
+        self.code = ErrorCode(code)
+        self.message = message
+        self.request_id = request_id
+
+    def __str__(self) -> str:
+        return f"{self.code.value}: {self.message}"
+
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
+
+
+def validate_agent_name(name: Any) -> str:
+    """Return `name` if it is a valid agent name, else raise ProtocolError(INVALID_NAME).
+
+    Names become file names, so only 1..64 ASCII letters, digits, "-", "_", "." are
+    allowed, and not a leading "." (which excludes ".", ".." and hidden files).
+    """
+    if not isinstance(name, str):
+        raise ProtocolError(ErrorCode.INVALID_NAME, f"agent name must be a string, not {type(name).__name__}")
+    if not name:
+        raise ProtocolError(ErrorCode.INVALID_NAME, "agent name must not be empty")
+    if len(name) > MAX_NAME_CHARS:
+        raise ProtocolError(
+            ErrorCode.INVALID_NAME, f"agent name is {len(name)} characters; the limit is {MAX_NAME_CHARS}"
+        )
+    if name.startswith("."):
+        raise ProtocolError(ErrorCode.INVALID_NAME, f"agent name {name!r} must not start with '.'")
+    if not _NAME_RE.fullmatch(name):
+        raise ProtocolError(
+            ErrorCode.INVALID_NAME,
+            f"agent name {name!r} may only contain letters, digits, '-', '_' and '.'",
+        )
+    return name
+
+
+# --- field checks (raise BAD_REQUEST) -------------------------------------------------
+
+
+def _bad(message: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.BAD_REQUEST, message)
+
+
+def _check_int(field: str, value: Any, lo: int, hi: int) -> int:
+    # bool is an int subclass; True must not pass as 1.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _bad(f"{field} must be an integer, not {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise _bad(f"{field} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _check_float(field: str, value: Any, lo: float, hi: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise _bad(f"{field} must be a number, not {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or not lo <= value <= hi:
+        raise _bad(f"{field} must be between {lo:g} and {hi:g}, got {value}")
+    return value
+
+
+def _check_str(field: str, value: Any, *, max_chars: int | None = None, max_bytes: int | None = None) -> str:
+    if not isinstance(value, str):
+        raise _bad(f"{field} must be a string, not {type(value).__name__}")
+    if max_chars is not None and len(value) > max_chars:
+        raise _bad(f"{field} is {len(value)} characters; the limit is {max_chars}")
+    try:
+        # Also rejects lone surrogates, which msgpack could not encode.
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise _bad(f"{field} is not valid Unicode text") from None
+    if max_bytes is not None and size > max_bytes:
+        raise _bad(f"{field} is {size} bytes; the limit is {max_bytes}")
+    return value
+
+
+# --- requests -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """Base of every request. Subclasses set `op` and validate in `_validate`."""
+
+    op: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    def _validate(self) -> None:
+        pass
+
+    def _set(self, field: str, value: Any) -> None:
+        # Frozen dataclass: normalise (e.g. int -> float) during validation only.
+        object.__setattr__(self, field, value)
+
+    def to_wire(self, request_id: int) -> dict[str, Any]:
+        """The msgpack-ready map for this request with id `request_id`."""
+        wire: dict[str, Any] = {"id": request_id, "op": self.op}
+        for f in fields(self):
+            wire[f.name] = getattr(self, f.name)
+        return wire
+
+
+@dataclass(frozen=True)
+class _Named(Request):
+    name: str
+
+    def _validate(self) -> None:
+        validate_agent_name(self.name)
+
+
+@dataclass(frozen=True)
+class Hello(Request):
+    op: ClassVar[str] = "hello"
+    protocol: int
+    client: str = ""
+
+    def _validate(self) -> None:
+        _check_int("protocol", self.protocol, 0, 2**31 - 1)
+        _check_str("client", self.client, max_chars=MAX_CLIENT_CHARS)
+
+
+@dataclass(frozen=True)
+class Ping(Request):
+    op: ClassVar[str] = "ping"
+
+
+@dataclass(frozen=True)
+class Status(Request):
+    op: ClassVar[str] = "status"
+
+
+@dataclass(frozen=True)
+class Create(_Named):
+    op: ClassVar[str] = "create"
+    role: str = ""
+    system: str = ""
+
+    def _validate(self) -> None:
+        super()._validate()
+        _check_str("role", self.role, max_chars=MAX_ROLE_CHARS)
+        _check_str("system", self.system, max_bytes=MAX_TEXT_BYTES)
+
+
+@dataclass(frozen=True)
+class List(Request):
+    op: ClassVar[str] = "list"
+
+
+@dataclass(frozen=True)
+class Show(_Named):
+    op: ClassVar[str] = "show"
+
+
+@dataclass(frozen=True)
+class History(_Named):
+    op: ClassVar[str] = "history"
+
+
+@dataclass(frozen=True)
+class Delete(_Named):
+    op: ClassVar[str] = "delete"
+
+
+@dataclass(frozen=True)
+class Reset(_Named):
+    op: ClassVar[str] = "reset"
+
+
+@dataclass(frozen=True)
+class Chat(_Named):
+    op: ClassVar[str] = "chat"
+    message: str
+    max_tokens: int = 256
+    temperature: float = 0.0
+    seed: int | None = None
+
+    def _validate(self) -> None:
+        super()._validate()
+        _check_str("message", self.message, max_bytes=MAX_TEXT_BYTES)
+        if not self.message:
+            raise _bad("message must not be empty")
+        _check_int("max_tokens", self.max_tokens, 1, MAX_TOKENS_LIMIT)
+        self._set("temperature", _check_float("temperature", self.temperature, 0.0, MAX_TEMPERATURE))
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, MAX_SEED)
+
+
+@dataclass(frozen=True)
+class Save(Request):
+    op: ClassVar[str] = "save"
+    name: str | None = None
+
+    def _validate(self) -> None:
+        if self.name is not None:
+            validate_agent_name(self.name)
+
+
+@dataclass(frozen=True)
+class Evict(_Named):
+    op: ClassVar[str] = "evict"
+
+
+@dataclass(frozen=True)
+class Shutdown(Request):
+    op: ClassVar[str] = "shutdown"
+
+
+REQUEST_TYPES: dict[str, type[Request]] = {
+    cls.op: cls
+    for cls in (Hello, Ping, Status, Create, List, Show, History, Delete, Reset, Chat, Save, Evict, Shutdown)
+}
+
+_MAX_ID = 2**63 - 1
+
+
+def peek_request_id(wire: Any) -> int | None:
+    """The request id of a decoded frame if it has a valid one, else None."""
+    if isinstance(wire, dict):
+        rid = wire.get("id")
+        if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid <= _MAX_ID:
+            return rid
+    return None
+
+
+def request_from_wire(wire: Any) -> tuple[int, Request]:
+    """Parse and validate a decoded request frame into `(id, request)`.
+
+    Raises ProtocolError (BAD_REQUEST, UNKNOWN_OP or INVALID_NAME) whose `request_id`
+    is the frame's id when that was readable, so the daemon can answer it.
+    """
+    if not isinstance(wire, dict):
+        raise _bad(f"a request must be a map, not {type(wire).__name__}")
+    if "id" not in wire:
+        raise _bad("request has no 'id'")
+    rid = peek_request_id(wire)
+    if rid is None:
+        raise _bad(f"request id must be an integer between 0 and {_MAX_ID}")
+    try:
+        op = wire.get("op")
+        if not isinstance(op, str):
+            raise _bad("request has no 'op' string")
+        cls = REQUEST_TYPES.get(op)
+        if cls is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}")
+        known = {f.name for f in fields(cls)}
+        extra = [k for k in wire if k not in known and k not in ("id", "op")]
+        if extra:
+            raise _bad(f"unknown field(s) for {op}: {', '.join(sorted(map(repr, extra)))}")
+        missing = [
+            f.name
+            for f in fields(cls)
+            if f.name not in wire and f.default is MISSING and f.default_factory is MISSING
+        ]
+        if missing:
+            raise _bad(f"{op} is missing field(s): {', '.join(missing)}")
+        request = cls(**{k: v for k, v in wire.items() if k in known})
+    except ProtocolError as exc:
+        exc.request_id = rid
+        raise
+    return rid, request
+
+
+# --- responses ------------------------------------------------------------------------
+
+RESULT = "result"
+TOKEN = "token"
+ERROR = "error"
+
+
+def result(request_id: int, **fields: Any) -> dict[str, Any]:
+    """A terminal success frame for `request_id` with the op's result fields."""
+    if "id" in fields or "type" in fields:
+        raise ValueError("result fields must not include 'id' or 'type'")
+    return {"id": request_id, "type": RESULT, **fields}
+
+
+def token(request_id: int, text: str) -> dict[str, Any]:
+    """A non-terminal chat stream frame carrying generated text."""
+    return {"id": request_id, "type": TOKEN, "text": text}
+
+
+def error(request_id: int | None, code: ErrorCode | str, message: str) -> dict[str, Any]:
+    """A terminal error frame; `request_id` is None when the request's id was unreadable."""
+    return {"id": request_id, "type": ERROR, "code": ErrorCode(code).value, "message": str(message)}
+
+
+@dataclass(frozen=True)
+class Result:
+    id: int | None
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int | None
+    text: str
+
+
+@dataclass(frozen=True)
+class Error:
+    id: int | None
+    code: str  # an ErrorCode value, or an unknown code from a newer daemon
+    message: str
+
+
+Response = Result | Token | Error
+
+
+def response_from_wire(wire: Any) -> Response:
+    """Parse a decoded daemon frame; a malformed one raises ProtocolError(BAD_FRAME)."""
+    if not isinstance(wire, dict):
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"response is a {type(wire).__name__}, not a map")
+    rid = wire.get("id")
+    if rid is not None and (not isinstance(rid, int) or isinstance(rid, bool)):
+        raise ProtocolError(ErrorCode.BAD_FRAME, "response id is not an integer")
+    kind = wire.get("type")
+    if kind == RESULT:
+        return Result(rid, {k: v for k, v in wire.items() if k not in ("id", "type")})
+    if kind == TOKEN:
+        text = wire.get("text")
+        if not isinstance(text, str):
+            raise ProtocolError(ErrorCode.BAD_FRAME, "token frame without a text string")
+        return Token(rid, text)
+    if kind == ERROR:
+        code, message = wire.get("code"), wire.get("message")
+        if not isinstance(code, str) or not isinstance(message, str):
+            raise ProtocolError(ErrorCode.BAD_FRAME, "error frame without code and message strings")
+        return Error(rid, code, message)
+    raise ProtocolError(ErrorCode.BAD_FRAME, f"unknown response type {kind!r}")
+
+
+# --- result shapes (documentation and type hints; not enforced on the wire) -----------
+
+
+class AgentInfo(TypedDict):
+    name: str
+    role: str
+    state: str  # "hot" | "cold"
+    tokens: int
+    bytes: int
+    dirty: bool
+    messages: int
+    created_at: float
+    updated_at: float
+    last_saved_at: float | None
+
+
+class ChatResult(TypedDict):
+    text: str
+    cached_tokens: int
+    prefilled_tokens: int
+    generated_tokens: int
+    prompt_tokens: int
+    cache_source: str  # "memory" | "disk" | "rebuilt" | "new"
+    restore_ms: float
+    ttft_ms: float
+    decode_tokens_per_s: float
+    finish_reason: str  # "stop" | "length"
