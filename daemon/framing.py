@@ -63,8 +63,8 @@ def decode_body(body: bytes) -> dict[str, Any]:
             body,
             raw=False,
             strict_map_key=True,
-            max_buffer_size=n,
-            # Every element takes at least one byte: no container can be longer than this.
+            # unpackb has no max_buffer_size (only Unpacker does): the body is already
+            # bounded by the header check. Every element takes at least one byte: no container can be longer than this.
             max_str_len=n,
             max_bin_len=n,
             max_array_len=n,
