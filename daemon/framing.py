@@ -11,14 +11,16 @@ IncompleteFrame on EOF inside a frame.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from agentd.protocol import MAX_FRAME_BYTES
+
+if TYPE_CHECKING:  # asyncio costs ~60 ms to import; the sync client never needs it
+    import asyncio
 
 HEADER = struct.Struct(">I")
 
@@ -118,6 +120,8 @@ def recv_frame(sock: socket.socket, max_bytes: int = MAX_FRAME_BYTES) -> dict[st
 
 async def read_frame(reader: asyncio.StreamReader, max_bytes: int = MAX_FRAME_BYTES) -> dict[str, Any] | None:
     """Read one frame from an asyncio stream. None on EOF at a frame boundary."""
+    import asyncio
+
     try:
         header = await reader.readexactly(HEADER.size)
     except asyncio.IncompleteReadError as exc:
