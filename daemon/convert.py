@@ -338,9 +338,10 @@ def _locked(out_dir: Path) -> Iterator[None]:
 
 def _remove_leftovers(out_dir: Path) -> None:
     # Called with the lock held, so no live converter owns any of these.
-    for pattern in (f"{out_dir.name}.partial-*", f"{out_dir.name}.old-*"):
-        for leftover in out_dir.parent.glob(pattern):
-            shutil.rmtree(leftover, ignore_errors=True)
+    for kind in ("partial", "old"):
+        for leftover in out_dir.parent.glob(f"{out_dir.name}.{kind}-*"):
+            if leftover.name.rpartition("-")[2].isdigit():
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _read_stamp(out_dir: Path) -> dict | None:
@@ -366,59 +367,68 @@ def _is_current(out_dir: Path, gguf_path: Path) -> bool:
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: Progress = None) -> Path:
-    """Convert a llama GGUF into an mlx-lm folder at out_dir, replacing what is there.
+    """Convert a llama GGUF into an mlx-lm folder at out_dir, replacing an earlier conversion.
 
     The folder appears complete or not at all. Quantized tensors stay packed exactly as
-    the GGUF holds them; config.json names each module's width.
+    the GGUF holds them; config.json names each module's width. A non-empty out_dir that
+    agentd did not convert is never replaced.
     """
-    import mlx.core as mx
-
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir)
     if not gguf_path.is_file():
         raise ConvertError(f"GGUF not found: {gguf_path}")
-    started = time.monotonic()
     with _locked(out_dir):
-        _remove_leftovers(out_dir)
-        _say(progress, f"reading {gguf_path.name}")
-        try:
-            gguf_weights, metadata = mx.load(str(gguf_path), return_metadata=True)
-        except (RuntimeError, ValueError) as e:
-            raise ConvertError(f"cannot read GGUF {gguf_path}: {e}") from e
-        weights, quantized = _convert_weights(gguf_weights)
-        config = _build_config(metadata, weights, quantized)
-        _say(progress, "building tokenizer")
-        tokenizer, added = _build_tokenizer(metadata)
-        side_files = _tokenizer_files(metadata, added, config["max_position_embeddings"])
-        generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+        return _convert_locked(gguf_path, out_dir, progress)
 
-        partial = out_dir.parent / f"{out_dir.name}.partial-{os.getpid()}"
-        partial.mkdir()
-        try:
-            _say(progress, f"writing {len(weights)} tensors")
-            mx.save_safetensors(str(partial / "model.safetensors"), weights, metadata={"format": "mlx"})
-            _write_json(partial / "config.json", config)
-            _write_json(partial / "generation_config.json", generation)
-            tokenizer.save(str(partial / "tokenizer.json"))
-            for name, data in side_files.items():
-                _write_json(partial / name, data)
-            # The stamp is written last: its presence means every other file is whole.
-            _write_json(partial / STAMP, _source_record(gguf_path))
-            for f in partial.iterdir():
-                _fsync_path(f)
-            _fsync_path(partial)
-            if out_dir.exists():
-                # A directory cannot be renamed over a non-empty one; move the old aside.
-                old = out_dir.parent / f"{out_dir.name}.old-{os.getpid()}"
-                os.replace(out_dir, old)
-                os.replace(partial, out_dir)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(partial, out_dir)
-            _fsync_path(out_dir.parent)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
+
+def _convert_locked(gguf_path: Path, out_dir: Path, progress: Progress) -> Path:
+    import mlx.core as mx
+
+    if out_dir.exists() and not (out_dir / STAMP).is_file() and any(out_dir.iterdir()):
+        raise ConvertError(
+            f"{out_dir} exists and holds something agentd did not convert; move it away or choose another folder"
+        )
+    started = time.monotonic()
+    _remove_leftovers(out_dir)
+    _say(progress, f"reading {gguf_path.name}")
+    try:
+        gguf_weights, metadata = mx.load(str(gguf_path), return_metadata=True)
+    except (RuntimeError, ValueError) as e:
+        raise ConvertError(f"cannot read GGUF {gguf_path}: {e}") from e
+    weights, quantized = _convert_weights(gguf_weights)
+    config = _build_config(metadata, weights, quantized)
+    _say(progress, "building tokenizer")
+    tokenizer, added = _build_tokenizer(metadata)
+    side_files = _tokenizer_files(metadata, added, config["max_position_embeddings"])
+    generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+
+    partial = out_dir.parent / f"{out_dir.name}.partial-{os.getpid()}"
+    partial.mkdir()
+    try:
+        _say(progress, f"writing {len(weights)} tensors")
+        mx.save_safetensors(str(partial / "model.safetensors"), weights, metadata={"format": "mlx"})
+        _write_json(partial / "config.json", config)
+        _write_json(partial / "generation_config.json", generation)
+        tokenizer.save(str(partial / "tokenizer.json"))
+        for name, data in side_files.items():
+            _write_json(partial / name, data)
+        # The stamp is written last: its presence means every other file is whole.
+        _write_json(partial / STAMP, _source_record(gguf_path))
+        for f in partial.iterdir():
+            _fsync_path(f)
+        _fsync_path(partial)
+        if out_dir.exists():
+            # A directory cannot be renamed over a non-empty one; move the old aside.
+            old = out_dir.parent / f"{out_dir.name}.old-{os.getpid()}"
+            os.replace(out_dir, old)
+            os.replace(partial, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(partial, out_dir)
+        _fsync_path(out_dir.parent)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     _say(progress, f"converted in {time.monotonic() - started:.1f}s")
     return out_dir
 
@@ -426,9 +436,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: Progress 
 def ensure_default_model(model_dir: Path | None = None, progress: Progress = None) -> Path:
     """The default model's mlx-lm folder, converting it from the GGUF on first use.
 
-    Cheap when the folder already holds a conversion of the installed GGUF. A folder
-    without agentd's stamp that already holds a model (config.json) is someone's own
-    model, pointed at by $AGENTD_MODEL, and is returned untouched.
+    Cheap when the folder already holds a conversion of the installed GGUF (one stat and
+    a small JSON read). A folder without agentd's stamp that holds a model (config.json)
+    is someone's own model, pointed at by $AGENTD_MODEL, and is returned untouched.
     """
     model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
     stamped = (model_dir / STAMP).is_file()
@@ -443,10 +453,10 @@ def ensure_default_model(model_dir: Path | None = None, progress: Progress = Non
     if _is_current(model_dir, gguf_path):
         return model_dir
     with _locked(model_dir):
-        # Another process may have finished converting while we waited for the lock.
+        # Another process may have converted it while we waited for the lock.
         if _is_current(model_dir, gguf_path):
             return model_dir
-    return convert_gguf(gguf_path, model_dir, progress=progress)
+        return _convert_locked(gguf_path, model_dir, progress)
 
 
 def main(argv: list[str] | None = None) -> int:
