@@ -1,0 +1,243 @@
+"""The model and the one generation loop every agent turn goes through.
+
+The engine owns no agent state: it renders conversations to tokens, and extends a
+caller-owned KV cache from the tokens it already holds to the tokens a new turn needs.
+Callers must use it from a single thread (the daemon's MLX worker).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import make_sampler
+
+PREFILL_CHUNK = 512
+
+# Files whose bytes decide how text becomes tokens; a change to any invalidates caches.
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+)
+
+
+class ModelLoadError(Exception):
+    """The model folder is missing or cannot be loaded; the message says which and why."""
+
+
+@dataclass
+class Generation:
+    """What one turn did to the cache, and how long it took."""
+
+    tokens: list[int]  # generated ids, the stop token excluded
+    text: str
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    cache_tokens: list[int]  # exactly the ids whose keys and values the cache now holds
+    reused_tokens: int  # prompt ids the cache already held
+    prefilled_tokens: int
+    rebuilt: bool  # the cache could not be trimmed back and was started over
+    ttft_s: float
+    decode_s: float
+    prompt_tokens: int = 0
+    timings: dict = field(default_factory=dict)
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _sampled_file_digest(path: Path, h: "hashlib._Hash", samples: int = 64, chunk: int = 1 << 16) -> None:
+    """Hash size, head and evenly spaced chunks: tells weight files apart without reading gigabytes."""
+    size = path.stat().st_size
+    h.update(path.name.encode() + b"\0" + str(size).encode())
+    with open(path, "rb") as f:
+        offsets = {0} | {size * i // samples for i in range(1, samples)} | {max(0, size - chunk)}
+        for off in sorted(offsets):
+            f.seek(off)
+            h.update(f.read(chunk))
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Config and weights. Weights are sampled, not read whole, so a 12B model starts fast."""
+    h = hashlib.sha256()
+    config = json.loads((model_dir / "config.json").read_text())
+    h.update(json.dumps(config, sort_keys=True).encode())
+    for weights in sorted(model_dir.glob("*.safetensors")):
+        _sampled_file_digest(weights, h)
+    return h.hexdigest()[:32]
+
+
+def tokenizer_fingerprint(model_dir: Path, chat_template: str | None) -> str:
+    h = hashlib.sha256()
+    for name in _TOKENIZER_FILES:
+        p = model_dir / name
+        if p.exists():
+            h.update(name.encode() + b"\0" + p.read_bytes())
+    h.update(b"template\0" + (chat_template or "").encode())
+    return h.hexdigest()[:32]
+
+
+class Engine:
+    """A loaded model and tokenizer, with the fingerprints cache files are checked against."""
+
+    def __init__(self, model_dir: Path, progress: Callable[[str], None] | None = None):
+        from mlx_lm import load
+
+        self.model_dir = Path(model_dir)
+        if not (self.model_dir / "config.json").is_file():
+            raise ModelLoadError(f"no model at {self.model_dir} (config.json not found)")
+        t0 = time.perf_counter()
+        try:
+            self.model, self.tokenizer = load(str(self.model_dir))
+        except Exception as e:  # mlx_lm raises many types; all mean the same to a user
+            raise ModelLoadError(f"cannot load the model at {self.model_dir}: {e}") from e
+        self.load_s = time.perf_counter() - t0
+        self.model_id = self.model_dir.name
+        self.dtype = self._compute_dtype()
+        self.fingerprint = model_fingerprint(self.model_dir)
+        self.tokenizer_fingerprint = tokenizer_fingerprint(
+            self.model_dir, getattr(self.tokenizer, "chat_template", None)
+        )
+        self.eos_ids = set(self.tokenizer.eos_token_ids)
+        self.model_bytes = sum(v.nbytes for _, v in _leaves(self.model.parameters()))
+
+    def _compute_dtype(self) -> str:
+        """The activation dtype: it is what the cached keys and values are made of."""
+        for _, v in _leaves(self.model.parameters()):
+            if mx.issubdtype(v.dtype, mx.floating):
+                return str(v.dtype).removeprefix("mlx.core.")
+        return "float32"
+
+    def new_cache(self) -> list:
+        return make_prompt_cache(self.model)
+
+    def render(self, system: str, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The conversation as the model's chat template writes it, in token ids."""
+        convo = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": m["role"], "content": m["content"]} for m in messages
+        ]
+        return list(
+            self.tokenizer.apply_chat_template(convo, add_generation_prompt=add_generation_prompt, tokenize=True)
+        )
+
+    def generate(
+        self,
+        cache: list,
+        cache_tokens: list[int],
+        prompt: list[int],
+        *,
+        max_tokens: int,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        on_token: Callable[[str], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
+    ) -> tuple[list, Generation]:
+        """Bring `cache` from `cache_tokens` to `prompt`, then decode a reply.
+
+        Reuses the longest common prefix, trims the rest off the cache, and prefills only
+        what is new. A cache that cannot be trimmed back (a sliding window that has wrapped)
+        is replaced by a fresh one. Returns the cache to keep (maybe a new object) and what
+        happened. Every sampled id except the last is fed back, so `cache_tokens` of the
+        result is exactly what the cache holds.
+        """
+        if not prompt:
+            raise ValueError("empty prompt")
+        t_start = time.perf_counter()
+        # At least the last prompt token must run through the model to give the first logits.
+        reuse = min(common_prefix_len(cache_tokens, prompt), len(prompt) - 1)
+        rebuilt = False
+        surplus = len(cache_tokens) - reuse
+        if surplus > 0:
+            if can_trim_prompt_cache(cache) and trim_prompt_cache(cache, surplus) == surplus:
+                pass
+            else:
+                cache, reuse, rebuilt = self.new_cache(), 0, True
+
+        for start in range(reuse, len(prompt) - 1, prefill_chunk):
+            chunk = prompt[start : min(start + prefill_chunk, len(prompt) - 1)]
+            self.model(mx.array(chunk)[None], cache=cache)
+            mx.eval([c.state for c in cache])
+        if should_stop is None:
+            should_stop = lambda: False  # noqa: E731
+
+        if seed is not None:
+            mx.random.seed(seed)
+        sampler = make_sampler(temp=temperature)
+        detok = self.tokenizer.detokenizer
+        detok.reset()
+        fed = list(prompt[:-1])
+        next_input = prompt[-1]
+        generated: list[int] = []
+        finish = "length"
+        ttft = None
+        t_decode = time.perf_counter()
+        while True:
+            logits = self.model(mx.array([next_input])[None], cache=cache)[:, -1, :]
+            fed.append(next_input)
+            token = sampler(logits - mx.logsumexp(logits, keepdims=True)).item()
+            if ttft is None:
+                ttft = time.perf_counter() - t_start
+                t_decode = time.perf_counter()
+            if token in self.eos_ids:
+                finish = "stop"
+                break
+            generated.append(token)
+            detok.add_token(token)
+            if on_token is not None and (segment := detok.last_segment):
+                on_token(segment)
+            if len(generated) >= max_tokens:
+                break
+            if should_stop():
+                finish = "cancelled"
+                break
+            next_input = token
+        detok.finalize()
+        if on_token is not None and (segment := detok.last_segment):
+            on_token(segment)
+        decode_s = time.perf_counter() - t_decode
+        return cache, Generation(
+            tokens=generated,
+            text=detok.text,
+            finish_reason=finish,
+            cache_tokens=fed,
+            reused_tokens=reuse,
+            prefilled_tokens=len(prompt) - reuse,
+            rebuilt=rebuilt,
+            ttft_s=ttft or 0.0,
+            decode_s=decode_s,
+            prompt_tokens=len(prompt),
+        )
+
+    def prefill(self, cache: list, cache_tokens: list[int], tokens: list[int]) -> tuple[list, list[int]]:
+        """Extend a cache to hold exactly `tokens` (no reply). Used to warm a rebuilt agent."""
+        if not tokens:
+            return cache, []
+        reuse = common_prefix_len(cache_tokens, tokens)
+        surplus = len(cache_tokens) - reuse
+        if surplus > 0 and not (can_trim_prompt_cache(cache) and trim_prompt_cache(cache, surplus) == surplus):
+            cache, reuse = self.new_cache(), 0
+        for start in range(reuse, len(tokens), PREFILL_CHUNK):
+            self.model(mx.array(tokens[start : start + PREFILL_CHUNK])[None], cache=cache)
+            mx.eval([c.state for c in cache])
+        return cache, list(tokens)
+
+
+def _leaves(tree):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(tree)

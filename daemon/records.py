@@ -1,0 +1,203 @@
+"""The durable record of every agent: name, role, system prompt and conversation (SQLite, WAL).
+
+This is the source of truth for what users said; KV cache files are derived from it and
+may lag behind. A turn is committed (synchronous=FULL) before its reply is acknowledged.
+Each thread gets its own connection, so readers never wait on the MLX worker.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS agents (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    system TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    last_used_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    agent TEXT NOT NULL REFERENCES agents(name) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    role TEXT NOT NULL,
+    content TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (agent, seq)
+);
+"""
+
+
+class RecordError(Exception):
+    pass
+
+
+class AlreadyExists(RecordError):
+    pass
+
+
+class NotFound(RecordError):
+    pass
+
+
+@dataclass
+class AgentRecord:
+    name: str
+    role: str
+    system: str
+    created_at: float
+    updated_at: float
+    last_used_at: float
+    n_messages: int = 0
+    messages: list[dict] = field(default_factory=list)
+
+
+class Records:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._local = threading.local()
+        self._db().executescript(_SCHEMA)
+        with self._conn() as db:
+            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise RecordError(f"{self.path} has schema {row[0]}, newer than this agentd ({SCHEMA_VERSION})")
+
+    def _conn(self) -> "_Tx":
+        return _Tx(self._db())
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.row_factory = sqlite3.Row
+            self._local.db = db
+        return db
+
+    def create(self, name: str, role: str, system: str) -> AgentRecord:
+        now = time.time()
+        try:
+            with self._conn() as db:
+                db.execute("INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?)", (name, role, system, now, now, now))
+        except sqlite3.IntegrityError:
+            raise AlreadyExists(f"agent {name!r} already exists") from None
+        return AgentRecord(name, role, system, now, now, now)
+
+    def get(self, name: str, with_messages: bool = True) -> AgentRecord:
+        with self._conn() as db:
+            row = db.execute(
+                "SELECT a.*, (SELECT COUNT(*) FROM messages m WHERE m.agent=a.name) AS n "
+                "FROM agents a WHERE name=?",
+                (name,),
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no agent named {name!r}")
+            rec = _record(row)
+            if with_messages:
+                rec.messages = [
+                    {"role": r["role"], "content": r["content"]}
+                    for r in db.execute("SELECT role, content FROM messages WHERE agent=? ORDER BY seq", (name,))
+                ]
+        return rec
+
+    def exists(self, name: str) -> bool:
+        with self._conn() as db:
+            return db.execute("SELECT 1 FROM agents WHERE name=?", (name,)).fetchone() is not None
+
+    def all(self) -> list[AgentRecord]:
+        with self._conn() as db:
+            rows = db.execute(
+                "SELECT a.*, (SELECT COUNT(*) FROM messages m WHERE m.agent=a.name) AS n FROM agents a ORDER BY name"
+            ).fetchall()
+        return [_record(r) for r in rows]
+
+    def most_recent(self, n: int) -> list[str]:
+        with self._conn() as db:
+            rows = db.execute("SELECT name FROM agents ORDER BY last_used_at DESC LIMIT ?", (n,)).fetchall()
+        return [r["name"] for r in rows]
+
+    def append_turn(self, name: str, user: str, assistant: str) -> None:
+        """Both messages of a turn, in one transaction: a turn is recorded whole or not at all."""
+        now = time.time()
+        with self._conn() as db:
+            (seq,) = db.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM messages WHERE agent=?", (name,)).fetchone()
+            db.executemany(
+                "INSERT INTO messages VALUES (?, ?, ?, ?, ?)",
+                [(name, seq, "user", user, now), (name, seq + 1, "assistant", assistant, now)],
+            )
+            if db.execute("UPDATE agents SET updated_at=?, last_used_at=? WHERE name=?", (now, now, name)).rowcount != 1:
+                raise NotFound(f"no agent named {name!r}")
+
+    def touch(self, name: str) -> None:
+        with self._conn() as db:
+            db.execute("UPDATE agents SET last_used_at=? WHERE name=?", (time.time(), name))
+
+    def reset(self, name: str) -> None:
+        now = time.time()
+        with self._conn() as db:
+            if db.execute("UPDATE agents SET updated_at=? WHERE name=?", (now, name)).rowcount != 1:
+                raise NotFound(f"no agent named {name!r}")
+            db.execute("DELETE FROM messages WHERE agent=?", (name,))
+
+    def delete(self, name: str) -> None:
+        with self._conn() as db:
+            if db.execute("DELETE FROM agents WHERE name=?", (name,)).rowcount != 1:
+                raise NotFound(f"no agent named {name!r}")
+
+    def restore(self, rec: AgentRecord) -> None:
+        """Re-insert a record recovered from elsewhere (a cache file's copy), if absent."""
+        with self._conn() as db:
+            if db.execute("SELECT 1 FROM agents WHERE name=?", (rec.name,)).fetchone():
+                return
+            db.execute(
+                "INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?)",
+                (rec.name, rec.role, rec.system, rec.created_at, rec.updated_at, rec.last_used_at),
+            )
+            db.executemany(
+                "INSERT INTO messages VALUES (?, ?, ?, ?, ?)",
+                [(rec.name, i, m["role"], m["content"], rec.updated_at) for i, m in enumerate(rec.messages)],
+            )
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+
+class _Tx:
+    """`with` gives one transaction on the thread's connection (isolation_level=None)."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+def _record(row) -> AgentRecord:
+    return AgentRecord(
+        name=row["name"],
+        role=row["role"],
+        system=row["system"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        last_used_at=row["last_used_at"],
+        n_messages=row["n"],
+    )
