@@ -100,14 +100,15 @@ class Manager:
 
 class Launchd(Manager):
     target = "launchd"
+    # Bootstrap attempts and the first back-off (doubling): 0.5 + 1 + 2 s at most.
+    ATTEMPTS = 4
+    RETRY_DELAY = 0.5
 
-    def __init__(self, user_home: Path, label: str = LABEL, *, attempts: int = 4, retry_delay: float = 0.5):
+    def __init__(self, user_home: Path, label: str = LABEL):
         self.name = label
         self.path = plist_path(user_home, label)
         self.domain = f"gui/{os.getuid()}"
         self.service = f"{self.domain}/{label}"
-        self.attempts = attempts
-        self.retry_delay = retry_delay
 
     def render(self, spec: ServiceSpec) -> bytes:
         return plist_bytes(spec, self.name)
@@ -138,18 +139,18 @@ class Launchd(Manager):
         # A service disabled earlier (launchctl disable) refuses to bootstrap.
         run(["launchctl", "enable", self.service])
         bootstrap = ["launchctl", "bootstrap", self.domain, str(self.path)]
-        for attempt in range(self.attempts):
+        for attempt in range(self.ATTEMPTS):
             proc = run(bootstrap, check=False)
             if proc.returncode == 0:
                 return
             # "Bootstrap failed: 5: Input/output error" mostly means the old job is still
             # loaded (a bootout in flight): boot it out, wait, try again.
             still_loaded = "Bootstrap failed: 5" in (proc.stderr + proc.stdout)
-            if not still_loaded or attempt == self.attempts - 1:
+            if not still_loaded or attempt == self.ATTEMPTS - 1:
                 raise ServiceError(refusal(bootstrap, proc))
             run(["launchctl", "bootout", self.service], check=False)
             self._wait_unloaded()
-            time.sleep(self.retry_delay * 2**attempt)
+            time.sleep(self.RETRY_DELAY * 2**attempt)
 
     def uninstall(self) -> bool:
         was_loaded = self._loaded()
