@@ -23,14 +23,14 @@ def _accepts_connect(socket_path: Path) -> bool:
     return True
 
 
-def ping(socket_path: Path) -> bool:
-    """One attempt: True if the daemon at ``socket_path`` answers."""
+def ping(socket_path: Path, timeout: float = 5.0) -> bool:
+    """One attempt: True if the daemon at ``socket_path`` answers within ``timeout`` s."""
     try:
         from agentctl.client import Client
     except ImportError:
         return _accepts_connect(socket_path)
     try:
-        client = Client(str(socket_path))
+        client = Client(str(socket_path), timeout=timeout)
         try:
             return bool(client.ping())
         finally:
@@ -46,7 +46,7 @@ def wait_until_ready(socket_path: Path, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     delay = 0.1
     while True:
-        if ping(Path(socket_path)):
+        if ping(Path(socket_path), timeout=max(0.5, min(5.0, deadline - time.monotonic()))):
             return True
         remaining = deadline - time.monotonic()
         if remaining <= 0:

@@ -606,6 +606,9 @@ def test_the_service_commands_never_import_mlx(env):
             result = CliRunner().invoke(service, ["install", "--dry-run", "--target", target])
             assert result.exit_code == 0, result.output
         CliRunner().invoke(service, ["status", "--target", "systemd"])
+        from pathlib import Path
+        from agentctl.service.ready import ping
+        assert ping(Path("/nonexistent/agentd.sock")) is False  # imports agentctl.client if present
         loaded = sorted(m for m in sys.modules if m == "mlx" or m.startswith(("mlx.", "mlx_lm")))
         assert not loaded, loaded
     """)
