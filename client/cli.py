@@ -305,16 +305,13 @@ def evict(opts: Options, name: str) -> None:
 
 def _stream_to_stdout(stream: ChatStream) -> dict[str, Any]:
     """Echo pieces as they arrive; returns the final result."""
-    out = click.get_text_stream("stdout")
     ended_with_newline = True
     for piece in stream:
-        out.write(piece)
-        out.flush()
+        click.echo(piece, nl=False)  # echo flushes: tokens appear as they come
         if piece:
             ended_with_newline = piece.endswith("\n")
     if not ended_with_newline:
-        out.write("\n")
-        out.flush()
+        click.echo()
     return stream.wait()
 
 
@@ -375,7 +372,7 @@ def chat(
     """
     gen = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
     if message == "-":
-        message = click.get_text_stream("stdin").read().rstrip("\n")
+        message = sys.stdin.read().rstrip("\n")
         if not message.strip():
             raise CliError("no message on stdin", as_json=opts.as_json)
     if message is None and opts.as_json:
