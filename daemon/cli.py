@@ -1,0 +1,128 @@
+"""`agentd`: run the daemon in the foreground (launchd or systemd supervise it; it never forks)."""
+
+from __future__ import annotations
+
+import asyncio
+import faulthandler
+import logging
+import logging.handlers
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__, paths
+
+
+def _size(ctx, param, value):
+    from .memory import parse_size
+
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _setup_logging(level: str, log_dir: Path) -> None:
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(fmt)
+    root.addHandler(stderr)
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        # The daemon rotates its own log: launchd's StandardErrorPath would grow forever.
+        rotating = logging.handlers.RotatingFileHandler(log_dir / "agentd.log", maxBytes=5 * 2**20, backupCount=3)
+        rotating.setFormatter(fmt)
+        root.addHandler(rotating)
+    except OSError as e:
+        root.warning("cannot write the log file in %s: %s", log_dir, e)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--home", type=click.Path(path_type=Path), envvar="AGENTD_HOME", default=None,
+              help="Data, records, caches and log. [default: the platform's state dir]")
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="AGENTD_SOCKET", default=None,
+              help="Unix socket to listen on. [default: a private runtime dir]")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), envvar="AGENTD_MODEL", default=None,
+              help="An mlx-lm model folder. [default: SmolLM2-135M-Instruct, converted on first use]")
+@click.option("--flush-interval", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              envvar="AGENTD_FLUSH_INTERVAL", help="Seconds between saves of changed agents.")
+@click.option("--max-hot", type=click.IntRange(min=1), default=8, show_default=True, envvar="AGENTD_MAX_HOT",
+              help="Most agents kept in memory.")
+@click.option("--cache-budget", callback=_size, default="4GB", show_default=True, envvar="AGENTD_CACHE_BUDGET",
+              help="Bytes of KV cache kept in memory, e.g. 4GB.")
+@click.option("--min-available", callback=_size, default="1GB", show_default=True, envvar="AGENTD_MIN_AVAILABLE",
+              help="Evict when the system has less free memory than this.")
+@click.option("--preload", type=click.IntRange(min=0), default=0, show_default=True, envvar="AGENTD_PRELOAD",
+              help="Load the N most recently used agents at start.")
+@click.option("--idle-timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True,
+              envvar="AGENTD_IDLE_TIMEOUT", help="Close connections silent for this many seconds.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+              default="info", show_default=True, envvar="AGENTD_LOG_LEVEL")
+@click.version_option(__version__, prog_name="agentd")
+def main(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, min_available, preload,
+         idle_timeout, log_level):
+    """Keep LLM agents' KV caches in memory and on disk; serve them on a Unix socket."""
+    faulthandler.enable()
+    home = (home or paths.default_home()).expanduser().resolve()
+    socket_path = (socket_path or paths.default_socket()).expanduser().absolute()
+    _setup_logging(log_level, paths.default_log_dir(home))
+    log = logging.getLogger("agentd")
+    try:
+        code = _run(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, min_available, preload,
+                    idle_timeout, log)
+    except Exception as e:
+        from .server import StartupError
+
+        if isinstance(e, (StartupError, OSError)) or type(e).__name__ in ("ModelLoadError", "ConvertError"):
+            click.echo(f"agentd: {e}", err=True)
+            sys.exit(1)
+        raise
+    sys.exit(code)
+
+
+def _run(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, min_available, preload, idle_timeout,
+         log) -> int:
+    from .server import Server, StartupError, acquire_instance_lock, bind_private_socket, check_socket_path, \
+        claim_socket, prepare_socket_dir
+
+    check_socket_path(socket_path)
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock_fd = acquire_instance_lock(home)
+    prepare_socket_dir(socket_path)
+    claim_socket(socket_path)
+
+    from .convert import ensure_default_model
+    from .core import Daemon, Settings
+    from .engine import Engine
+
+    if model_dir is None:
+        model_dir = ensure_default_model(paths.default_model_dir(home), progress=lambda m: log.info("%s", m))
+    log.info("agentd %s (pid %d) loading %s", __version__, os.getpid(), model_dir)
+    engine = Engine(Path(model_dir).expanduser())
+    log.info("model %s loaded in %.2fs (%s, %d MB)", engine.model_id, engine.load_s, engine.dtype,
+             engine.model_bytes // 2**20)
+    settings = Settings(home=home, model_dir=Path(model_dir), flush_interval=flush_interval, max_hot=max_hot,
+                        cache_budget=cache_budget, min_available=min_available, preload=preload)
+    daemon = Daemon(settings, engine)
+
+    async def run() -> int:
+        if preload:
+            names = await daemon.preload(preload)
+            log.info("preloaded %d agent(s)", len(names))
+        sock = bind_private_socket(socket_path)
+        return await Server(daemon, socket_path, idle_timeout=idle_timeout).serve(sock)
+
+    try:
+        return asyncio.run(run())
+    finally:
+        os.close(lock_fd)
+
+
+if __name__ == "__main__":
+    main()

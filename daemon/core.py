@@ -1,0 +1,318 @@
+"""The daemon's state and one handler per request, with no sockets.
+
+`Daemon.handle(request, emit)` answers a typed request: reads (list, show, history,
+status, ping) run on the caller's thread from the records and the store's snapshot;
+everything that touches MLX goes to the worker. Errors become ProtocolError codes here,
+at the edge, so a bad request never takes the daemon down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import mlx.core as mx
+
+from . import __version__
+from . import protocol as p
+from .agents import AgentStore
+from .engine import Engine
+from .memory import HotFacts, Limits, MemoryProbe, choose_evictions
+from .records import AlreadyExists, NotFound
+from .worker import Worker
+
+log = logging.getLogger("agentd.core")
+
+MAX_FLUSH_BACKOFF_S = 300.0
+
+# Sends a streamed frame; called with None it only checks the client is still there.
+Emit = Callable[[dict | None], Awaitable[None]]
+
+
+@dataclass
+class FlushState:
+    interval_s: float
+    last_flush_at: float | None = None
+    last_result: str = "never"
+    last_error: str | None = None
+    consecutive_failures: int = 0
+    next_due: float = 0.0
+
+
+@dataclass
+class Settings:
+    home: Path
+    model_dir: Path
+    flush_interval: float = 30.0
+    max_hot: int = 8
+    cache_budget: int = 4 * 10**9
+    min_available: int = 1 * 10**9
+    preload: int = 0
+
+
+class Daemon:
+    def __init__(self, settings: Settings, engine: Engine, probe: MemoryProbe | None = None):
+        self.settings = settings
+        self.engine = engine
+        self.worker = Worker()
+        self.store: AgentStore = self.worker.submit(AgentStore, settings.home, engine).result()
+        self.probe = probe or MemoryProbe()
+        self.limits = Limits(settings.max_hot, settings.cache_budget, settings.min_available)
+        self.flush = FlushState(settings.flush_interval, next_due=time.time() + settings.flush_interval)
+        self.started = time.time()
+        self.stopping = False
+        self.pressure = "normal"
+        self._cancels: set[threading.Event] = set()
+
+    # ---- dispatch -----------------------------------------------------------------
+
+    async def handle(self, rid: int, req: p.Request, emit: Emit) -> dict:
+        """Answer one request. Returns the terminal frame; `emit` sends streamed ones."""
+        handler = getattr(self, "_op_" + req.op)  # req.op comes from our own REQUEST_TYPES
+        try:
+            if self.stopping and req.op not in ("ping", "status", "hello"):
+                raise p.ProtocolError(p.ErrorCode.SHUTTING_DOWN, "agentd is shutting down")
+            fields = await handler(req, rid, emit)
+            return p.result(rid, **fields)
+        except p.ProtocolError as e:
+            return p.error(rid, e.code, e.message)
+        except NotFound as e:
+            return p.error(rid, p.ErrorCode.NOT_FOUND, str(e))
+        except AlreadyExists as e:
+            return p.error(rid, p.ErrorCode.ALREADY_EXISTS, str(e))
+        except Exception as e:
+            log.exception("request %s (%s) failed", rid, req.op)
+            return p.error(rid, p.ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+    async def _mlx(self, fn, *args, **kwargs):
+        return await asyncio.wrap_future(self.worker.submit(fn, *args, **kwargs))
+
+    # ---- handlers -----------------------------------------------------------------
+
+    async def _op_hello(self, req: p.Hello, rid, emit) -> dict:
+        if req.protocol != p.PROTOCOL_VERSION:
+            raise p.ProtocolError(
+                p.ErrorCode.PROTOCOL_MISMATCH,
+                f"client speaks protocol {req.protocol}, agentd {__version__} speaks {p.PROTOCOL_VERSION}",
+            )
+        return {
+            "protocol": p.PROTOCOL_VERSION,
+            "daemon_version": __version__,
+            "model_id": self.engine.model_id,
+            "pid": os.getpid(),
+        }
+
+    async def _op_ping(self, req, rid, emit) -> dict:
+        return {"pong": True, "pid": os.getpid()}
+
+    async def _op_status(self, req, rid, emit) -> dict:
+        reading = self.probe.read()
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 3),
+            "daemon_version": __version__,
+            "model": {"id": self.engine.model_id, "path": str(self.engine.model_dir), "bytes": self.engine.model_bytes,
+                      "dtype": self.engine.dtype},
+            "memory": {
+                "model_bytes": self.engine.model_bytes,
+                "cache_bytes": self.store.hot_bytes(),
+                "active_bytes": mx.get_active_memory(),
+                "system_available": reading.available,
+                "system_total": reading.total,
+                "pressure": reading.level,
+            },
+            "limits": {
+                "max_hot": self.limits.max_hot,
+                "cache_budget": self.limits.cache_budget,
+                "min_available": self.limits.min_available,
+            },
+            "flush": {
+                "interval_s": self.flush.interval_s,
+                "last_flush_at": self.flush.last_flush_at,
+                "last_result": self.flush.last_result,
+                "last_error": self.flush.last_error,
+                "consecutive_failures": self.flush.consecutive_failures,
+            },
+            "problems": [pr.__dict__ for pr in self.store.problems],
+            "agents": self._infos(),
+        }
+
+    def _infos(self) -> list[dict]:
+        hot = self.store.snapshot()
+        return [self.store.info(rec, hot.get(rec.name)) for rec in self.store.records.all()]
+
+    def _info(self, name: str) -> dict:
+        rec = self.store.records.get(name, with_messages=False)
+        return self.store.info(rec, self.store.snapshot().get(name))
+
+    async def _op_create(self, req: p.Create, rid, emit) -> dict:
+        self.store.create(req.name, req.role, req.system)
+        return {"agent": self._info(req.name)}
+
+    async def _op_list(self, req, rid, emit) -> dict:
+        return {"agents": self._infos()}
+
+    async def _op_show(self, req: p.Show, rid, emit) -> dict:
+        rec = self.store.records.get(req.name, with_messages=False)
+        return {"agent": self._info(req.name), "system": rec.system}
+
+    async def _op_history(self, req: p.History, rid, emit) -> dict:
+        return {"messages": self.store.records.get(req.name).messages}
+
+    async def _op_delete(self, req: p.Delete, rid, emit) -> dict:
+        await self._mlx(self.store.delete, req.name)
+        return {"deleted": req.name}
+
+    async def _op_reset(self, req: p.Reset, rid, emit) -> dict:
+        await self._mlx(self.store.reset, req.name)
+        return {"agent": self._info(req.name)}
+
+    async def _op_save(self, req: p.Save, rid, emit) -> dict:
+        if req.name is not None:
+            self.store.records.get(req.name, with_messages=False)  # NOT_FOUND for unknown names
+            saved = [req.name] if await self._mlx(self.store.save, req.name) else []
+        else:
+            saved = await self._mlx(self.store.save_all)
+        return {"saved": saved}
+
+    async def _op_evict(self, req: p.Evict, rid, emit) -> dict:
+        self.store.records.get(req.name, with_messages=False)
+        if self.store.snapshot().get(req.name, {}).get("busy"):
+            raise p.ProtocolError(p.ErrorCode.BUSY, f"agent {req.name!r} has a request in flight")
+        was_dirty = await self._mlx(self.store.evict, req.name)
+        return {"evicted": req.name, "was_dirty": was_dirty}
+
+    async def _op_shutdown(self, req, rid, emit) -> dict:
+        self.request_shutdown("requested by a client")
+        return {"stopping": True}
+
+    async def _op_chat(self, req: p.Chat, rid, emit) -> dict:
+        self.store.records.get(req.name, with_messages=False)
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+        self._cancels.add(cancel)
+
+        def on_token(text: str) -> None:
+            loop.call_soon_threadsafe(tokens.put_nowait, text)
+
+        def run():
+            try:
+                return self.store.chat(
+                    req.name,
+                    req.message,
+                    max_tokens=req.max_tokens,
+                    temperature=req.temperature,
+                    seed=req.seed,
+                    on_token=on_token,
+                    should_stop=cancel.is_set,
+                )
+            finally:
+                self._enforce_limits()
+
+        job = asyncio.wrap_future(self.worker.submit(run))
+        try:
+            while True:
+                getter = asyncio.ensure_future(tokens.get())
+                done, _ = await asyncio.wait({getter, job}, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    getter.cancel()
+                    await emit(None)  # a heartbeat: raises if the client has gone (e.g. mid-prefill)
+                    continue
+                if getter in done:
+                    await emit(p.token(rid, getter.result()))
+                    continue
+                getter.cancel()
+                while not tokens.empty():
+                    await emit(p.token(rid, tokens.get_nowait()))
+                break
+        except BaseException:
+            cancel.set()  # the client went away: stop generating, keep what was computed
+            raise
+        finally:
+            self._cancels.discard(cancel)
+        result = job.result()
+        if result.finish_reason == "cancelled":
+            raise p.ProtocolError(p.ErrorCode.CANCELLED, "generation cancelled")
+        return result.to_dict()
+
+    # ---- policies: flush and memory ----------------------------------------------
+
+    def _enforce_limits(self) -> list[str]:
+        """Runs on the worker: evict what the limits and the pressure reading ask for."""
+        snap = self.store.snapshot()
+        hot = [HotFacts(n, snap[n]["bytes"], snap[n]["dirty"], snap[n]["busy"] > 0) for n in self.store.lru() if n in snap]
+        reading = self.probe.read()
+        self.pressure = reading.level
+        evicted = []
+        for name in choose_evictions(hot, self.limits, reading):
+            try:
+                self.store.evict(name)
+                evicted.append(name)
+                log.info("evicted %s (hot=%d, budget=%d, available=%d, level=%s)", name, len(hot), self.limits.cache_budget,
+                         reading.available, reading.level)
+            except Exception as e:  # a failed save keeps the agent hot and dirty; flush retries
+                log.error("could not evict %s: %s", name, e)
+        return evicted
+
+    async def tick(self) -> None:
+        """Periodic: flush dirty agents when due (with backoff after failures), apply limits."""
+        now = time.time()
+        if now >= self.flush.next_due and any(v["dirty"] for v in self.store.snapshot().values()):
+            await self.flush_now()
+        elif now >= self.flush.next_due:
+            self.flush.next_due = now + self.flush.interval_s
+        await self._mlx(self._enforce_limits)
+
+    async def flush_now(self) -> list[str]:
+        try:
+            saved = await self._mlx(self.store.save_all)
+        except Exception as e:
+            self.flush.consecutive_failures += 1
+            self.flush.last_result, self.flush.last_error = "failed", f"{type(e).__name__}: {e}"
+            backoff = min(self.flush.interval_s * 2 ** self.flush.consecutive_failures, MAX_FLUSH_BACKOFF_S)
+            self.flush.next_due = time.time() + backoff
+            log.error("flush failed (%d in a row), retrying in %.0fs: %s", self.flush.consecutive_failures, backoff, e)
+            return []
+        self.flush.last_flush_at = time.time()
+        self.flush.last_result, self.flush.last_error, self.flush.consecutive_failures = "ok", None, 0
+        self.flush.next_due = time.time() + self.flush.interval_s
+        if saved:
+            log.info("flushed %d agent(s)", len(saved))
+        return saved
+
+    async def preload(self, n: int) -> list[str]:
+        names = self.store.records.most_recent(n)
+        for name in names:
+            await self._mlx(self.store.acquire, name)
+        return names
+
+    # ---- shutdown -----------------------------------------------------------------
+
+    on_shutdown: Callable[[str], None] | None = None
+
+    def request_shutdown(self, why: str) -> None:
+        if not self.stopping:
+            self.stopping = True
+            log.info("shutting down: %s", why)
+            for c in list(self._cancels):
+                c.set()
+            if self.on_shutdown:
+                self.on_shutdown(why)
+
+    async def final_flush(self) -> list[str]:
+        """After in-flight work is done: save every dirty agent, then stop the worker."""
+        try:
+            saved = await self._mlx(self.store.save_all)
+        except Exception as e:
+            log.error("final flush failed: %s", e)
+            saved = []
+        await self._mlx(self.store.close)
+        self.worker.stop(timeout=30)
+        return saved
