@@ -306,12 +306,15 @@ def evict(opts: Options, name: str) -> None:
 def _stream_to_stdout(stream: ChatStream) -> dict[str, Any]:
     """Echo pieces as they arrive; returns the final result."""
     ended_with_newline = True
-    for piece in stream:
-        click.echo(piece, nl=False)  # echo flushes: tokens appear as they come
-        if piece:
-            ended_with_newline = piece.endswith("\n")
-    if not ended_with_newline:
-        click.echo()
+    try:
+        for piece in stream:
+            click.echo(piece, nl=False)  # echo flushes: tokens appear as they come
+            if piece:
+                ended_with_newline = piece.endswith("\n")
+    finally:
+        # Also on error or Ctrl-C, so a diagnostic on stderr starts on its own line.
+        if not ended_with_newline:
+            click.echo()
     return stream.wait()
 
 
@@ -340,7 +343,7 @@ def _interactive(client: Client, name: str, gen: dict[str, Any]) -> None:
         click.echo("you> ", nl=False, err=True)
         try:
             message = input()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt ends the session
             click.echo("", err=True)
             return
         if message.strip() in ("/exit", "/quit"):
@@ -351,7 +354,7 @@ def _interactive(client: Client, name: str, gen: dict[str, Any]) -> None:
             _one_turn(client, name, message, gen, as_json=False)
         except KeyboardInterrupt:
             # The stream closed the connection, which cancels generation; next turn reconnects.
-            click.echo("\n(interrupted)", err=True)
+            click.echo("(interrupted)", err=True)
         except AgentdError as exc:
             click.echo(f"Error: {exc.message}", err=True)
 
@@ -384,7 +387,7 @@ def chat(
             else:
                 _one_turn(client, name, message, gen, opts.as_json)
         except KeyboardInterrupt:
-            click.echo("\n(interrupted)", err=True)
+            click.echo("(interrupted)", err=True)
             sys.exit(EXIT_INTERRUPTED)
 
 

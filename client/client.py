@@ -73,6 +73,7 @@ class ChatStream:
         self._sock = client._sock  # the connection this stream lives on
         self._id = request_id
         self._done = False
+        self._error: ClientError | None = None
         self.result: dict[str, Any] | None = None
         self._pieces: list[str] = []
 
@@ -96,7 +97,9 @@ class ChatStream:
             raise ConnectionLost("the connection carrying this chat was closed")
         try:
             frame = self._client._recv_response(self._id)
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, ClientError):
+                self._error = exc
             # Ctrl-C or a broken connection mid-stream: unread frames may follow, so the
             # connection is unusable; dropping it also tells the daemon to cancel.
             self._finish()
@@ -107,14 +110,17 @@ class ChatStream:
             return frame.text
         self._finish()
         if isinstance(frame, p.Error):
-            raise AgentdError(frame.code, frame.message)
+            self._error = AgentdError(frame.code, frame.message)
+            raise self._error
         self.result = frame.fields
         raise StopIteration
 
     def wait(self) -> dict[str, Any]:
-        """Consume the rest of the stream and return the final result."""
+        """Consume the rest of the stream and return the final result (or raise its error)."""
         for _ in self:
             pass
+        if self._error is not None:
+            raise self._error
         if self.result is None:
             raise ConnectionLost("the chat stream ended without a result")
         return self.result

@@ -337,3 +337,26 @@ def test_render_tolerates_missing_fields():
     assert render.render_show({"agent": {}, "system": "Be brief."}).endswith("system prompt:\n  Be brief.")
     assert render.render_chat_stats({}).startswith("[- tokens")
     assert render.render_history({"messages": [{"role": "user", "content": "hi"}]}) == "[user]\nhi"
+
+
+def test_chat_error_frame_mid_stream(sockdir):
+    def failing(frame: dict) -> list[dict]:
+        if frame["op"] == "chat":
+            return [p.token(frame["id"], "par"), p.error(frame["id"], p.ErrorCode.MODEL_ERROR, "generation failed")]
+        return fake_daemon(frame)
+
+    r = Responder(sockdir / "f.sock", failing)
+    try:
+        with Client(r.path) as client:
+            stream = client.chat("alice", "hi")
+            with pytest.raises(AgentdError) as info:
+                stream.wait()
+            assert info.value.code is p.ErrorCode.MODEL_ERROR and stream.text == "par"
+            with pytest.raises(AgentdError):  # asking again gives the same answer
+                stream.wait()
+            assert client.list()["agents"] == [AGENT]  # an error frame is terminal: connection reusable
+        result = CliRunner().invoke(cli, ["--socket", str(r.path), "chat", "alice", "hi"])
+        assert result.exit_code == 1
+        assert result.stdout == "par\n" and result.stderr == "Error: generation failed\n"
+    finally:
+        r.close()
