@@ -31,6 +31,8 @@ def human_duration(seconds: Any) -> str:
     if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
         return DASH
     s = float(seconds)
+    if s < 0.01:
+        return f"{s * 1000:.1f} ms"
     if s < 1:
         return f"{s * 1000:.0f} ms"
     if s < 60:
@@ -160,7 +162,7 @@ def render_status(result: dict[str, Any], now: float | None = None) -> str:
     dirty = sum(1 for a in agents if _get(a, "dirty"))
 
     last_flush = human_ago(_get(flush, "last_flush_at"), now)
-    if _get(flush, "last_result"):
+    if _get(flush, "last_flush_at") is not None and _get(flush, "last_result"):
         last_flush += f" ({_get(flush, 'last_result')})"
     failures = _get(flush, "consecutive_failures")
     flush_line = f"every {human_duration(_get(flush, 'interval_s'))}, last {last_flush}"
@@ -183,6 +185,12 @@ def render_status(result: dict[str, Any], now: float | None = None) -> str:
         ("agents", f"{len(agents)} ({hot} hot, {dirty} dirty)"),
     ]
     text = _kv(pairs)
+    # Not in the protocol contract yet: the daemon lists refused (quarantined) cache files.
+    for problem in result.get("problems") or []:
+        text += (
+            f"\nproblem: {_get(problem, 'agent') or '?'}: {_get(problem, 'message') or _get(problem, 'reason') or '?'}"
+            + (f" (moved to {_get(problem, 'moved_to')})" if _get(problem, "moved_to") else "")
+        )
     if agents:
         text += "\n\n" + agents_table(agents, now)
     return text

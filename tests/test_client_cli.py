@@ -315,6 +315,7 @@ def test_humanize():
     assert render.human_bytes(25 * 1024 * 1024) == "25.0 MiB"
     assert render.human_bytes(None) == "-"
     assert render.human_duration(0.0123) == "12 ms"
+    assert render.human_duration(0.00031) == "0.3 ms"
     assert render.human_duration(75) == "1m 15s"
     assert render.human_duration(90061) == "1d 1h"
     assert render.human_ago(None) == "never"
@@ -360,3 +361,14 @@ def test_chat_error_frame_mid_stream(sockdir):
         assert result.stdout == "par\n" and result.stderr == "Error: generation failed\n"
     finally:
         r.close()
+
+
+def test_render_status_problems_and_unflushed():
+    status = {
+        **STATUS,
+        "flush": {**STATUS["flush"], "last_flush_at": None, "last_result": "never"},
+        "problems": [{"agent": "carol", "reason": "checksum", "message": "checksum mismatch", "moved_to": "/q/c"}],
+    }
+    text = render.render_status(status, now=NOW)
+    assert "flush:  every 30.0 s, last never\n" in text
+    assert "problem: carol: checksum mismatch (moved to /q/c)" in text
