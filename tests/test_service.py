@@ -7,6 +7,7 @@ nothing here touches the real home or the real service managers.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import plistlib
@@ -36,10 +37,44 @@ SERVICE = f"gui/{UID}/{LABEL}"
 FAKE_LAUNCHCTL = r'''
 verb = args[0] if args else ""
 loaded = os.path.join(STATE, "launchd-loaded.plist")
+pidfile = os.path.join(STATE, "pid")
+
+def launch():
+    # Only when told to: start ProgramArguments as launchd would, with nothing but the
+    # plist's environment and launchd's bare PATH.
+    if not os.path.exists(os.path.join(STATE, "launch")):
+        return
+    with open(loaded, "rb") as f:
+        job = plistlib.load(f)
+    env = {"PATH": "/usr/bin:/bin", **job["EnvironmentVariables"]}
+    with open(job["StandardOutPath"], "ab") as out, open(job["StandardErrorPath"], "ab") as err:
+        proc = subprocess.Popen(job["ProgramArguments"], env=env, stdout=out, stderr=err,
+                                stdin=subprocess.DEVNULL, cwd="/", start_new_session=True)
+    open(pidfile, "w").write(str(proc.pid))
+
+def stop():
+    if not os.path.exists(pidfile):
+        return
+    pid = int(open(pidfile).read())
+    os.remove(pidfile)
+    try:
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(600):  # ExitTimeOut
+            os.kill(pid, 0)
+            try:  # reparented to a pid 1 that may not reap: a zombie has exited
+                if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 if verb == "print":
     if not os.path.exists(loaded):
         fail(f'Bad request.\nCould not find service "{args[1].rsplit("/", 1)[-1]}" in domain for port', 113)
-    print(f"{args[1]} = {{\n\tactive count = 1\n\tstate = running\n\n\tpid = 4242\n"
+    pid = open(pidfile).read() if os.path.exists(pidfile) else "4242"
+    print(f"{args[1]} = {{\n\tactive count = 1\n\tstate = running\n\n\tpid = {pid}\n"
           f"\tlast exit code = 0\n\n\tendpoints = {{\n\t\tstate = nested\n\t\tpid = 1\n\t}}\n}}")
 elif verb == "bootstrap":
     if countdown("fail-bootstrap") or os.path.exists(loaded):
@@ -47,13 +82,18 @@ elif verb == "bootstrap":
     with open(args[2], "rb") as f:
         plistlib.load(f)
     shutil.copy(args[2], loaded)
+    launch()
 elif verb == "bootout":
     if not os.path.exists(loaded):
         fail("Boot-out failed: 3: No such process", 3)
+    stop()
     os.remove(loaded)
 elif verb == "kickstart":
     if not os.path.exists(loaded):
         fail("Could not find service", 113)
+    if "-k" in args:
+        stop()
+    launch()
 elif verb != "enable":
     fail(f"Unrecognized subcommand: {verb}", 64)
 '''
@@ -98,7 +138,7 @@ else:
 '''
 
 PRELUDE = r'''
-import json, os, plistlib, shutil, sys
+import json, os, plistlib, shutil, signal, subprocess, sys, time
 STATE = {state!r}
 args = sys.argv[1:]
 with open(os.path.join(STATE, "calls.jsonl"), "a") as f:
@@ -146,6 +186,10 @@ class Fakes:
 
     def fail_bootstrap(self, times: int) -> None:
         (self.state / "fail-bootstrap").write_text(str(times))
+
+    def launch_for_real(self) -> None:
+        """bootstrap/kickstart start ProgramArguments; bootout sends SIGTERM and waits."""
+        (self.state / "launch").touch()
 
     def refuse(self, verb: str, code: int, message: str) -> None:
         (self.state / f"refuse-{verb}").write_text(f"{code} {message}")
@@ -615,3 +659,42 @@ def test_the_service_commands_never_import_mlx(env):
     proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(env),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def daemon_available() -> bool:
+    try:
+        return importlib.util.find_spec("agentd.cli") is not None
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(not daemon_available(), reason="the daemon (agentd.cli) is not written yet")
+def test_launchd_end_to_end_with_the_real_daemon(env, monkeypatch, request):
+    """The fake launchctl starts ProgramArguments with only the plist's environment, as launchd
+    does; install waits for a real ping, restart brings up a new pid, uninstall stops it."""
+    model = os.environ.get("AGENTD_TEST_TINY_MODEL")
+    if not model:
+        try:
+            model = str(request.getfixturevalue("tiny_llama_dir"))  # tests/conftest.py
+        except pytest.FixtureLookupError:
+            pytest.skip("no tiny model: set AGENTD_TEST_TINY_MODEL or provide tiny_llama_dir")
+    monkeypatch.delitem(sys.modules, "agentctl.client")  # the real client this time
+    env.launch_for_real()
+    data = env.home / "data"
+    try:
+        result = invoke("install", "--target", "launchd", "--model", model, "--home", str(data), "--timeout", "120")
+        assert result.exit_code == 0, result.output
+        assert f"agentd is running and answering on {env.socket}" in result.output
+        first = json.loads(invoke("status", "--target", "launchd", "--json").output)
+        assert first["running"] and first["answering"] and first["pid"] != 4242
+
+        result = invoke("restart", "--target", "launchd", "--timeout", "120")
+        assert result.exit_code == 0, result.output
+        second = json.loads(invoke("status", "--target", "launchd", "--json").output)
+        assert second["answering"] and second["pid"] != first["pid"]
+    finally:
+        result = invoke("uninstall", "--target", "launchd")
+    assert result.exit_code == 0
+    assert not env.socket.exists()  # the daemon shut down cleanly and removed it
+    report = json.loads(invoke("status", "--target", "launchd", "--json").output)
+    assert not report["installed"] and not report["loaded"] and not report["answering"]
