@@ -98,12 +98,17 @@ def status(as_json: bool, target: str) -> None:
     manager = _manager(target)
     installed = manager.path.exists()
     sock = manager.installed_socket() if installed else None
+    try:
+        state = {**manager.state(), "error": None}
+    except ServiceError as exc:
+        # Still report what the files say (e.g. no systemd user bus in a container).
+        state = {"loaded": None, "running": None, "pid": None, "last_exit": None, "error": exc.message}
     report = {
         "target": manager.target,
         "name": manager.name,
         "file": str(manager.path),
         "installed": installed,
-        **manager.state(),
+        **state,
         "logs": manager.logs() if installed else [],
         "socket": str(sock) if sock else None,
         "answering": ping(sock) if sock else False,
@@ -112,8 +117,8 @@ def status(as_json: bool, target: str) -> None:
         click.echo(json.dumps(report, indent=2))
         return
 
-    def yes(flag: bool) -> str:
-        return "yes" if flag else "no"
+    def yes(flag: bool | None) -> str:
+        return "unknown" if flag is None else "yes" if flag else "no"
 
     running = yes(report["running"]) + (f" (pid {report['pid']})" if report["pid"] else "")
     rows = [
@@ -125,6 +130,8 @@ def status(as_json: bool, target: str) -> None:
         ("socket", f"{report['socket'] or '-'} (answering: {yes(report['answering'])})"),
         ("logs", ", ".join(report["logs"]) or "-"),
     ]
+    if report["error"]:
+        rows.append(("error", report["error"]))
     for key, value in rows:
         click.echo(f"{key:<10} {value}")
 

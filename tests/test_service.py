@@ -368,11 +368,15 @@ def test_missing_launchctl_is_a_clear_message(env, monkeypatch, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
-    for command in (["install", "--no-wait"], ["uninstall"], ["status"], ["restart"]):
+    for command in (["install", "--no-wait"], ["uninstall"], ["restart"]):
         result = CliRunner().invoke(service, [*command, "--target", "launchd"])
         assert result.exit_code == 1, command
         assert result.output.startswith("Error: launchctl not found on PATH: launchd services need macOS")
         assert len(result.output.strip().splitlines()) == 1
+    # status still reports what it can see, with the reason for the rest.
+    result = CliRunner().invoke(service, ["status", "--target", "launchd"])
+    assert result.exit_code == 0
+    assert result.output.strip().splitlines()[-1].startswith("error      launchctl not found on PATH")
 
 
 def test_launchd_uninstall_boots_out_and_keeps_data(env):
@@ -415,6 +419,7 @@ def test_launchd_status(env):
         "logs": [str(logs / "stderr.log"), str(logs / "stdout.log")],
         "socket": str(env.socket),
         "answering": False,
+        "error": None,
     }
     text = invoke("status", "--target", "launchd").output
     assert "running    yes (pid 4242)" in text
@@ -519,6 +524,16 @@ def test_systemd_refusal_is_one_line(env):
     assert result.output == (
         "Error: `systemctl --user daemon-reload` failed (exit 1): Failed to connect to bus: No medium found\n"
     )
+
+
+def test_status_survives_a_refusing_service_manager(env):
+    assert invoke("install", "--target", "systemd", "--no-wait").exit_code == 0
+    env.refuse("show", 1, "Failed to connect to bus: No medium found")
+    result = invoke("status", "--target", "systemd")
+    assert result.exit_code == 0
+    assert "loaded     unknown" in result.output
+    assert "file       " + str(unit_file(env.home)) + " (installed)" in result.output
+    assert result.output.strip().splitlines()[-1].endswith("Failed to connect to bus: No medium found")
 
 
 def test_missing_systemctl_is_a_clear_message(env, monkeypatch, tmp_path):
