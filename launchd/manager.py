@@ -130,10 +130,12 @@ class Launchd(Manager):
             time.sleep(0.25)
 
     def install(self, spec: ServiceSpec) -> None:
+        # Ask launchctl first: if it is missing or refuses, nothing has been written.
+        was_loaded = self._loaded()
         # launchd opens StandardOutPath itself but does not create its directory.
         spec.log_dir.mkdir(parents=True, exist_ok=True)
         self._write(spec)
-        if self._loaded():
+        if was_loaded:
             run(["launchctl", "bootout", self.service])
             self._wait_unloaded()
         # A service disabled earlier (launchctl disable) refuses to bootstrap.

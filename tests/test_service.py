@@ -373,6 +373,7 @@ def test_missing_launchctl_is_a_clear_message(env, monkeypatch, tmp_path):
         assert result.exit_code == 1, command
         assert result.output.startswith("Error: launchctl not found on PATH: launchd services need macOS")
         assert len(result.output.strip().splitlines()) == 1
+    assert not (env.home / "Library").exists()  # nothing written when launchctl is missing
     # status still reports what it can see, with the reason for the rest.
     result = CliRunner().invoke(service, ["status", "--target", "launchd"])
     assert result.exit_code == 0
