@@ -53,7 +53,8 @@ def _train_tokenizer(special: list[str], bos: str, eos: str) -> Tokenizer:
     trainer = trainers.BpeTrainer(
         vocab_size=400,
         special_tokens=special,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        # Only the corpus's ASCII characters: whatever a random model samples decodes to
+        # valid text, so replies stream token by token as real ones do.
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS, trainer=trainer)
