@@ -220,6 +220,20 @@ def create(opts: Options, name: str, role: str, system_text: str | None, system_
     _emit(opts, result, lambda r: f"Created agent {r.get('agent', {}).get('name', name)}.")
 
 
+@cli.command()
+@click.argument("source")
+@click.argument("name")
+@pass_opts
+def fork(opts: Options, source: str, name: str) -> None:
+    """Create NAME with SOURCE's role, system prompt and conversation.
+
+    The fork's KV cache is rebuilt from the transcript on its first turn.
+    """
+    with _connected(opts) as client:
+        result = client.fork(source, name)
+    _emit(opts, result, lambda r: f"Forked {source} into {name}.")
+
+
 @cli.command(name="list")
 @pass_opts
 def list_(opts: Options) -> None:

@@ -325,6 +325,10 @@ class Client:
         """{agent: AgentInfo}."""
         return self.request(_build(p.Create, name, role=role, system=system))
 
+    def fork(self, source: str, name: str) -> dict[str, Any]:
+        """{agent: AgentInfo}: NAME gets SOURCE's role, system prompt and conversation."""
+        return self.request(_build(p.Fork, name, source=source))
+
     def list(self) -> dict[str, Any]:
         """{agents: [AgentInfo]}."""
         return self.request(p.List())

@@ -108,6 +108,11 @@ class AgentStore:
         validate_agent_name(name)
         return self.records.create(name, role, system)
 
+    def fork(self, source: str, name: str) -> AgentRecord:
+        validate_agent_name(name)
+        self.records.fork(source, name)
+        return self.records.get(name, with_messages=False)
+
     def delete(self, name: str) -> None:
         self.records.delete(name)
         self._drop(name)

@@ -155,6 +155,10 @@ class Daemon:
         self.store.create(req.name, req.role, req.system)
         return {"agent": self._info(req.name)}
 
+    async def _op_fork(self, req: p.Fork, rid, emit) -> dict:
+        self.store.fork(req.source, req.name)
+        return {"agent": self._info(req.name)}
+
     async def _op_list(self, req, rid, emit) -> dict:
         return {"agents": self._infos()}
 

@@ -13,6 +13,8 @@ sends `hello` first on every connection. Ops and fields (defaults in brackets):
     ping      -
     status    -
     create    name, role: str [""] (<= 200 chars), system: str [""] (<= 1 MiB UTF-8)
+    fork      name, source   (a new agent with source's role, system prompt and messages;
+                              its cache is rebuilt from that transcript on first use)
     list      -
     show      name
     history   name
@@ -49,6 +51,7 @@ Result fields per op:
                       consecutive_failures},
               agents [AgentInfo]
     create    agent: AgentInfo
+    fork      agent: AgentInfo
     list      agents: [AgentInfo]
     show      agent: AgentInfo, system: str
     history   messages: [{role, content}]
@@ -252,6 +255,18 @@ class Create(_Named):
 
 
 @dataclass(frozen=True)
+class Fork(_Named):
+    """A new agent `name` with `source`'s role, system prompt and conversation (not its cache)."""
+
+    op: ClassVar[str] = "fork"
+    source: str
+
+    def _validate(self) -> None:
+        super()._validate()
+        validate_agent_name(self.source)
+
+
+@dataclass(frozen=True)
 class List(Request):
     op: ClassVar[str] = "list"
 
@@ -317,7 +332,7 @@ class Shutdown(Request):
 
 REQUEST_TYPES: dict[str, type[Request]] = {
     cls.op: cls
-    for cls in (Hello, Ping, Status, Create, List, Show, History, Delete, Reset, Chat, Save, Evict, Shutdown)
+    for cls in (Hello, Ping, Status, Create, Fork, List, Show, History, Delete, Reset, Chat, Save, Evict, Shutdown)
 }
 
 _MAX_ID = 2**63 - 1

@@ -95,6 +95,23 @@ class Records:
             raise AlreadyExists(f"agent {name!r} already exists") from None
         return AgentRecord(name, role, system, now, now, now)
 
+    def fork(self, source: str, name: str) -> None:
+        """Copy `source`'s role, system prompt and messages to a new agent, in one transaction."""
+        now = time.time()
+        try:
+            with self._conn() as db:
+                if db.execute(
+                    "INSERT INTO agents SELECT ?, role, system, ?, ?, ? FROM agents WHERE name=?",
+                    (name, now, now, now, source),
+                ).rowcount != 1:
+                    raise NotFound(f"no agent named {source!r}")
+                db.execute(
+                    "INSERT INTO messages SELECT ?, seq, role, content, created_at FROM messages WHERE agent=?",
+                    (name, source),
+                )
+        except sqlite3.IntegrityError:
+            raise AlreadyExists(f"agent {name!r} already exists") from None
+
     def get(self, name: str, with_messages: bool = True) -> AgentRecord:
         with self._conn() as db:
             row = db.execute(

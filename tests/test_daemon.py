@@ -233,3 +233,24 @@ def test_agentctl_json_chat_and_status_shapes(home, tiny_llama_dir):
         assert {"model_bytes", "cache_bytes", "system_available"} <= set(status["memory"])
         bad = run("create", "../etc")
         assert bad.returncode != 0 and "Traceback" not in bad.stderr
+
+
+def test_fork_copies_the_transcript_and_rebuilds_the_same_context(home, tiny_llama_dir):
+    with DaemonProc(home, tiny_llama_dir) as d:
+        with d.client() as c:
+            c.create("a", role="Technical Specialist", system=SYSTEM)
+            chat(c, "a", TURN1)
+            forked = c.fork("a", "b")["agent"]
+            assert (forked["name"], forked["role"], forked["messages"]) == ("b", "Technical Specialist", 2)
+            assert c.history("b") == c.history("a")
+            rebuilt = chat(c, "b", TURN2)
+            resumed = chat(c, "a", TURN2)
+            assert (rebuilt["cache_source"], resumed["cache_source"]) == ("rebuilt", "memory")
+            assert rebuilt["prompt_tokens"] == resumed["prompt_tokens"]
+            assert rebuilt["prefilled_tokens"] == rebuilt["prompt_tokens"] > resumed["prefilled_tokens"]
+            with pytest.raises(AgentdError) as err:
+                c.fork("nobody", "c")
+            assert err.value.code == "NOT_FOUND"
+            with pytest.raises(AgentdError) as err:
+                c.fork("a", "b")
+            assert err.value.code == "ALREADY_EXISTS"

@@ -16,6 +16,7 @@ EXAMPLES: list[p.Request] = [
     p.Status(),
     p.Create("alice", role="reviewer", system="You review code."),
     p.Create("a"),
+    p.Fork("alice-2", source="alice"),
     p.List(),
     p.Show("alice"),
     p.History("alice"),
