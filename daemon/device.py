@@ -1,0 +1,257 @@
+"""Adapt a loaded mlx-lm model to the device it runs on.
+
+On Apple Silicon (Metal) the quantized weights stay as they are: MLX's Metal kernels for
+them are the fast path. On MLX's CPU backend (Linux) its quantized kernels run at a few
+tokens/s, so `prepare_for_device` dequantizes every quantized layer to float32 -- the one
+dtype with a BLAS behind it on the CPU -- and sends single-row products (one decode step)
+through numpy's bundled OpenBLAS `sgemv`: MLX issues every product as `sgemm`, which for one
+row packs the whole weight matrix first and so reads it about three times.
+
+The compute dtype is recorded in the plan, so a KV cache file can say what made it.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+# On the CPU only float32 reaches a BLAS; MLX's own float16/bfloat16 matmuls measured 5-15x
+# slower there (benchmarks/cpu_backend.py prints the comparison).
+CPU_COMPUTE_DTYPE = "float32"
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """What `prepare_for_device` did; `compute_dtype` is the dtype of activations and KV."""
+
+    device: str  # "gpu" or "cpu"
+    compute_dtype: str  # e.g. "float32"; recorded in cache files
+    dequantized: int  # number of layers dequantized (0 on Metal)
+    gemv_rows: int  # products with at most this many rows go through numpy (0: never)
+    blas: str  # the BLAS MLX's own matmuls reach, as `agentd.blas.mlx_blas()` names it
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def on_cpu() -> bool:
+    """True when MLX runs on its CPU backend: CPU as default device, or no Metal at all."""
+    if mx.default_device() == mx.cpu:
+        return True
+    metal = getattr(mx, "metal", None)
+    return metal is None or not metal.is_available()
+
+
+class CpuLinear(nn.Module):
+    """A float32 linear layer whose one-row products run as numpy `sgemv`.
+
+    `weight` stays an MLX parameter (so `parameters()`, saving and `nbytes` see it); `_w`
+    is a zero-copy numpy view of the same memory. Replacing `weight` afterwards
+    (`load_weights`, `update`) leaves `_w` stale: prepare the model after loading it.
+    """
+
+    def __init__(self, weight: mx.array, bias: mx.array | None = None, gemv_rows: int = 1):
+        super().__init__()
+        self.weight = weight
+        if bias is not None:
+            self.bias = bias
+        mx.eval(self.parameters())
+        self._w = np.asarray(weight)
+        self._gemv_rows = gemv_rows
+
+    def _extra_repr(self) -> str:
+        out, inp = self.weight.shape
+        return f"input_dims={inp}, output_dims={out}, bias={'bias' in self}, dtype={self.weight.dtype}"
+
+    def __call__(self, x: mx.array) -> mx.array:
+        rows = x.size // x.shape[-1]
+        if 0 < rows <= self._gemv_rows and x.dtype == self.weight.dtype:
+            return _numpy_linear(self._w, x, self.get("bias"))
+        if "bias" in self:
+            return mx.addmm(self.bias, x, self.weight.T)
+        return x @ self.weight.T
+
+
+class CpuEmbedding(nn.Module):
+    """nn.Embedding with a float32 table whose `as_linear` (tied output) runs as `sgemv`."""
+
+    def __init__(self, weight: mx.array, gemv_rows: int = 1):
+        super().__init__()
+        self.weight = weight
+        mx.eval(self.weight)
+        self._w = np.asarray(weight)
+        self._gemv_rows = gemv_rows
+
+    def _extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, {self.weight.shape[1]}, dtype={self.weight.dtype}"
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.weight[x]
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        rows = x.size // x.shape[-1]
+        if 0 < rows <= self._gemv_rows and x.dtype == self.weight.dtype:
+            return _numpy_linear(self._w, x, None)
+        return x @ self.weight.T
+
+
+def _numpy_linear(w: np.ndarray, x: mx.array, bias: mx.array | None) -> mx.array:
+    # Forces evaluation of x: the product leaves MLX's lazy graph for numpy and comes back.
+    mx.eval(x)
+    xs = np.asarray(x).reshape(-1, w.shape[1])
+    y = w @ xs[0] if xs.shape[0] == 1 else xs @ w.T
+    # Shape in numpy: every MLX op, even a reshape, costs ~10 us of dispatch on the CPU.
+    out = mx.array(y.reshape(*x.shape[:-1], w.shape[0]))
+    return out + bias if bias is not None else out
+
+
+def _limit_numpy_blas_threads(n: int = 1) -> bool:
+    """Give numpy's own OpenBLAS `n` threads; True if it could be set.
+
+    The one-row products it runs are memory-bound, and a second pool of spinning BLAS
+    threads beside MLX's slowed a decode step several-fold on 2 cores.
+    """
+    import ctypes
+    import glob
+    import os
+
+    libs_dir = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
+    for path in glob.glob(os.path.join(libs_dir, "libscipy_openblas*.so*")):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn(ctypes.c_int(n))
+                return True
+    return False
+
+
+def _dequantized_weight(module: nn.Module, dtype: mx.Dtype) -> mx.array:
+    # Dequantize with float32 scales and biases, then cast: no float16 rounding in between.
+    return mx.dequantize(
+        module.weight,
+        module.scales.astype(mx.float32),
+        None if module.get("biases") is None else module.biases.astype(mx.float32),
+        group_size=module.group_size,
+        bits=module.bits,
+        mode=getattr(module, "mode", "affine"),
+    ).astype(dtype)
+
+
+def _prepare_cpu(model: nn.Module, gemv_rows: int) -> int:
+    dtype = getattr(mx, CPU_COMPUTE_DTYPE)
+    replaced: list[tuple[str, nn.Module]] = []
+    n_dequantized = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear):
+            bias = module.get("bias")
+            new = CpuLinear(
+                _dequantized_weight(module, dtype),
+                None if bias is None else bias.astype(dtype),
+                gemv_rows,
+            )
+            n_dequantized += 1
+        elif isinstance(module, nn.QuantizedEmbedding):
+            new = CpuEmbedding(_dequantized_weight(module, dtype), gemv_rows)
+            n_dequantized += 1
+        elif type(module) is nn.Linear:
+            bias = module.get("bias")
+            new = CpuLinear(
+                module.weight.astype(dtype), None if bias is None else bias.astype(dtype), gemv_rows
+            )
+        elif type(module) is nn.Embedding:
+            new = CpuEmbedding(module.weight.astype(dtype), gemv_rows)
+        else:
+            continue
+        replaced.append((name, new))
+        # Evaluate as we go so peak memory holds one dequantized layer beside the model.
+        mx.eval(new.parameters())
+    if replaced:
+        model.update_modules(_unflatten(replaced))
+    # Norm weights and the like: activations then stay float32 end to end.
+    rest = [
+        (k, v.astype(dtype))
+        for k, v in _flat_params(model)
+        if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype
+    ]
+    if rest:
+        model.load_weights(rest, strict=False)
+    mx.eval(model.parameters())
+    return n_dequantized
+
+
+def _flat_params(model: nn.Module) -> list[tuple[str, mx.array]]:
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(model.parameters())
+
+
+def _unflatten(items: list[tuple[str, nn.Module]]) -> Any:
+    from mlx.utils import tree_unflatten
+
+    return tree_unflatten(items)
+
+
+def _model_dtype(model: nn.Module) -> str:
+    # The dtype activations take: that of the first non-integer parameter (scales, for a
+    # quantized layer), as mlx-lm's embedding output carries it forward.
+    embed = getattr(getattr(model, "model", model), "embed_tokens", None)
+    for arr in ([embed.get("scales"), embed.get("weight")] if embed is not None else []):
+        if arr is not None and mx.issubdtype(arr.dtype, mx.floating):
+            return _dtype_name(arr.dtype)
+    for _, v in _flat_params(model):
+        if mx.issubdtype(v.dtype, mx.floating):
+            return _dtype_name(v.dtype)
+    return "float32"
+
+
+def _dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def prepare_for_device(
+    model: nn.Module,
+    config: Mapping[str, Any] | None = None,
+    *,
+    gemv_rows: int = 1,
+    force_cpu: bool | None = None,
+) -> DevicePlan:
+    """Make `model` (as `mlx_lm.load` returns it) fast on the device MLX uses; mutates it.
+
+    Call once, after loading and before the first forward pass or cache is made. On the CPU
+    every quantized layer becomes float32 (`compute_dtype`), which also changes the dtype
+    of new KV caches; on Metal nothing changes. `config` is accepted for future per-model
+    choices and is not read yet. `force_cpu` overrides the backend detection (tests).
+    """
+    from . import blas
+
+    cpu = on_cpu() if force_cpu is None else force_cpu
+    if not cpu:
+        return DevicePlan("gpu", _model_dtype(model), 0, 0, "metal")
+    n = _prepare_cpu(model, gemv_rows)
+    if gemv_rows:
+        _limit_numpy_blas_threads(1)
+    plan = DevicePlan("cpu", CPU_COMPUTE_DTYPE, n, gemv_rows, blas.mlx_blas())
+    return plan
+
+
+def describe(plan: DevicePlan) -> str:
+    """One line for the start-up log."""
+    if plan.device == "gpu":
+        return f"device: Metal, weights as loaded, compute {plan.compute_dtype}"
+    return (
+        f"device: CPU, {plan.dequantized} layers dequantized to {plan.compute_dtype}, "
+        f"MLX BLAS {plan.blas}, one-row products via numpy"
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover - a quick look from a shell
+    print(on_cpu(), file=sys.stderr)

@@ -1,0 +1,177 @@
+"""agentd.device (CPU plan: dequantize, numpy sgemv) and agentd.blas (the re-exec decision)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx_lm.models import llama
+from mlx_lm.models.cache import make_prompt_cache
+
+from agentd import blas, device
+
+PROMPTS = [[1, 5, 9, 200, 17], [3, 3, 3, 3], [250, 12, 77, 1, 0, 64, 31, 8], [42]]
+
+
+def tiny_quantized_llama(seed: int = 0) -> nn.Module:
+    mx.random.seed(seed)
+    args = llama.ModelArgs(
+        model_type="llama",
+        hidden_size=64,
+        num_hidden_layers=3,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=256,
+        tie_word_embeddings=True,
+    )
+    model = llama.Model(args)
+    # Larger than default weights, so greedy choices are not near-ties of noise.
+    model.update(
+        {"model": {"embed_tokens": {"weight": mx.random.normal((256, 64)) * 0.5}}}
+    )
+    nn.quantize(model, group_size=32, bits=4)
+    mx.eval(model.parameters())
+    return model
+
+
+def greedy(model: nn.Module, prompt: list[int], steps: int = 8) -> list[int]:
+    cache = make_prompt_cache(model)
+    logits = model(mx.array([prompt]), cache=cache)
+    out = []
+    for _ in range(steps):
+        tok = mx.argmax(logits[0, -1]).item()
+        out.append(tok)
+        logits = model(mx.array([[tok]]), cache=cache)
+    return out
+
+
+def test_cpu_plan_dequantizes_and_records_dtype():
+    model = tiny_quantized_llama()
+    plan = device.prepare_for_device(model, force_cpu=True)
+    assert plan.device == "cpu"
+    assert plan.compute_dtype == "float32"
+    # 3 layers x 7 projections + the tied embedding.
+    assert plan.dequantized == 22
+    kinds = {type(m) for _, m in model.named_modules()}
+    assert nn.QuantizedLinear not in kinds and nn.QuantizedEmbedding not in kinds
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == mx.float32
+    assert model.model.norm.weight.dtype == mx.float32
+    assert plan.to_dict()["compute_dtype"] == "float32"
+
+
+def test_cpu_plan_greedy_tokens_agree_with_quantized_reference():
+    reference = tiny_quantized_llama()
+    fast = tiny_quantized_llama()
+    device.prepare_for_device(fast, force_cpu=True)
+    for prompt in PROMPTS:
+        assert greedy(fast, prompt) == greedy(reference, prompt)
+
+
+def test_gemv_route_matches_mlx_matmul():
+    mx.random.seed(1)
+    w, b = mx.random.normal((48, 64)), mx.random.normal((48,))
+    layer = device.CpuLinear(w, b)
+    for shape in [(1, 1, 64), (1, 64), (64,), (1, 3, 64)]:
+        x = mx.random.normal(shape)
+        assert layer(x).shape == (*shape[:-1], 48)
+        assert mx.allclose(layer(x), x @ w.T + b, atol=1e-4).item()
+    emb = device.CpuEmbedding(w)
+    x = mx.random.normal((1, 1, 64))
+    assert mx.allclose(emb.as_linear(x), x @ w.T, atol=1e-4).item()
+    assert mx.array_equal(emb(mx.array([[2, 5]])), w[mx.array([[2, 5]])]).item()
+
+
+def test_metal_plan_keeps_quantized_weights():
+    model = tiny_quantized_llama()
+    plan = device.prepare_for_device(model, force_cpu=False)
+    assert plan.device == "gpu" and plan.dequantized == 0
+    assert isinstance(model.model.layers[0].mlp.down_proj, nn.QuantizedLinear)
+    assert plan.compute_dtype == "float32"  # the scales' dtype of this random model
+
+
+# --- blas: the start-up decision, never an actual exec -------------------------------
+
+
+@pytest.fixture
+def fake_openblas(tmp_path):
+    lib = tmp_path / "libopenblas.so.0"
+    lib.write_bytes(b"")
+    return str(lib)
+
+
+def test_reexec_when_openblas_found(fake_openblas):
+    d = blas.decide({"PATH": "/bin"}, platform="linux", candidates=[fake_openblas])
+    assert d.library == fake_openblas and d.notice is None
+    assert d.exec_env["LD_PRELOAD"] == fake_openblas
+    assert d.exec_env[blas.ENV_MARKER] == "1"
+    assert d.exec_env["PATH"] == "/bin"
+    assert int(d.exec_env["OPENBLAS_NUM_THREADS"]) >= 1
+
+
+def test_existing_preload_and_thread_setting_kept(fake_openblas):
+    env = {"LD_PRELOAD": "/x/libfoo.so", "OPENBLAS_NUM_THREADS": "3"}
+    d = blas.decide(env, platform="linux", candidates=[fake_openblas])
+    assert d.exec_env["LD_PRELOAD"] == f"{fake_openblas}:/x/libfoo.so"
+    assert d.exec_env["OPENBLAS_NUM_THREADS"] == "3"
+
+
+def test_marker_prevents_loop(fake_openblas):
+    d = blas.decide({blas.ENV_MARKER: "1"}, platform="linux", candidates=[fake_openblas])
+    assert d.exec_env is None and d.notice is None
+    d = blas.decide({"LD_PRELOAD": fake_openblas}, platform="linux", candidates=[fake_openblas])
+    assert d.exec_env is None and d.library == fake_openblas
+
+
+@pytest.mark.parametrize("value", ["off", "OFF", "0"])
+def test_switch_off_disables(fake_openblas, value):
+    d = blas.decide({blas.ENV_SWITCH: value}, platform="linux", candidates=[fake_openblas])
+    assert d == blas.Decision(None, None, None)
+
+
+def test_missing_library_gives_one_line_notice(tmp_path):
+    d = blas.decide({}, platform="linux", candidates=[str(tmp_path / "nope.so")])
+    assert d.exec_env is None
+    assert d.notice == blas.NOTICE and "\n" not in d.notice
+    assert "libopenblas0-pthread" in d.notice
+
+
+def test_explicit_library_path(fake_openblas, tmp_path):
+    d = blas.decide({blas.ENV_SWITCH: fake_openblas}, platform="linux", candidates=[])
+    assert d.exec_env["LD_PRELOAD"] == fake_openblas
+    d = blas.decide({blas.ENV_SWITCH: str(tmp_path / "gone.so")}, platform="linux")
+    assert d.exec_env is None and d.notice == blas.NOTICE
+
+
+def test_not_linux_does_nothing(fake_openblas):
+    d = blas.decide({}, platform="darwin", candidates=[fake_openblas])
+    assert d == blas.Decision(None, None, None)
+
+
+def test_maybe_reexec_prints_notice_and_returns(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(blas, "CANDIDATES", (str(tmp_path / "nope.so"),))
+    monkeypatch.setattr(blas, "decide", lambda env: blas.Decision(None, None, blas.NOTICE))
+    monkeypatch.setattr(blas.os, "execve", lambda *a: pytest.fail("must not exec"))
+    d = blas.maybe_reexec_with_fast_blas(["agentd"])
+    assert d.notice == blas.NOTICE
+    assert capsys.readouterr().err.strip() == blas.NOTICE
+
+
+def test_maybe_reexec_execs_with_env(monkeypatch, fake_openblas):
+    calls = []
+    decision = blas.decide({}, platform="linux", candidates=[fake_openblas])
+    monkeypatch.setattr(blas, "decide", lambda env: decision)
+
+    def fake_execve(path, args, env):
+        calls.append((path, args, env))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(blas.os, "execve", fake_execve)
+    with pytest.raises(SystemExit):
+        blas.maybe_reexec_with_fast_blas(["agentd", "serve"])
+    assert calls and calls[0][2]["LD_PRELOAD"] == fake_openblas
+
+
+def test_mlx_blas_names_something():
+    assert blas.mlx_blas() in ("openblas", "reference", "unknown")
