@@ -116,11 +116,15 @@ class Engine:
         self.model_bytes = sum(v.nbytes for _, v in _leaves(self.model.parameters()))
 
     def _compute_dtype(self) -> str:
-        """The activation dtype: it is what the cached keys and values are made of."""
-        for _, v in _leaves(self.model.parameters()):
-            if mx.issubdtype(v.dtype, mx.floating):
-                return str(v.dtype).removeprefix("mlx.core.")
-        return "float32"
+        """The dtype keys and values are cached in, read off a one-token forward pass.
+
+        Parameters do not tell: a quantized model mixes float16 scales with float32 norms.
+        """
+        cache = self.new_cache()
+        self.model(mx.array([[0]]), cache=cache)
+        state = cache[0].state
+        keys = state[0] if isinstance(state[0], mx.array) else None
+        return str(keys.dtype).removeprefix("mlx.core.") if keys is not None else "unknown"
 
     def new_cache(self) -> list:
         return make_prompt_cache(self.model)
