@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,8 @@ class ChatStream:
         self._done = False
         self._error: ClientError | None = None
         self.result: dict[str, Any] | None = None
+        # Called with (done, total) as the daemon prefills the prompt; None ignores progress.
+        self.on_progress: Callable[[int, int], None] | None = None
         self._pieces: list[str] = []
 
     @property
@@ -95,16 +97,21 @@ class ChatStream:
         if self._client._sock is not self._sock or self._sock is None:
             self._done = True
             raise ConnectionLost("the connection carrying this chat was closed")
-        try:
-            frame = self._client._recv_response(self._id)
-        except BaseException as exc:
-            if isinstance(exc, ClientError):
-                self._error = exc
-            # Ctrl-C or a broken connection mid-stream: unread frames may follow, so the
-            # connection is unusable; dropping it also tells the daemon to cancel.
-            self._finish()
-            self._client.close()
-            raise
+        while True:
+            try:
+                frame = self._client._recv_response(self._id)
+            except BaseException as exc:
+                if isinstance(exc, ClientError):
+                    self._error = exc
+                # Ctrl-C or a broken connection mid-stream: unread frames may follow, so the
+                # connection is unusable; dropping it also tells the daemon to cancel.
+                self._finish()
+                self._client.close()
+                raise
+            if not isinstance(frame, p.Progress):
+                break
+            if self.on_progress is not None:
+                self.on_progress(frame.done, frame.total)
         if isinstance(frame, p.Token):
             self._pieces.append(frame.text)
             return frame.text
@@ -292,7 +299,7 @@ class Client:
         frame = self._recv_response(rid)
         if isinstance(frame, p.Error):
             raise AgentdError(frame.code, frame.message)
-        if isinstance(frame, p.Token):
+        if isinstance(frame, (p.Token, p.Progress)):
             self.close()
             raise ConnectionLost(f"agentd streamed tokens for a {request.op} request")
         return frame.fields
@@ -356,12 +363,17 @@ class Client:
         max_tokens: int = 256,
         temperature: float = 0.0,
         seed: int | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> ChatStream:
-        """Send a message; iterate the returned stream for text, then read `.result`."""
+        """Send a message; iterate the returned stream for text, then read `.result`.
+
+        `on_progress(done, total)` is called as the daemon prefills the prompt.
+        """
         request = _build(p.Chat, name, message, max_tokens=max_tokens, temperature=temperature, seed=seed)
         self.connect()
         rid = self._send(request)
         self._stream = ChatStream(self, rid)
+        self._stream.on_progress = on_progress
         return self._stream
 
     def save(self, name: str | None = None) -> dict[str, Any]:

@@ -43,6 +43,18 @@ class Narrator:
     def say(self, text: str = "", **style: Any) -> None:
         click.secho(text, file=self.out, **style)
 
+    def progress(self, text: str) -> None:
+        """A status line that a terminal overwrites in place; elsewhere, one line each."""
+        if self.out.isatty():
+            self.out.write("\r\033[K" + text)
+            self.out.flush()
+        else:
+            self.say(text, dim=True)
+
+    def end_progress(self) -> None:
+        if self.out.isatty():
+            self.out.write("\r\033[K")
+
     def stream(self, piece: str) -> None:
         self.out.write(piece)
         self.out.flush()
@@ -112,11 +124,23 @@ class DaemonRun:
 def _ask(client: Client, n: Narrator, name: str, message: str, max_tokens: int) -> dict:
     n.say(f"\nuser -> {name}: ", bold=True, nl=False)
     n.say(message if len(message) < 300 else message[:300] + " [...]")
-    n.say(f"{name}: ", bold=True, nl=False)
-    stream = client.chat(name, message, max_tokens=max_tokens)
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        n.progress(f"   [{name} is reading {total} new tokens: {done}/{total}, {time.perf_counter() - t0:.0f} s]")
+
+    stream = client.chat(name, message, max_tokens=max_tokens, on_progress=progress)
+    started = False
     for piece in stream:
+        if not started:
+            n.end_progress()
+            n.say(f"{name}: ", bold=True, nl=False)
+            started = True
         n.stream(piece)
     result = stream.wait()
+    if not started:
+        n.end_progress()
+        n.say(f"{name}: ", bold=True, nl=False)
     agent = client.show(name)["agent"]
     result["cache_tokens_after"] = agent["tokens"]
     n.say()

@@ -171,6 +171,7 @@ class AgentStore:
         seed: int | None = None,
         on_token: Callable[[str], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> ChatResult:
         """One turn. The turn is committed to the records before this returns."""
         rec = self.records.get(name)
@@ -187,6 +188,7 @@ class AgentStore:
                 seed=seed,
                 on_token=on_token,
                 should_stop=should_stop,
+                on_progress=on_progress,
             )
             agent.cache, agent.tokens, agent.dirty = cache, gen.cache_tokens, True
             agent.nbytes = cache_nbytes(cache)

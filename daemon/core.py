@@ -204,7 +204,10 @@ class Daemon:
         self._cancels.add(cancel)
 
         def on_token(text: str) -> None:
-            loop.call_soon_threadsafe(tokens.put_nowait, text)
+            loop.call_soon_threadsafe(tokens.put_nowait, p.token(rid, text))
+
+        def on_progress(done: int, total: int) -> None:
+            loop.call_soon_threadsafe(tokens.put_nowait, p.progress(rid, done, total))
 
         def run():
             try:
@@ -216,6 +219,7 @@ class Daemon:
                     seed=req.seed,
                     on_token=on_token,
                     should_stop=cancel.is_set,
+                    on_progress=on_progress,
                 )
             finally:
                 self._enforce_limits()
@@ -230,11 +234,11 @@ class Daemon:
                     await emit(None)  # a heartbeat: raises if the client has gone (e.g. mid-prefill)
                     continue
                 if getter in done:
-                    await emit(p.token(rid, getter.result()))
+                    await emit(getter.result())
                     continue
                 getter.cancel()
                 while not tokens.empty():
-                    await emit(p.token(rid, tokens.get_nowait()))
+                    await emit(tokens.get_nowait())
                 break
         except BaseException:
             cancel.set()  # the client went away: stop generating, keep what was computed
@@ -318,5 +322,5 @@ class Daemon:
             log.error("final flush failed: %s", e)
             saved = []
         await self._mlx(self.store.close)
-        self.worker.stop(timeout=30)
+        self.worker.drain(timeout=30)
         return saved

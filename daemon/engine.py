@@ -149,6 +149,7 @@ class Engine:
         seed: int | None = None,
         on_token: Callable[[str], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
     ) -> tuple[list, Generation]:
         """Bring `cache` from `cache_tokens` to `prompt`, then decode a reply.
@@ -172,12 +173,18 @@ class Engine:
             else:
                 cache, reuse, rebuilt = self.new_cache(), 0, True
 
-        for start in range(reuse, len(prompt) - 1, prefill_chunk):
-            chunk = prompt[start : min(start + prefill_chunk, len(prompt) - 1)]
-            self.model(mx.array(chunk)[None], cache=cache)
-            mx.eval([c.state for c in cache])
         if should_stop is None:
             should_stop = lambda: False  # noqa: E731
+        for start in range(reuse, len(prompt) - 1, prefill_chunk):
+            end = min(start + prefill_chunk, len(prompt) - 1)
+            self.model(mx.array(prompt[start:end])[None], cache=cache)
+            mx.eval([c.state for c in cache])
+            if on_progress is not None:
+                on_progress(end - reuse, len(prompt) - 1 - reuse)
+            if should_stop():
+                # The cache holds exactly prompt[:end]; the caller keeps it for the next turn.
+                return cache, Generation([], "", "cancelled", list(prompt[:end]), reuse, end - reuse, rebuilt,
+                                         0.0, 0.0, len(prompt))
 
         if seed is not None:
             mx.random.seed(seed)

@@ -32,6 +32,8 @@ Responses (daemon -> client) are maps carrying the request's "id" and a "type":
 
     {"id", "type": "result", ...fields}           terminal
     {"id", "type": "token", "text": str}          chat only, zero or more before the result
+    {"id", "type": "progress", "done": int, "total": int}
+                                                  chat only: prompt tokens prefilled so far
     {"id", "type": "error", "code": str, "message": str}   terminal; code is an ErrorCode
 
 A frame the daemon could not parse, or whose id it could not read, gets an error with
@@ -390,6 +392,7 @@ def request_from_wire(wire: Any) -> tuple[int, Request]:
 RESULT = "result"
 TOKEN = "token"
 ERROR = "error"
+PROGRESS = "progress"
 
 
 def result(request_id: int, **fields: Any) -> dict[str, Any]:
@@ -402,6 +405,11 @@ def result(request_id: int, **fields: Any) -> dict[str, Any]:
 def token(request_id: int, text: str) -> dict[str, Any]:
     """A non-terminal chat stream frame carrying generated text."""
     return {"id": request_id, "type": TOKEN, "text": text}
+
+
+def progress(request_id: int, done: int, total: int) -> dict[str, Any]:
+    """A non-terminal chat frame: `done` of `total` prompt tokens prefilled."""
+    return {"id": request_id, "type": PROGRESS, "done": done, "total": total}
 
 
 def error(request_id: int | None, code: ErrorCode | str, message: str) -> dict[str, Any]:
@@ -422,13 +430,20 @@ class Token:
 
 
 @dataclass(frozen=True)
+class Progress:
+    id: int | None
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
 class Error:
     id: int | None
     code: str  # an ErrorCode value, or an unknown code from a newer daemon
     message: str
 
 
-Response = Result | Token | Error
+Response = Result | Token | Progress | Error
 
 
 def response_from_wire(wire: Any) -> Response:
@@ -446,6 +461,11 @@ def response_from_wire(wire: Any) -> Response:
         if not isinstance(text, str):
             raise ProtocolError(ErrorCode.BAD_FRAME, "token frame without a text string")
         return Token(rid, text)
+    if kind == PROGRESS:
+        done, total = wire.get("done"), wire.get("total")
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (done, total)):
+            raise ProtocolError(ErrorCode.BAD_FRAME, "progress frame without done and total integers")
+        return Progress(rid, done, total)
     if kind == ERROR:
         code, message = wire.get("code"), wire.get("message")
         if not isinstance(code, str) or not isinstance(message, str):
