@@ -83,7 +83,12 @@ def main(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
             click.echo(f"agentd: {e}", err=True)
             sys.exit(1)
         raise
-    sys.exit(code)
+    # Everything is durable by now (flushed, socket removed). Skip interpreter teardown:
+    # finalizing MLX objects while its threads exit can abort an otherwise clean stop.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _run(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, min_available, preload, idle_timeout,
