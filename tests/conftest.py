@@ -47,3 +47,12 @@ def home() -> Path:
     path = Path(tempfile.mkdtemp(prefix="ad-", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _reap_daemons():
+    """No test may leave an agentd running, whatever way it failed."""
+    yield
+    from daemonproc import reap_all
+
+    reap_all()

@@ -12,6 +12,17 @@ from pathlib import Path
 from agentctl.client import Client, ClientError
 
 
+# Every daemon any test started, so the session can reap those a failing test left behind.
+STARTED: list[subprocess.Popen] = []
+
+
+def reap_all() -> None:
+    for proc in STARTED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 class DaemonProc:
     def __init__(self, home: Path, model: Path, *args: str, env: dict | None = None):
         self.home = Path(home)
@@ -31,6 +42,7 @@ class DaemonProc:
         self.home.mkdir(parents=True, exist_ok=True)
         self._err = open(self.log, "ab")
         self.proc = subprocess.Popen(self.argv, stdout=self._err, stderr=self._err, env=self.env)
+        STARTED.append(self.proc)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
