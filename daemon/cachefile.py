@@ -160,7 +160,14 @@ def save_cache(
         **(extra_meta or {}),
     }
     meta["agentd.checksum"] = _digest(meta, tensors)
-    replace(Path(path), lambda tmp: mx.save_safetensors(str(tmp), tensors, meta))
+
+    def write(tmp: Path) -> None:
+        # Through a Python file: a failed write raises OSError with its errno (ENOSPC says
+        # "No space left on device"); given a path, mlx raises a RuntimeError without it.
+        with open(tmp, "wb") as f:
+            mx.save_safetensors(f, tensors, meta)
+
+    replace(Path(path), write)
     return Path(path).stat().st_size
 
 
