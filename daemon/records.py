@@ -25,6 +25,9 @@ CREATE TABLE IF NOT EXISTS agents (
     updated_at REAL NOT NULL,
     last_used_at REAL NOT NULL
 );
+-- Names are case-sensitive, but two that differ only in case would share one cache file
+-- on a case-insensitive filesystem (macOS by default): refuse the second.
+CREATE UNIQUE INDEX IF NOT EXISTS agents_name_nocase ON agents (name COLLATE NOCASE);
 CREATE TABLE IF NOT EXISTS messages (
     agent TEXT NOT NULL REFERENCES agents(name) ON DELETE CASCADE,
     seq INTEGER NOT NULL,

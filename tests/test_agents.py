@@ -291,3 +291,15 @@ def test_turn_is_recorded_even_if_the_cache_was_never_saved(engines, home):
     db = sqlite3.connect(home / "agents.db")
     rows = db.execute("SELECT role, content FROM messages ORDER BY seq").fetchall()
     assert rows == [("user", TURN1), ("assistant", r.text)]
+
+
+def test_names_differing_only_in_case_are_refused(engines, home):
+    # They would share one cache file on macOS's case-insensitive filesystem.
+    from agentd.records import AlreadyExists
+
+    store = _store(home, engines["llama"])
+    store.create("Spec")
+    with pytest.raises(AlreadyExists):
+        store.create("spec")
+    with pytest.raises(AlreadyExists):
+        store.fork("Spec", "SPEC")
