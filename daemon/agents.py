@@ -20,7 +20,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from .atomic import atomic_replace, is_partial
+from .atomic import atomic_replace, fsync_dir, is_partial
 from .cachefile import (
     CacheFileError,
     Expectation,
@@ -28,10 +28,11 @@ from .cachefile import (
     cache_nbytes,
     load_cache,
     read_header,
+    read_verified_header,
     save_cache,
 )
 from .engine import Engine
-from .protocol import validate_agent_name
+from .protocol import ProtocolError, validate_agent_name
 from .records import AgentRecord, NotFound, Records
 
 log = logging.getLogger("agentd.agents")
@@ -101,6 +102,7 @@ class AgentStore:
         self._lock = threading.Lock()  # guards _hot for readers on other threads
         self.problems: list[CacheProblem] = []
         self._remove_partials()
+        self._recover_records()
 
     # ---- records ------------------------------------------------------------------
 
@@ -114,17 +116,24 @@ class AgentStore:
         return self.records.get(name, with_messages=False)
 
     def delete(self, name: str) -> None:
-        self.records.delete(name)
+        self.records.get(name, with_messages=False)  # NOT_FOUND before anything is touched
         self._drop(name)
-        with contextlib.suppress(FileNotFoundError):
-            self.cache_path(name).unlink()
+        # The file goes before the record: its copy of the record would bring the agent
+        # back at the next start (see _recover_records) if a crash came between the two.
+        self._unlink_cache(name)
+        self.records.delete(name)
 
     def reset(self, name: str) -> None:
         """Forget the conversation, keep role and system prompt; the cache goes with it."""
-        self.records.reset(name)
+        self.records.get(name, with_messages=False)
         self._drop(name)
+        self._unlink_cache(name)  # first, as in delete: the file's record copy holds the old turns
+        self.records.reset(name)
+
+    def _unlink_cache(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.cache_path(name).unlink()
+            fsync_dir(self.caches_dir)
 
     # ---- the cache lifecycle ------------------------------------------------------
 
@@ -370,6 +379,33 @@ class AgentStore:
                     p.unlink()
                 log.info("removed an interrupted write: %s", p.name)
 
+    def _recover_records(self) -> None:
+        """Cache files without a record (agents.db was lost or replaced): every file carries
+        a copy of its agent's record as of its last save, so the agent comes back with the
+        conversation up to that save instead of being silently dropped."""
+        for path in sorted(self.caches_dir.glob("*" + CACHE_SUFFIX)):
+            name = path.name[: -len(CACHE_SUFFIX)]
+            if not path.is_file() or is_partial(path):
+                continue
+            try:
+                validate_agent_name(name)
+            except ProtocolError:
+                log.warning("ignoring %s: not the name of an agent's cache file", path.name)
+                continue
+            if self.records.exists(name):
+                continue
+            try:
+                rec = _record_from_json(read_verified_header(path).get("agentd.record"), name)
+            except CacheFileError as e:
+                self._quarantine(name, path, e)
+                continue
+            except (ValueError, KeyError, TypeError) as e:
+                self._quarantine(name, path, CacheFileError("record", f"{path.name}: no usable record copy ({e})"))
+                continue
+            self.records.restore(rec)
+            log.warning("agent %s: its record was missing; recovered %d message(s) from its cache file",
+                        name, len(rec.messages))
+
     def close(self) -> None:
         self.records.close()
 
@@ -386,3 +422,19 @@ def _record_json(rec: AgentRecord) -> str:
             "messages": rec.messages,
         }
     )
+
+
+def _record_from_json(text: str | None, name: str) -> AgentRecord:
+    """The inverse of _record_json, checked: the copy must be of this agent and well-formed."""
+    if text is None:
+        raise ValueError("the file carries no record")
+    d = json.loads(text)
+    if d["name"] != name:
+        raise ValueError(f"the record inside is agent {d['name']!r}'s")
+    messages = [{"role": m["role"], "content": m["content"]} for m in d["messages"]]
+    if not all(isinstance(m["role"], str) and isinstance(m["content"], str) for m in messages):
+        raise TypeError("messages must be role and content strings")
+    if not isinstance(d["role"], str) or not isinstance(d["system"], str):
+        raise TypeError("role and system must be strings")
+    created, updated = float(d["created_at"]), float(d["updated_at"])
+    return AgentRecord(name, d["role"], d["system"], created, updated, updated, len(messages), messages)

@@ -252,15 +252,7 @@ def load_cache(path: Path, expect: Expectation) -> LoadedCache:
     path = Path(path)
     meta = read_header(path)
     check_compatible(meta, expect, path.name)
-    try:
-        tensors = mx.load(str(path))
-    except Exception as e:  # mlx reports truncation and bad offsets as generic errors
-        raise CacheFileError("truncated", f"{path.name}: tensors unreadable ({e})") from e
-    if not isinstance(tensors, dict) or "tokens" not in tensors:
-        raise CacheFileError("corrupt", f"{path.name}: tensors missing")
-    mx.eval(list(tensors.values()))
-    if _digest(meta, tensors) != meta.get("agentd.checksum"):
-        raise CacheFileError("checksum", f"{path.name}: checksum mismatch (the file is corrupt)")
+    tensors = _verified_tensors(path, meta)
     try:
         layers = json.loads(meta["agentd.layers"])
         cache = [_decode_layer(spec, tensors) for spec in layers]
@@ -272,6 +264,29 @@ def load_cache(path: Path, expect: Expectation) -> LoadedCache:
     if str(len(tokens)) != meta.get("agentd.n_tokens"):
         raise CacheFileError("corrupt", f"{path.name}: token count does not match")
     return LoadedCache(cache=cache, tokens=tokens, meta=meta)
+
+
+def read_verified_header(path: Path) -> dict[str, str]:
+    """The metadata of an agentd cache file whose checksum holds, whichever model made it."""
+    path = Path(path)
+    meta = read_header(path)
+    if meta.get("agentd.format") != FORMAT:
+        raise CacheFileError("corrupt", f"{path.name}: not an agentd cache file")
+    _verified_tensors(path, meta)
+    return meta
+
+
+def _verified_tensors(path: Path, meta: dict[str, str]) -> dict[str, mx.array]:
+    try:
+        tensors = mx.load(str(path))
+    except Exception as e:  # mlx reports truncation and bad offsets as generic errors
+        raise CacheFileError("truncated", f"{path.name}: tensors unreadable ({e})") from e
+    if not isinstance(tensors, dict) or "tokens" not in tensors:
+        raise CacheFileError("corrupt", f"{path.name}: tensors missing")
+    mx.eval(list(tensors.values()))
+    if _digest(meta, tensors) != meta.get("agentd.checksum"):
+        raise CacheFileError("checksum", f"{path.name}: checksum mismatch (the file is corrupt)")
+    return tensors
 
 
 def cache_nbytes(cache: list) -> int:
