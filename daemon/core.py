@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from . import protocol as p
 from .agents import AgentStore
 from .engine import Engine
 from .memory import HotFacts, Limits, MemoryProbe, choose_evictions
-from .records import AlreadyExists, NotFound
+from .records import AlreadyExists, NotFound, RecordError
 from .worker import Worker
 
 log = logging.getLogger("agentd.core")
@@ -61,7 +62,12 @@ class Daemon:
         self.settings = settings
         self.engine = engine
         self.worker = Worker()
-        self.store: AgentStore = self.worker.submit(AgentStore, settings.home, engine).result()
+        try:
+            self.store: AgentStore = self.worker.submit(AgentStore, settings.home, engine).result()
+        except (RecordError, sqlite3.DatabaseError) as e:
+            from .server import StartupError  # imported here: server imports this module
+
+            raise StartupError(f"cannot open the records {settings.home / 'agents.db'}: {e}") from None
         self.probe = probe or MemoryProbe()
         self.limits = Limits(settings.max_hot, settings.cache_budget, settings.min_available)
         self.flush = FlushState(settings.flush_interval, next_due=time.time() + settings.flush_interval)
