@@ -1,0 +1,489 @@
+"""Faults against the real daemon: kill -9 at random moments, a full disk, damaged files,
+a lost records database, a missing model. Nothing acknowledged may be lost, no file may be
+torn, and the daemon must come back (or refuse to start) with one clear line."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from agentctl.client import ClientError
+from agentd import cachefile
+from agentd.atomic import is_partial
+from agentd.engine import Engine
+from daemonproc import DaemonProc
+
+SYSTEM = "You are a technical specialist. Explain root causes and the steps to fix them. "
+AGENTS = ("a", "b", "c")
+
+
+def chat(client, name, message, max_tokens=4):
+    stream = client.chat(name, message, max_tokens=max_tokens)
+    pieces = list(stream)
+    result = stream.wait()
+    assert "".join(pieces) == result["text"]
+    return result
+
+
+def caches(d: DaemonProc) -> Path:
+    return d.home / "data" / "caches"
+
+
+def partials(d: DaemonProc) -> list[Path]:
+    return [p for p in caches(d).iterdir() if p.is_file() and is_partial(p)]
+
+
+def finals(d: DaemonProc) -> list[Path]:
+    return [p for p in caches(d).iterdir() if p.is_file() and not is_partial(p)]
+
+
+def turns(messages: list[dict]) -> list[tuple[str, str]]:
+    assert len(messages) % 2 == 0
+    pairs = list(zip(messages[::2], messages[1::2]))
+    assert all(u["role"] == "user" and a["role"] == "assistant" for u, a in pairs)
+    return [(u["content"], a["content"]) for u, a in pairs]
+
+
+# ---- kill -9 ------------------------------------------------------------------------
+
+
+class Load(threading.Thread):
+    """One client chatting with random agents and asking for saves until the daemon dies."""
+
+    def __init__(self, d: DaemonProc, rng: random.Random, cycle: int, acked: dict, maybe: set, first: dict):
+        super().__init__(daemon=True)
+        self.d, self.rng, self.cycle = d, rng, cycle
+        self.acked, self.maybe, self.first = acked, maybe, first
+        self.chats = self.saves = 0
+
+    def run(self) -> None:
+        try:
+            with self.d.client(timeout=30) as c:
+                i = 0
+                while True:
+                    name = self.rng.choice(AGENTS)
+                    msg = f"cycle {self.cycle} turn {i} for {name}"
+                    i += 1
+                    self.maybe.add(msg)  # until its result frame arrives it may or may not be recorded
+                    r = chat(c, name, msg, max_tokens=self.rng.randint(1, 6))
+                    self.acked[name].append((msg, r["text"]))
+                    self.maybe.discard(msg)
+                    self.first.setdefault(name, r["cache_source"])
+                    self.chats += 1
+                    if self.rng.random() < 0.5:
+                        c.save()
+                        self.saves += 1
+        except ClientError:
+            return  # the daemon was killed under us
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_loses_no_acknowledged_turn_and_tears_no_file(home, tiny_llama_dir):
+    rng = random.Random(20240606)
+    engine = Engine(tiny_llama_dir)
+    expect = cachefile.Expectation(engine.fingerprint, engine.tokenizer_fingerprint, engine.dtype)
+    acked: dict[str, list] = {n: [] for n in AGENTS}
+    maybe: set[str] = set()
+    stats = Counter()
+    d = DaemonProc(home, tiny_llama_dir, "--flush-interval", "0.2")
+    with d:
+        with d.client() as c:
+            for n in AGENTS:
+                # Long prompts: bigger files, so more kills land inside a write.
+                c.create(n, system=SYSTEM * rng.randint(20, 60) + f"You are agent {n}.")
+    deadline = time.monotonic() + 150
+    while stats["kills"] < 60 and time.monotonic() < deadline:
+        cycle = stats["kills"]
+        d = DaemonProc(home, tiny_llama_dir, "--flush-interval", "0.2")
+        if rng.random() < 0.1:
+            # Sometimes during start itself: loading the model, removing leftovers, opening the records.
+            d.proc = subprocess.Popen(d.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=d.env)
+            time.sleep(rng.uniform(0, 0.8))
+            d.proc.send_signal(signal.SIGKILL)
+            d.proc.wait(10)
+            stats["kills"] += 1
+            stats["kills_during_start"] += 1
+            continue
+        d.start()
+        assert partials(d) == [], "an interrupted write survived a start"
+        with d.client() as c:
+            status = c.status()
+            assert status["problems"] == [], f"a cache file was refused after a kill: {status['problems']}"
+            for n in AGENTS:
+                check_history(turns(c.history(n)["messages"]), acked[n], maybe)
+        first: dict[str, str] = {}
+        load = Load(d, random.Random(rng.random()), cycle, acked, maybe, first)
+        load.start()
+        time.sleep(rng.uniform(0.0, 1.0))
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait(10)
+        d.kill()
+        load.join(30)
+        assert not load.is_alive()
+        stats["kills"] += 1
+        stats["chats"] += load.chats
+        stats["saves"] += load.saves
+        left = partials(d)
+        stats["kills_mid_write"] += bool(left)
+        for src in first.values():
+            assert src in ("disk", "rebuilt", "new")  # never "memory": it is a fresh process
+            stats[f"source_{src}"] += 1
+        for path in finals(d):  # every file under its final name verifies, whenever the kill came
+            cachefile.load_cache(path, expect)
+            stats["files_verified"] += 1
+    with d:
+        with d.client() as c:
+            assert c.status()["problems"] == []
+            for n in AGENTS:
+                check_history(turns(c.history(n)["messages"]), acked[n], maybe)
+                assert chat(c, n, "one more")["cache_source"] in ("disk", "rebuilt")
+    print(f"\nkill -9: {dict(stats)}; acknowledged turns: {sum(map(len, acked.values()))}")
+    assert stats["kills"] >= 50
+    assert stats["source_disk"] > 0 and stats["chats"] > 100
+
+
+def check_history(history: list[tuple[str, str]], acked: list[tuple[str, str]], maybe: set[str]) -> None:
+    """Every acknowledged turn is recorded, in order, with the reply as delivered; anything
+    else recorded is a turn whose result frame the kill cut off."""
+    extra = [t for t in history if t not in acked]
+    assert all(u in maybe for u, _ in extra), f"unexpected turns recorded: {extra}"
+    assert [t for t in history if t in acked] == acked, "an acknowledged turn is missing"
+
+
+# ---- disk full ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tmpfs(home):
+    """A 6 MB tmpfs: a real full disk. Skips where it cannot be mounted (not root, macOS)."""
+    mnt = home / "fs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m,mode=0700", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode(errors='replace').strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def fill(mnt: Path, leave: int) -> Path:
+    """Take all but `leave` bytes of the filesystem's free space."""
+    filler = mnt / "filler"
+    st = os.statvfs(mnt)
+    free = st.f_bavail * st.f_frsize
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+    return filler
+
+
+def wait_for(probe, timeout=10.0, every=0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(every)
+
+
+def test_full_disk_keeps_the_old_file_shows_the_error_backs_off_and_recovers(home, tmpfs, tiny_llama_dir):
+    d = DaemonProc(tmpfs, tiny_llama_dir, "--flush-interval", "0.2")
+    d.log = home / "daemon-stderr.log"  # off the full filesystem, so we can read it
+    with d:
+        with d.client() as c:
+            c.create("a", system=SYSTEM * 40)
+            chat(c, "a", "first turn")
+            assert wait_for(lambda: not c.status()["agents"][0]["dirty"])
+            cache = caches(d) / "a.safetensors"
+            before = cache.read_bytes()
+            filler = fill(tmpfs, leave=160 * 1024)  # room for the records' next commits, not for a cache file
+            acked = chat(c, "a", "second turn, while the disk is full")  # the turn commits; its cache cannot
+            status = wait_for(lambda: (s := c.status())["flush"]["last_result"] == "failed" and s)
+            assert status, "the flush never reported the full disk"
+            flush = status["flush"]
+            assert "No space left on device" in flush["last_error"], flush
+            assert flush["consecutive_failures"] >= 1
+            assert status["agents"][0]["dirty"] is True
+            assert cache.read_bytes() == before, "the old file was damaged"
+            assert partials(d) == [], "a temp file was left behind"
+            # Backoff: 0.4 s, 0.8 s, 1.6 s ... after a 0.2 s interval, not one attempt per tick.
+            time.sleep(2.5)
+            failures = c.status()["flush"]["consecutive_failures"]
+            assert 2 <= failures <= 4, failures
+            rendered = subprocess.run(
+                [os.sys.executable, "-m", "agentctl.cli", "--socket", str(d.socket), "status"],
+                capture_output=True, text=True, timeout=30,
+            )
+            assert "No space left on device" in rendered.stdout + rendered.stderr
+            assert c.ping()["pong"] and turns(c.history("a")["messages"])[-1] == (
+                "second turn, while the disk is full", acked["text"])
+            filler.unlink()
+            status = wait_for(lambda: (s := c.status())["flush"]["last_result"] == "ok" and s, timeout=15)
+            assert status and status["flush"]["consecutive_failures"] == 0 and not status["agents"][0]["dirty"]
+            assert cache.read_bytes() != before
+    assert "Traceback" not in d.stderr()
+    with d:  # what the retry saved is what comes back
+        with d.client() as c:
+            assert chat(c, "a", "third")["cache_source"] == "disk"
+
+
+def test_a_chat_on_a_completely_full_disk_is_an_error_and_not_recorded(home, tmpfs, tiny_llama_dir):
+    d = DaemonProc(tmpfs, tiny_llama_dir, "--flush-interval", "3600")
+    d.log = home / "daemon-stderr.log"
+    with d:
+        with d.client() as c:
+            c.create("a", system=SYSTEM)
+            chat(c, "a", "first")
+            filler = fill(tmpfs, leave=0)
+            outcomes = Counter()
+            for i in range(5):
+                try:
+                    r = chat(c, "a", f"full {i}")
+                    outcomes["acked"] += 1
+                    assert (f"full {i}", r["text"]) in turns(c.history("a")["messages"])
+                except ClientError as e:
+                    outcomes[getattr(e, "code", type(e).__name__)] += 1
+                    assert f"full {i}" not in str(c.history("a"))
+                    assert "full" in str(e).lower()
+            assert c.ping()["pong"]
+            filler.unlink()
+            chat(c, "a", "after")
+            assert turns(c.history("a")["messages"])[-1][0] == "after"
+    print(f"\nchats on a full disk: {dict(outcomes)}")
+
+
+def test_injected_enospc_half_way_through_a_flush_backs_off_and_retries(home, tiny_llama_dir):
+    """The daemon core in-process, its store writing through a writer that fails half-way."""
+    import asyncio
+
+    from agentd import protocol as p
+    from agentd.atomic import atomic_replace
+    from agentd.core import Daemon, Settings
+
+    state = {"full": False, "attempts": 0}
+
+    def writer(path, write):
+        def half_then_enospc(tmp):
+            state["attempts"] += 1
+            if state["full"]:
+                tmp.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+                raise OSError(errno.ENOSPC, "No space left on device")
+            write(tmp)
+
+        atomic_replace(path, half_then_enospc)
+
+    async def scenario():
+        daemon = Daemon(Settings(home=home, model_dir=tiny_llama_dir, flush_interval=0.2), Engine(tiny_llama_dir))
+        daemon.store._replace = writer
+
+        async def emit(frame):
+            pass
+
+        async def call(req):
+            return await daemon.handle(1, req, emit)
+
+        await call(p.Create("a", system=SYSTEM * 10))
+        await call(p.Chat("a", "one", max_tokens=4))
+        assert await daemon.flush_now() == ["a"]
+        path = daemon.store.cache_path("a")
+        before = path.read_bytes()
+        state["full"] = True
+        await call(p.Chat("a", "two", max_tokens=4))
+        delays = []
+        for expected in (1, 2, 3):
+            t = time.time()
+            assert await daemon.flush_now() == []
+            flush = (await call(p.Status()))["flush"]
+            assert flush["last_result"] == "failed" and flush["consecutive_failures"] == expected
+            assert flush["last_error"] == "OSError: [Errno 28] No space left on device"
+            delays.append(round(daemon.flush.next_due - t, 1))
+            assert path.read_bytes() == before and [q.name for q in path.parent.glob("*.partial*")] == []
+        assert delays == [0.4, 0.8, 1.6]
+        attempts = state["attempts"]
+        await daemon.tick()  # not due yet: no attempt
+        assert state["attempts"] == attempts
+        assert (await call(p.Ping()))["type"] == "result"
+        state["full"] = False
+        daemon.flush.next_due = 0  # as if the backoff had passed
+        await daemon.tick()
+        flush = (await call(p.Status()))["flush"]
+        assert (flush["last_result"], flush["last_error"], flush["consecutive_failures"]) == ("ok", None, 0)
+        assert path.read_bytes() != before
+        await daemon.final_flush()
+
+    asyncio.run(scenario())
+
+
+# ---- damaged and foreign files --------------------------------------------------------
+
+
+def flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def header_len(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def rewrite_meta(path: Path, **changes) -> None:
+    """A valid file (checksum recomputed) with some metadata changed: an old version, say."""
+    import mlx.core as mx
+
+    tensors, meta = mx.load(str(path), return_metadata=True)
+    meta.update(changes)
+    meta["agentd.checksum"] = cachefile._digest(meta, tensors)
+    mx.save_safetensors(str(path), tensors, meta)
+
+
+DAMAGE = {
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size * 2 // 3]),
+    "tensor-byte": lambda p: flip(p, p.stat().st_size - 7),
+    "header-byte": lambda p: flip(p, 8 + header_len(p) // 2),
+    "older-format": lambda p: rewrite_meta(p, **{"agentd.format_version": "0"}),
+    "empty": lambda p: p.write_bytes(b""),
+}
+
+
+def test_damaged_old_and_foreign_caches_are_refused_in_one_line_and_rebuilt(home, tiny_llama_dir, tiny_gemma_dir,
+                                                                           tmp_path):
+    names = [*DAMAGE, "other-model"]
+    d = DaemonProc(home, tiny_llama_dir, "--flush-interval", "3600")
+    with d:
+        with d.client() as c:
+            for n in names:
+                c.create(n, system=SYSTEM * 4)
+                chat(c, n, "before the damage")
+            assert sorted(c.save()["saved"]) == sorted(names)
+    with DaemonProc(tmp_path / "gemma", tiny_gemma_dir) as g:
+        with g.client() as c:
+            c.create("other-model", system=SYSTEM)
+            chat(c, "other-model", "a gemma turn")
+            c.save()
+    shutil.copy(caches(g) / "other-model.safetensors", caches(d) / "other-model.safetensors")
+    for n, damage in DAMAGE.items():
+        damage(caches(d) / f"{n}.safetensors")
+    with d:
+        with d.client() as c:
+            for n in names:
+                r = chat(c, n, "after the damage")
+                assert r["cache_source"] == "rebuilt", n
+                assert [u for u, _ in turns(c.history(n)["messages"])] == ["before the damage", "after the damage"]
+            problems = {pr["agent"]: pr["reason"] for pr in c.status()["problems"]}
+        assert set(problems) == set(names)
+        assert problems["truncated"] == "truncated" and problems["tensor-byte"] == "checksum"
+        assert problems["older-format"] == "version" and problems["other-model"] == "model"
+        assert len(list((caches(d) / "quarantine").iterdir())) == len(names)  # moved aside, not deleted
+        assert d.stop() == 0
+    log = d.stderr()
+    assert "Traceback" not in log
+    refused = [line for line in log.splitlines() if "cache refused" in line]
+    assert len(refused) == len(names)
+    with d:  # the rebuilt caches were saved on shutdown and now load cleanly
+        with d.client() as c:
+            assert c.status()["problems"] == []
+            assert {chat(c, n, "again")["cache_source"] for n in names} == {"disk"}
+
+
+def test_lost_records_database_is_recovered_from_the_caches(home, tiny_llama_dir):
+    d = DaemonProc(home, tiny_llama_dir, "--flush-interval", "3600")
+    with d:
+        with d.client() as c:
+            c.create("saved", role="Technical Specialist", system=SYSTEM)
+            replies = [chat(c, "saved", m)["text"] for m in ("one", "two")]
+            c.create("never-saved", system=SYSTEM)
+            c.save("saved")
+            chat(c, "saved", "three, after the save")  # in the records only, until the shutdown flush
+            expected = turns(c.history("saved")["messages"])
+            d.proc.send_signal(signal.SIGKILL)  # no final flush: turn three is not in the file
+            d.proc.wait(10)
+    data = d.home / "data"
+    for f in data.glob("agents.db*"):
+        f.unlink()
+    with d:
+        with d.client() as c:
+            names = [a["name"] for a in c.list()["agents"]]
+            assert names == ["saved"]  # never-saved had no file to come back from
+            info = c.show("saved")
+            assert info["agent"]["role"] == "Technical Specialist" and info["system"] == SYSTEM
+            assert turns(c.history("saved")["messages"]) == expected[:2]
+            assert [a for _, a in expected[:2]] == replies
+            assert chat(c, "saved", "four")["cache_source"] == "disk"
+    assert "recovered 4 message(s)" in d.stderr() and "Traceback" not in d.stderr()
+
+
+def test_a_cache_file_without_a_usable_record_is_quarantined_not_loaded(home, tiny_llama_dir):
+    d = DaemonProc(home, tiny_llama_dir, "--flush-interval", "3600")
+    with d:
+        with d.client() as c:
+            for n in ("flipped", "renamed"):
+                c.create(n, system=SYSTEM)
+                chat(c, n, "hello")
+            c.save()
+    (d.home / "data" / "agents.db").unlink()
+    flip(caches(d) / "flipped.safetensors", 8 + header_len(caches(d) / "flipped.safetensors") // 3)
+    os.rename(caches(d) / "renamed.safetensors", caches(d) / "impostor.safetensors")
+    with d:
+        with d.client() as c:
+            assert c.list()["agents"] == []
+            assert sorted(pr["agent"] for pr in c.status()["problems"]) == ["flipped", "impostor"]
+    assert sorted(p.name for p in finals(d)) == []
+    assert "Traceback" not in d.stderr()
+
+
+def test_deleting_an_agent_removes_its_file_before_its_record(home, tiny_llama_dir):
+    """A crash between the two steps must not let the file's record copy resurrect the agent."""
+    from agentd.agents import AgentStore
+
+    store = AgentStore(home, Engine(tiny_llama_dir))
+    store.create("gone", system=SYSTEM)
+    store.chat("gone", "hello", max_tokens=4)
+    assert store.save("gone")
+    seen = []
+    real_delete = store.records.delete
+
+    def crash_at_the_record(name):
+        seen.append(store.cache_path(name).exists())
+        raise KeyboardInterrupt("the process dies here")
+
+    store.records.delete = crash_at_the_record
+    with pytest.raises(KeyboardInterrupt):
+        store.delete("gone")
+    assert seen == [False]
+    store.records.delete = real_delete
+    store.close()
+    (home / "agents.db").unlink()
+    assert AgentStore(home, Engine(tiny_llama_dir)).records.all() == []
+
+
+def test_a_missing_or_broken_model_is_one_line_and_exit_1(home, tiny_llama_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    garbled = tmp_path / "garbled"
+    shutil.copytree(tiny_llama_dir, garbled)
+    (garbled / "config.json").write_text("{nope")
+    for model, words in ((tmp_path / "missing", "no model at"), (broken, "cannot load"), (garbled, "cannot load")):
+        r = subprocess.run(DaemonProc(home, model).argv, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1
+        assert "Traceback" not in r.stderr
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("agentd: ") and words in last and str(model) in last
+
+
+def test_a_corrupt_records_database_refuses_to_start_in_one_line(home, tiny_llama_dir):
+    d = DaemonProc(home, tiny_llama_dir)
+    (d.home / "data").mkdir(parents=True)
+    (d.home / "data" / "agents.db").write_bytes(os.urandom(8192))
+    r = subprocess.run(d.argv, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "agents.db" in r.stderr.strip().splitlines()[-1]
