@@ -159,10 +159,10 @@ class Server:
             uid = peer_uid(sock) if sock is not None else None
             if uid is not None and uid != os.getuid():
                 log.warning("refused a connection from uid %d", uid)
-                await framing.write_frame(writer, p.error(None, p.ErrorCode.BAD_REQUEST, "agentd serves only its own user"))
+                await self._send(writer, p.error(None, p.ErrorCode.BAD_REQUEST, "agentd serves only its own user"))
                 return
             if self._slots.locked():
-                await framing.write_frame(writer, p.error(None, p.ErrorCode.BUSY, "too many connections"))
+                await self._send(writer, p.error(None, p.ErrorCode.BUSY, "too many connections"))
                 return
             async with self._slots:
                 await self._serve_connection(reader, writer)
@@ -176,6 +176,15 @@ class Server:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
+    async def _send(self, writer: asyncio.StreamWriter, frame: dict) -> None:
+        """Write one frame. A client that reads nothing for the idle timeout is dropped: its
+        unread replies would otherwise hold the connection (and a slot) forever."""
+        try:
+            await asyncio.wait_for(framing.write_frame(writer, frame), timeout=self.idle_timeout)
+        except asyncio.TimeoutError:
+            writer.transport.abort()  # close() would wait for the unread buffer to drain
+            raise ConnectionResetError("the client stopped reading") from None
+
     async def _serve_connection(self, reader, writer) -> None:
         greeted = False
         while not self._stop.is_set():
@@ -184,20 +193,20 @@ class Server:
             except asyncio.TimeoutError:
                 return  # idle or stalled mid-frame: the connection holds nothing after this
             except framing.FrameTooLarge as e:
-                await framing.write_frame(writer, p.error(None, p.ErrorCode.BAD_FRAME, str(e)))
+                await self._send(writer, p.error(None, p.ErrorCode.BAD_FRAME, str(e)))
                 return  # the rest of an oversized body cannot be skipped safely
             except framing.FrameError as e:
-                await framing.write_frame(writer, p.error(None, p.ErrorCode.BAD_FRAME, str(e)))
+                await self._send(writer, p.error(None, p.ErrorCode.BAD_FRAME, str(e)))
                 return
             if wire is None:
                 return
             try:
                 rid, req = p.request_from_wire(wire)
             except p.ProtocolError as e:
-                await framing.write_frame(writer, p.error(p.peek_request_id(wire), e.code, e.message))
+                await self._send(writer, p.error(p.peek_request_id(wire), e.code, e.message))
                 continue
             if not greeted and req.op not in ("hello", "ping"):
-                await framing.write_frame(
+                await self._send(
                     writer, p.error(rid, p.ErrorCode.PROTOCOL_MISMATCH, "send hello first")
                 )
                 continue
@@ -207,9 +216,9 @@ class Server:
                 if reader.at_eof() or writer.is_closing():
                     raise ConnectionResetError("client went away")
                 if frame is not None:
-                    await framing.write_frame(writer, frame)
+                    await self._send(writer, frame)
 
             reply = await self.daemon.handle(rid, req, emit)
-            await framing.write_frame(writer, reply)
+            await self._send(writer, reply)
             if reply.get("type") == "error" and req.op == "hello":
                 return
