@@ -92,6 +92,8 @@ class Daemon:
             return p.error(rid, p.ErrorCode.NOT_FOUND, str(e))
         except AlreadyExists as e:
             return p.error(rid, p.ErrorCode.ALREADY_EXISTS, str(e))
+        except ConnectionError:
+            raise  # the client went away (emit saw it): no one to answer, nothing went wrong here
         except Exception as e:
             log.exception("request %s (%s) failed", rid, req.op)
             return p.error(rid, p.ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
