@@ -145,7 +145,8 @@ class Server:
 
     async def _ticker(self) -> None:
         while True:
-            await asyncio.sleep(TICK_S)
+            # A flush interval shorter than the tick would otherwise be rounded up to it.
+            await asyncio.sleep(min(TICK_S, self.daemon.flush.interval_s))
             try:
                 await self.daemon.tick()
             except Exception:
