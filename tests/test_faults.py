@@ -487,3 +487,15 @@ def test_a_corrupt_records_database_refuses_to_start_in_one_line(home, tiny_llam
     r = subprocess.run(d.argv, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "agents.db" in r.stderr.strip().splitlines()[-1]
+
+
+def test_a_flush_interval_below_the_tick_is_honoured(home, tiny_llama_dir):
+    with DaemonProc(home, tiny_llama_dir, "--flush-interval", "0.2") as d:
+        with d.client() as c:
+            c.create("a", system=SYSTEM)
+            t = time.monotonic()
+            while time.monotonic() - t < 3.0:
+                chat(c, "a", "keep it dirty", max_tokens=2)
+                time.sleep(0.02)
+        flushes = d.stderr().count("flushed 1 agent(s)")
+    assert flushes >= 8, f"{flushes} flushes in 3 s with --flush-interval 0.2"
