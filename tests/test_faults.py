@@ -499,3 +499,28 @@ def test_a_flush_interval_below_the_tick_is_honoured(home, tiny_llama_dir):
                 time.sleep(0.02)
         flushes = d.stderr().count("flushed 1 agent(s)")
     assert flushes >= 8, f"{flushes} flushes in 3 s with --flush-interval 0.2"
+
+
+def test_a_turn_is_durable_before_its_result_frame_is_sent(home, tiny_llama_dir):
+    """kill -9 the instant the result frame arrives: the turn is already committed, and
+    committed with synchronous=FULL on a WAL database (fsynced, not just written)."""
+    from agentd.records import Records
+
+    d = DaemonProc(home, tiny_llama_dir, "--flush-interval", "3600")
+    acked = []
+    for i in range(5):
+        with d:
+            with d.client() as c:
+                if i == 0:
+                    c.create("a", system=SYSTEM)
+                assert turns(c.history("a")["messages"]) == acked
+                r = chat(c, "a", f"turn {i}")
+                d.proc.send_signal(signal.SIGKILL)
+                acked.append((f"turn {i}", r["text"]))
+                d.proc.wait(10)
+    with d:
+        with d.client() as c:
+            assert turns(c.history("a")["messages"]) == acked
+    db = Records(d.home / "data" / "agents.db")._db()
+    assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
