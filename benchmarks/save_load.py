@@ -1,0 +1,175 @@
+"""Issue 5, question 1: how long does saving and loading an agent's KV cache take, and how
+many bytes per token does it cost, as the conversation grows?
+
+    .venv/bin/python benchmarks/save_load.py [--quick] [--model DIR] [--sizes 256,512,...] [--runs N]
+
+In-process, through `agentd.agents.AgentStore` exactly as the daemon's worker uses it: one
+agent's conversation grows through each size (a long system prompt, then turns appended to
+its record; `AgentStore.warm` prefills only what is new), and at each size the cache is
+saved (`AgentStore.save`: encode, checksum, write a `.partial`, fsync, rename, fsync the
+directory) and loaded back (`AgentStore.acquire` of the evicted agent: read, verify the
+checksum, rebuild the cache objects). Loads are timed twice: with the file in the page
+cache (just written, the common case) and after `posix_fadvise(DONTNEED)` drops its pages
+(a cold read from the device). Prints medians and the headline: load time per 1k tokens
+against the prefill it replaces. Writes benchmarks/out/save_load.json.
+"""
+
+from __future__ import annotations
+
+# The fast BLAS is preloaded by re-exec, so this must run before anything imports mlx.
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from agentd import blas  # noqa: E402
+
+blas.maybe_reexec_with_fast_blas()
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as c  # noqa: E402
+
+NAME = "save_load"
+
+
+def drop_page_cache(path: Path) -> bool:
+    """Evict one file's pages (not the whole system's): the next read goes to the device."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return True
+    finally:
+        os.close(fd)
+
+
+def grow_to(store, engine, name: str, target: int, turn: int) -> None:
+    """Append one user/assistant turn bringing the rendered conversation to about `target`."""
+    rec = store.records.get(name)
+    current = len(engine.render(rec.system, rec.messages, add_generation_prompt=False))
+    need = target - current - 10  # two role headers
+    if need <= 4:
+        return
+    tok = engine.tokenizer
+    text = c.filler(need // 4 + 16 + turn)
+    ids = tok.encode(text, add_special_tokens=False)
+    while len(ids) < need:
+        text += " " + text
+        ids = tok.encode(text, add_special_tokens=False)
+    user = tok.decode(ids[: need // 3])
+    reply = tok.decode(ids[need // 3 : need])
+    store.records.append_turn(name, user, reply)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help=f"sizes {c.QUICK_SIZES}, 1 run: a smoke test")
+    ap.add_argument("--model", help="an mlx-lm model folder [default: the default model]")
+    ap.add_argument("--sizes", help="comma-separated context sizes in tokens")
+    ap.add_argument("--runs", type=int, default=5, help="timed saves and loads per size (median)")
+    ap.add_argument("--out", type=Path, default=c.OUT_DIR / f"{NAME}.json")
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else (c.QUICK_SIZES if args.quick else c.SIZES)
+    runs = 1 if args.quick else args.runs
+
+    from agentd.agents import AgentStore
+    from agentd.engine import Engine
+
+    t_start = time.perf_counter()
+    model = c.resolve_model(args.model)
+    engine = Engine(model)
+    home = c.short_tmp("adb-sl-")
+    store = AgentStore(home, engine)
+    name = "grower"
+    tok = c.Tok(model)
+    store.create(name, role="benchmark", system=c.system_prompt(tok, sizes[0]))
+    c.log(f"model {engine.model_id} ({engine.dtype}), BLAS {blas.mlx_blas()}, home {home}")
+
+    rows, results = [], []
+    for i, size in enumerate(sizes):
+        if i:
+            grow_to(store, engine, name, size, i)
+        t0 = time.perf_counter()
+        store.warm(name)
+        agent = store._hot[name]
+        n_tok = len(agent.tokens)
+        prefill_s = time.perf_counter() - t0
+        prefilled = n_tok - (results[-1]["tokens"] if results else 0)
+        path = store.cache_path(name)
+
+        save_ms, warm_ms, cold_ms, sizes_b = [], [], [], []
+        for _ in range(runs):
+            agent = store._hot[name]
+            agent.dirty = True  # the same cache written again, as a flush after a turn would
+            t0 = time.perf_counter()
+            assert store.save(name)
+            save_ms.append((time.perf_counter() - t0) * 1000)
+            sizes_b.append(path.stat().st_size)
+            for cold, into in ((False, warm_ms), (True, cold_ms)):
+                store.evict(name)  # clean: dropped without a write
+                if cold and not drop_page_cache(path):
+                    continue
+                agent, source, restore_ms = store.acquire(name)
+                assert source == "disk" and len(agent.tokens) == n_tok, (source, len(agent.tokens))
+                into.append(restore_ms)
+        file_bytes = sizes_b[-1]
+        r = {
+            "target": size,
+            "tokens": n_tok,
+            "file_bytes": file_bytes,
+            "cache_nbytes": store._hot[name].nbytes,
+            "bytes_per_token": file_bytes / n_tok,
+            "save_ms": save_ms,
+            "load_ms": warm_ms,
+            "load_cold_ms": cold_ms,
+            "save_ms_median": c.med(save_ms),
+            "load_ms_median": c.med(warm_ms),
+            "load_cold_ms_median": c.med(cold_ms),
+            "prefill_s": prefill_s,
+            "prefilled_tokens": prefilled,
+            "prefill_tok_s": prefilled / prefill_s if prefill_s > 0 else None,
+        }
+        results.append(r)
+        c.log(f"{n_tok} tokens: save {c.fmt(r['save_ms_median'])} ms, load {c.fmt(r['load_ms_median'])} ms "
+              f"(cold {c.fmt(r['load_cold_ms_median'])}), {file_bytes / 2**20:.1f} MiB; "
+              f"prefilled {prefilled} in {prefill_s:.1f} s")
+        rows.append((n_tok, c.fmt(r["save_ms_median"]), c.fmt(r["load_ms_median"]), c.fmt(r["load_cold_ms_median"]),
+                     f"{file_bytes / 2**20:.2f}", f"{r['bytes_per_token']:,.0f}",
+                     c.fmt(r["prefill_tok_s"], 0)))
+    store.close()
+    c.rmtree(home)
+
+    # Headline: restoring 1k tokens from disk against prefilling them, at the largest size.
+    last = results[-1]
+    prefill_rate = c.med([r["prefill_tok_s"] for r in results if r["prefill_tok_s"]])
+    load_per_1k = last["load_ms_median"] / last["tokens"] * 1000
+    prefill_per_1k = 1000 / prefill_rate * 1000 if prefill_rate else None
+    ratio = prefill_per_1k / load_per_1k if prefill_per_1k and load_per_1k else None
+    print()
+    print(c.table(rows, ("tokens", "save ms", "load ms", "load cold ms", "file MiB", "bytes/token", "prefill tok/s")))
+    print(f"\nmedian of {runs} run(s) per size; save includes fsync of the file and its directory; "
+          f"model {engine.model_id}, KV dtype {engine.dtype}, BLAS {blas.mlx_blas()}")
+    print(f"headline: at {last['tokens']} tokens, load {load_per_1k:.1f} ms per 1k tokens vs prefill "
+          f"{c.fmt(prefill_per_1k)} ms per 1k tokens -> loading is {c.fmt(ratio)}x faster "
+          f"({time.perf_counter() - t_start:.0f} s)")
+    c.write_json(args.out, {
+        "model": engine.model_id,
+        "model_dir": str(model),
+        "dtype": engine.dtype,
+        "blas": blas.mlx_blas(),
+        "runs": runs,
+        "sizes": results,
+        "headline": {"tokens": last["tokens"], "load_ms_per_1k": load_per_1k, "prefill_ms_per_1k": prefill_per_1k,
+                     "load_vs_prefill": ratio, "bytes_per_token": last["bytes_per_token"]},
+        "machine": c.machine_info(),
+        "elapsed_s": time.perf_counter() - t_start,
+    })
+
+
+if __name__ == "__main__":
+    main()
