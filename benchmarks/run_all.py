@@ -1,0 +1,381 @@
+"""Run every issue-5 benchmark, plot the results and write BENCHMARKS.md (`make bench`).
+
+    .venv/bin/python benchmarks/run_all.py [--quick] [--model DIR] [--only ttft,memory]
+                                           [--set 'ttft=--runs 2'] [--report-only]
+
+Each script runs as its own process and writes JSON to --out-dir (benchmarks/out/); then
+the PNG plots go to --plots (benchmarks/plots/) and the report to --report (BENCHMARKS.md),
+built from that JSON only, so `--report-only` rewrites them without measuring again.
+`--quick` is a smoke run (tiny sizes, one run each); tests/test_benchmarks.py runs it on a
+tiny model so the scripts cannot rot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as c  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+SCRIPTS = ["save_load", "ttft", "memory", "socket_overhead", "vs_mlx_server"]
+# The full run's settings: sized for a 2-core machine shared with others (~25 minutes).
+FULL_ARGS = {
+    "save_load": ["--runs", "5"],
+    "ttft": ["--runs", "3", "--big-from", "4096", "--big-runs", "1"],
+    "memory": ["--runs", "3"],
+    "socket_overhead": ["--runs", "5", "--max-tokens", "128"],
+    "vs_mlx_server": ["--runs", "3", "--restart-runs", "3", "--mlx-restart-runs", "2"],
+}
+
+
+def run_script(name: str, args, extra: list[str]) -> dict:
+    out = args.out_dir / f"{name}.json"
+    cmd = [sys.executable, str(HERE / f"{name}.py")]
+    if args.out_dir.resolve() != c.OUT_DIR.resolve():
+        cmd += ["--out", str(out)]
+    if args.quick:
+        cmd.append("--quick")
+    if args.model:
+        cmd += ["--model", str(args.model)]
+    cmd += extra
+    shown = " ".join(shlex.quote(x) for x in [display_python(), f"benchmarks/{name}.py", *cmd[2:]])
+    c.log(f"\n=== {name}: {shown}")
+    t0 = time.perf_counter()
+    log_path = args.out_dir / f"{name}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(c.ROOT))
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stderr.write(line)
+            log.write(line)
+        rc = proc.wait()
+    elapsed = time.perf_counter() - t0
+    if rc != 0:
+        raise SystemExit(f"{name} failed with exit code {rc} (log: {log_path})")
+    return {"name": name, "command": shown, "elapsed_s": elapsed}
+
+
+def display_python() -> str:
+    exe = Path(sys.executable)
+    try:
+        return str(exe.relative_to(c.ROOT))
+    except ValueError:
+        return ".venv/bin/python" if ".venv" in exe.parts else str(exe)
+
+
+# ---- plots ----------------------------------------------------------------------------------
+
+
+def make_plots(data: dict, plots: Path) -> dict[str, Path]:
+    try:
+        import matplotlib
+    except ImportError:
+        c.log("matplotlib is not installed (pip install -e '.[bench]'): no plots")
+        return {}
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots.mkdir(parents=True, exist_ok=True)
+    made = {}
+    if "ttft" in data:
+        d = data["ttft"]["sizes"]
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        x = [s["prompt_tokens"] for s in d]
+        ax.plot(x, [s["rebuilt_client_ttft_ms"] for s in d], "o-", label="rebuilt (re-prefill)")
+        ax.plot(x, [s["resumed_client_ttft_ms"] for s in d], "s-", label="resumed from disk")
+        ax.plot(x, [s["restore_ms"] for s in d], "^:", label="of which: restore (load + verify)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("time to first token (ms)")
+        ax.set_title(f"Time to first token after a restart ({data['ttft'].get('model', {}).get('id', '')})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        made["ttft"] = plots / "ttft_vs_context.png"
+        fig.savefig(made["ttft"], dpi=110)
+        plt.close(fig)
+    if "save_load" in data:
+        d = data["save_load"]["sizes"]
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        x = [s["tokens"] for s in d]
+        ax.plot(x, [s["save_ms_median"] for s in d], "o-", label="save (with fsync)")
+        ax.plot(x, [s["load_ms_median"] for s in d], "s-", label="load (page cache)")
+        if any(s["load_cold_ms_median"] for s in d):
+            ax.plot(x, [s["load_cold_ms_median"] for s in d], "^-", label="load (cold: pages dropped)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("ms")
+        ax.set_title(f"KV cache save and load ({data['save_load'].get('model', '')})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        made["save_load"] = plots / "save_load_vs_context.png"
+        fig.savefig(made["save_load"], dpi=110)
+        plt.close(fig)
+    if "memory" in data:
+        d = data["memory"]["points"]
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        x = [p["agents"] for p in d]
+        ax.plot(x, [p["rss"] / 2**20 for p in d], "o-", label="daemon RSS")
+        ax.plot(x, [p["active_bytes"] / 2**20 for p in d], "s-", label="MLX active memory")
+        ax.plot(x, [p["cache_bytes"] / 2**20 for p in d], "^-", label="KV caches (status cache_bytes)")
+        ax.set_xlabel(f"hot agents (~{data['memory']['context']} tokens each)")
+        ax.set_ylabel("MiB")
+        ax.set_title("Daemon memory by hot agents")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        made["memory"] = plots / "memory_vs_agents.png"
+        fig.savefig(made["memory"], dpi=110)
+        plt.close(fig)
+    return made
+
+
+# ---- the report -----------------------------------------------------------------------------
+
+
+def md_table(header: tuple, rows: list[tuple]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(str(x) for x in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def command_of(d: dict, runs_meta: dict, name: str) -> str:
+    if name in runs_meta:
+        return runs_meta[name]["command"]
+    argv = d.get("argv") or [f"{name}.py"]
+    return " ".join([".venv/bin/python", f"benchmarks/{argv[0]}", *map(shlex.quote, argv[1:])])
+
+
+def rel(path: Path, report: Path) -> str:
+    return os.path.relpath(path, report.parent)
+
+
+def write_report(data: dict, runs_meta: dict, plots: dict, args, total_s: float | None) -> None:
+    report: Path = args.report
+    any_d = next(iter(data.values()))
+    m = any_d.get("machine", {})
+    blas = data.get("ttft", data.get("memory", {})).get("blas") or "-"
+    model = data.get("ttft", {}).get("model") or data.get("memory", {}).get("model") or {}
+    L = ["# Benchmarks", ""]
+    L.append("Generated by `benchmarks/run_all.py` from the JSON the scripts wrote (raw data: "
+             "`benchmarks/out/*.json`, not committed). Each script answers one question and prints the ratio it "
+             "exists for; every number is a median of the runs stated beside it. Regenerate with `make bench` "
+             "(`.venv/bin/python benchmarks/run_all.py`), or re-render from existing JSON with `--report-only`.")
+    L.append("")
+    whole = "`" + " ".join([display_python(), "benchmarks/run_all.py", *args.argv]) + "`"
+    L.append(f"- Produced by: {whole}")
+    L.append(f"- Date: {any_d.get('when', '-')}" + (f"; total runtime {total_s / 60:.1f} min" if total_s else ""))
+    if args.quick:
+        L.append("- **Quick smoke run** (`--quick`): tiny sizes and one run each; not a measurement.")
+    L += ["", "## Machine", ""]
+    ram = m.get("ram_bytes")
+    L.append(md_table(("", ""), [
+        ("CPU", m.get("cpu", "-")),
+        ("cores", f"{m.get('cpus')} ({m.get('cpus_usable')} usable by this process; shared with other users)"),
+        ("RAM", f"{ram / 2**30:.1f} GiB" if ram else "-"),
+        ("OS", m.get("os", "-")),
+        ("Python", m.get("python", "-")),
+        ("mlx / mlx-lm", f"{m.get('mlx')} / {m.get('mlx_lm')}"),
+        ("BLAS in the daemon", f"{blas} (read from the daemon's /proc/PID/maps)"),
+        ("model", f"{model.get('id', '-')}, {model.get('dtype', '-')} KV cache, "
+                  f"{(model.get('bytes') or 0) / 2**20:.0f} MiB of weights in memory" if model else "-"),
+        ("load average at the end", ", ".join(f"{x:.2f}" for x in m.get("load_avg") or []) or "-"),
+    ]))
+    L.append("")
+
+    if "save_load" in data:
+        d = data["save_load"]
+        h = d["headline"]
+        L += ["## 1. Saving and loading a cache", ""]
+        L.append(f"In-process `AgentStore.save` (encode, SHA-256, write `.partial`, fsync, rename, fsync the directory) "
+                 f"and `AgentStore.acquire` of the evicted agent (read, verify the checksum, rebuild the cache), "
+                 f"median of {d['runs']} runs per size. \"Cold\" loads first drop the file's pages with "
+                 f"`posix_fadvise(DONTNEED)`. One agent's conversation grows through the sizes (`AgentStore.warm` "
+                 f"prefills only the new turn); the prefill rate of each step is shown for comparison.")
+        L.append("")
+        L.append(md_table(("tokens", "save ms", "load ms", "load cold ms", "file MiB", "bytes/token", "prefill tok/s"), [
+            (s["tokens"], c.fmt(s["save_ms_median"]), c.fmt(s["load_ms_median"]), c.fmt(s["load_cold_ms_median"]),
+             f"{s['file_bytes'] / 2**20:.2f}", f"{s['bytes_per_token']:,.0f}", c.fmt(s["prefill_tok_s"], 0))
+            for s in d["sizes"]]))
+        L.append("")
+        L.append(f"**Headline:** at {h['tokens']} tokens a load costs {h['load_ms_per_1k']:.1f} ms per 1k tokens "
+                 f"against {c.fmt(h['prefill_ms_per_1k'], 0)} ms per 1k tokens of prefill: "
+                 f"**{c.fmt(h['load_vs_prefill'], 0)}x**; the file holds {h['bytes_per_token']:,.0f} bytes per token "
+                 f"({d['dtype']} keys and values).")
+        L.append("")
+        L.append(f"Command: `{command_of(d, runs_meta, 'save_load')}`")
+        if "save_load" in plots:
+            L += ["", f"![save and load time vs context]({rel(plots['save_load'], report)})"]
+        L.append("")
+
+    if "ttft" in data:
+        d = data["ttft"]
+        L += ["## 2. Time to first token after a restart: resumed from disk vs rebuilt", ""]
+        L.append(f"The real daemon over its socket. Each resumed run restarts the daemon (SIGTERM flush, new process) "
+                 f"and asks each agent a short follow-up: the cache is read from disk. Rebuilt forks the agent "
+                 f"(`Client.fork`: same transcript, no cache file) and asks the same follow-up, so the whole "
+                 f"transcript is prefilled. Client-side time from sending the request to the first text frame "
+                 f"(the detokenizer may hold one token back); `restore` is the daemon's load + verify time. "
+                 f"Median of {d['runs']} resumed runs per size; rebuilt runs: {d['runs']} below "
+                 f"{d['big_from']} tokens, **{d['big_runs']} at {d['big_from']} and above** (each prefills the whole "
+                 f"context, minutes at 8k on this CPU).")
+        L.append("")
+        L.append(md_table(("tokens", "resumed ms", "of which restore ms", "rebuilt ms", "rebuilt / resumed",
+                           "runs (resumed / rebuilt)"), [
+            (int(s["prompt_tokens"]), c.fmt(s["resumed_client_ttft_ms"], 0), c.fmt(s["restore_ms"], 0),
+             c.fmt(s["rebuilt_client_ttft_ms"], 0), f"**{c.fmt(s['ratio'])}x**",
+             f"{s['resumed_runs']} / {s['rebuilt_runs']}") for s in d["sizes"]]))
+        L.append("")
+        big = max(d["sizes"], key=lambda s: s["target"])
+        L.append(f"**Headline:** at {int(big['prompt_tokens'])} tokens the first token comes **{c.fmt(big['ratio'])}x** "
+                 f"sooner resumed ({c.fmt(big['resumed_client_ttft_ms'], 0)} ms) than rebuilt "
+                 f"({c.fmt(big['rebuilt_client_ttft_ms'], 0)} ms).")
+        L.append("")
+        L.append(f"Command: `{command_of(d, runs_meta, 'ttft')}`")
+        if "ttft" in plots:
+            L += ["", f"![time to first token vs context]({rel(plots['ttft'], report)})"]
+        L.append("")
+
+    if "memory" in data:
+        d = data["memory"]
+        h = d["headline"]
+        L += ["## 3. Daemon memory per hot agent", ""]
+        L.append(f"The real daemon; {d['agents']} agents with ~{d['context']}-token contexts. Each of {d['runs']} "
+                 f"runs restarts the daemon and makes agents hot one by one (restored from disk); RSS of the daemon's "
+                 f"pid (psutil) and `status` `memory.cache_bytes` / `memory.active_bytes`, medians over runs.")
+        L.append("")
+        L.append(md_table(("hot agents", "RSS MiB", "cache_bytes MiB", "active_bytes MiB", "tokens hot"), [
+            (p["agents"], f"{p['rss'] / 2**20:.0f}", f"{p['cache_bytes'] / 2**20:.1f}",
+             f"{p['active_bytes'] / 2**20:.0f}", int(p["tokens"])) for p in d["points"]]))
+        L.append("")
+        L.append(f"**Headline:** each hot agent of ~{int(h['tokens_per_agent'])} tokens adds "
+                 f"**{h['rss_per_agent'] / 2**20:.1f} MiB** of RSS for {h['cache_per_agent'] / 2**20:.1f} MiB of KV "
+                 f"cache (RSS / cache {c.fmt(h['rss_over_cache'], 2)}x); the daemon with no agent hot: "
+                 f"{h['baseline_rss'] / 2**20:.0f} MiB.")
+        L.append("")
+        L.append(f"Command: `{command_of(d, runs_meta, 'memory')}`")
+        if "memory" in plots:
+            L += ["", f"![memory vs hot agents]({rel(plots['memory'], report)})"]
+        L.append("")
+
+    if "socket_overhead" in data:
+        d = data["socket_overhead"]
+        h = d["headline"]
+        a = d["agentd"]
+        L += ["## 4. Decode speed through agentd vs mlx-lm in-process", ""]
+        L.append(f"Same model folder, prompt ({d['agentd']['runs'][0]['prompt_tokens']} tokens) and max_tokens "
+                 f"({d['max_tokens']}), greedy; median of {d['runs']} runs after a warm-up. agentd: `Client.chat` over "
+                 f"the socket, tokens/s from the first text frame to the result (the daemon's own "
+                 f"`decode_tokens_per_s` beside it). mlx-lm: `stream_generate` in one process started with the same "
+                 f"OpenBLAS preload, once with the weights as loaded and once after "
+                 f"`agentd.device.prepare_for_device` (dequantized float32, as agentd's CPU path). The headline "
+                 f"compares against the variant whose weights take the same memory as the daemon's "
+                 f"(**{d['matching_variant']}**).")
+        L.append("")
+        rows = [("agentd over the socket", c.fmt(a["decode_tok_s"]), c.fmt(a["daemon_decode_tok_s"]),
+                 c.fmt(a["wall_s"], 2), f"{d['model']['bytes'] / 2**20:.0f}", "")]
+        for k, v in d["mlx_lm"].items():
+            rows.append((f"mlx-lm `stream_generate`, {k}", c.fmt(v["decode_tok_s"]), "", c.fmt(v["wall_s"], 2),
+                         f"{v['info']['weights_bytes'] / 2**20:.0f}",
+                         f"{a['decode_tok_s'] / v['decode_tok_s']:.2f}x" if v["decode_tok_s"] else "-"))
+        L.append(md_table(("", "decode tok/s", "daemon-measured tok/s", "wall s", "weights MiB", "agentd / this"), rows))
+        L.append("")
+        L.append(f"**Headline:** through the socket agentd decodes at **{c.fmt(h['ratio'], 2)}x** the speed of mlx-lm "
+                 f"in-process with the same weights ({c.fmt(h['agentd_tok_s'])} vs {c.fmt(h['mlx_lm_tok_s'])} tok/s).")
+        L.append("")
+        L.append(f"Command: `{command_of(d, runs_meta, 'socket_overhead')}`")
+        L.append("")
+
+    if "vs_mlx_server" in data:
+        d = data["vs_mlx_server"]
+        L += ["## 5. agentd vs `mlx_lm.server`, before and after a restart", ""]
+        L.append(f"Same model and a ~{d['context']}-token system prompt, both servers as subprocesses on 127.0.0.1 "
+                 f"(mlx_lm.server: `python -m mlx_lm.server --model DIR --host 127.0.0.1 --port P`, streaming "
+                 f"`/v1/chat/completions` with the whole conversation each time; its in-memory `LRUPromptCache` "
+                 f"reuses the longest cached prefix). Client-side time to first text. Follow-ups: {d['runs']} in the "
+                 f"same process; after a restart: {d['restart_runs']} runs for agentd, {d['mlx_restart_runs']} for "
+                 f"mlx_lm.server on the folder's weights. mlx_lm.server ran with LD_PRELOAD="
+                 f"`{d.get('mlx_server_ld_preload') or '-'}`. If the folder is quantized, mlx_lm.server also ran on a "
+                 f"float32 copy (`mlx_lm convert -d`), so the restart comparison is about caching, not kernels.")
+        L.append("")
+        rows = []
+        for k, s in d["summary"].items():
+            r = d["ratios"].get(k)
+            label = k if k != "mlx_lm.server" else f"mlx_lm.server ({d['results'][k]['label']})"
+            rows.append((label, c.fmt(s["first_ms"], 0), c.fmt(s["same_process_ms"], 0), c.fmt(s["after_restart_ms"], 0),
+                         c.fmt(s["restart_s"], 1), f"{r['same_process']:.2f}x / {r['after_restart']:.1f}x" if r else ""))
+        L.append(md_table(("", "first request ms", "follow-up, same process ms", "follow-up after restart ms",
+                           "restart s", "vs agentd (same / restart)"), rows))
+        L.append("")
+        a = d["summary"]["agentd"]
+        b = d["best_mlx"]
+        L.append(f"**Headline:** after a restart agentd answers a follow-up in {a['after_restart_ms']:.0f} ms, "
+                 f"**{d['ratios'][b]['after_restart']:.1f}x** sooner than {b} "
+                 f"({d['summary'][b]['after_restart_ms']:.0f} ms, which prefills the conversation again); in the same "
+                 f"process {a['same_process_ms']:.0f} vs {d['summary'][b]['same_process_ms']:.0f} ms "
+                 f"({d['ratios'][b]['same_process']:.2f}x).")
+        L.append("")
+        L.append(f"Command: `{command_of(d, runs_meta, 'vs_mlx_server')}`")
+        L.append("")
+
+    if args.notes:
+        L += ["## Notes on this run", ""] + [f"- {n}" for n in args.notes] + [""]
+    report.write_text("\n".join(L))
+    c.log(f"wrote {report}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one run each")
+    ap.add_argument("--model", type=Path, help="an mlx-lm model folder [default: the default model]")
+    ap.add_argument("--only", help=f"comma-separated subset of {','.join(SCRIPTS)}")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=ARGS",
+                    help="replace a script's full-run arguments, e.g. 'ttft=--runs 2'")
+    ap.add_argument("--note", dest="notes", action="append", default=[], help="a line for the report's notes")
+    ap.add_argument("--report-only", action="store_true", help="plots and report from existing JSON")
+    ap.add_argument("--out-dir", type=Path, default=c.OUT_DIR)
+    ap.add_argument("--plots", type=Path, default=c.ROOT / "benchmarks" / "plots")
+    ap.add_argument("--report", type=Path, default=c.ROOT / "BENCHMARKS.md")
+    args = ap.parse_args()
+    args.argv = sys.argv[1:]
+    names = args.only.split(",") if args.only else SCRIPTS
+    extra = {n: ([] if args.quick else list(FULL_ARGS[n])) for n in SCRIPTS}
+    for s in args.set:
+        n, _, a = s.partition("=")
+        extra[n] = shlex.split(a)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    meta_path = args.out_dir / "run_all.json"
+    runs_meta = json.loads(meta_path.read_text()).get("scripts", {}) if meta_path.exists() else {}
+    total = json.loads(meta_path.read_text()).get("total_s") if args.report_only and meta_path.exists() else None
+    if not args.report_only:
+        for n in names:
+            runs_meta[n] = run_script(n, args, extra[n])
+        total = time.perf_counter() - t0
+        meta_path.write_text(json.dumps({"scripts": runs_meta, "total_s": total, "argv": args.argv}, indent=1))
+    data = {}
+    for n in SCRIPTS:
+        p = args.out_dir / f"{n}.json"
+        if p.exists():
+            data[n] = json.loads(p.read_text())
+    if not data:
+        raise SystemExit(f"no results in {args.out_dir}")
+    plots = make_plots(data, args.plots)
+    write_report(data, runs_meta, plots, args, total)
+    c.log(f"done in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
