@@ -315,3 +315,19 @@ def process_blas(pid: int) -> str:
     if any("mlx_cpu.libs/libblas" in lib for lib in libs):
         return "reference"
     return "accelerate" if sys.platform == "darwin" else "unknown"
+
+
+def build_agents(data_home: Path, model: Path, spec: list[dict]) -> dict:
+    """Create and prefill agents in a daemon's home (`--home` DIR) before it starts; see _build.py."""
+    data_home.mkdir(parents=True, exist_ok=True)
+    spec_path = data_home.parent / "build-spec.json"
+    spec_path.write_text(json.dumps(spec))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("_build.py")), str(data_home), str(model),
+                           str(spec_path)], stdout=subprocess.PIPE, env=daemon_env(), text=True, cwd=str(ROOT))
+    if proc.returncode != 0:
+        raise SystemExit(f"building the agents failed ({proc.returncode})")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["build_s"] = time.perf_counter() - t0
+    log(f"built {len(spec)} agent(s) in {out['build_s']:.0f} s (speed-up: {out['speed_up']})")
+    return out

@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/memory.py [--quick] [--model DIR] [--context 1024] [--runs N]
 
-Through the real daemon: ten agents each get a system prompt of about `--context` tokens
-and one turn (prefilled once, then flushed). Each run restarts the daemon and makes the
+Through the real daemon: ten agents each get a system prompt of about `--context` tokens,
+prefilled and saved before the daemon starts (benchmarks/_build.py, untimed). Each run
+(re)starts the daemon and makes the
 agents hot one by one with a short follow-up (their caches come from disk), reading after
 1, 3 and 10 agents: the daemon's RSS (psutil, the daemon's pid) and, from `status`,
 `memory.cache_bytes` (what agentd counts for the hot caches) and `memory.active_bytes`
@@ -62,17 +63,16 @@ def main() -> None:
     names = [f"a{i}" for i in range(AGENTS)]
     samples: list[dict] = []
     try:
-        daemon.start()
-        with daemon.client() as cl:
-            info = {"model": cl.status()["model"], "blas": c.process_blas(daemon.pid)}
-            for i, name in enumerate(names):
-                # Different prompts: no two caches could share anything even if agentd tried.
-                cl.create(name, system=c.Tok.text_of_length(tok, context - c.TEMPLATE_SLACK, seed_sentences=i))
-                c.timed_chat(cl, name, "Acknowledge briefly.", 4)
-                c.log(f"built {name}")
+        # Different prompts: no two caches could share anything even if agentd tried.
+        built = c.build_agents(home / "data", model, [
+            {"name": name, "system": tok.text_of_length(context - c.TEMPLATE_SLACK, seed_sentences=i)}
+            for i, name in enumerate(names)])
+        info: dict = {"build": built}
         for run in range(runs):
-            daemon.restart()
+            daemon.restart() if run else daemon.start()
             with daemon.client() as cl:
+                if not run:
+                    info.update(model=cl.status()["model"], blas=c.process_blas(daemon.pid))
                 s = {"run": run, "0": sample(daemon, cl)}
                 for i, name in enumerate(names, start=1):
                     r = c.timed_chat(cl, name, "One word: status?", 4)

@@ -202,7 +202,8 @@ def write_report(data: dict, runs_meta: dict, plots: dict, args, total_s: float 
                  f"and `AgentStore.acquire` of the evicted agent (read, verify the checksum, rebuild the cache), "
                  f"median of {d['runs']} runs per size. \"Cold\" loads first drop the file's pages with "
                  f"`posix_fadvise(DONTNEED)`. One agent's conversation grows through the sizes (`AgentStore.warm` "
-                 f"prefills only the new turn); the prefill rate of each step is shown for comparison.")
+                 f"prefills only the new turn); the prefill rate of each step is shown for comparison "
+                 f"(model preparation in this process: {d.get('prefill_path', '-')}).")
         L.append("")
         L.append(md_table(("tokens", "save ms", "load ms", "load cold ms", "file MiB", "bytes/token", "prefill tok/s"), [
             (s["tokens"], c.fmt(s["save_ms_median"]), c.fmt(s["load_ms_median"]), c.fmt(s["load_cold_ms_median"]),
@@ -222,7 +223,8 @@ def write_report(data: dict, runs_meta: dict, plots: dict, args, total_s: float 
     if "ttft" in data:
         d = data["ttft"]
         L += ["## 2. Time to first token after a restart: resumed from disk vs rebuilt", ""]
-        L.append(f"The real daemon over its socket. Each resumed run restarts the daemon (SIGTERM flush, new process) "
+        L.append(f"The real daemon over its socket; one agent per size, its system prompt prefilled and saved "
+                 f"before the daemon starts (`benchmarks/_build.py`, untimed). Each resumed run restarts the daemon (SIGTERM flush, new process) "
                  f"and asks each agent a short follow-up: the cache is read from disk. Rebuilt forks the agent "
                  f"(`Client.fork`: same transcript, no cache file) and asks the same follow-up, so the whole "
                  f"transcript is prefilled. Client-side time from sending the request to the first text frame "
@@ -251,7 +253,8 @@ def write_report(data: dict, runs_meta: dict, plots: dict, args, total_s: float 
         d = data["memory"]
         h = d["headline"]
         L += ["## 3. Daemon memory per hot agent", ""]
-        L.append(f"The real daemon; {d['agents']} agents with ~{d['context']}-token contexts. Each of {d['runs']} "
+        L.append(f"The real daemon; {d['agents']} agents with ~{d['context']}-token contexts (prefilled and saved before "
+                 f"the daemon starts, `benchmarks/_build.py`). Each of {d['runs']} "
                  f"runs restarts the daemon and makes agents hot one by one (restored from disk); RSS of the daemon's "
                  f"pid (psutil) and `status` `memory.cache_bytes` / `memory.active_bytes`, medians over runs.")
         L.append("")

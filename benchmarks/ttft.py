@@ -5,15 +5,16 @@ agent's cache is restored from disk than when it is rebuilt by prefilling its tr
                                         [--big-from TOKENS] [--big-runs N]
 
 Through the real daemon over its socket: `python -m agentd` runs as a subprocess on a temp
-home. One agent per size gets a system prompt of that many tokens and a first turn; then,
-for each run, the daemon is restarted (SIGTERM flushes, a new process starts) and every
-agent is asked a short follow-up: its cache comes from disk ("resumed"). "Rebuilt" forks
-the agent right after its first turn (`Client.fork`: same system prompt and conversation,
-no cache file) and asks it the first run's follow-up, so the whole transcript is prefilled. Time to first token is measured at
-the client (request sent -> first text frame; the detokenizer may hold one token back) and
-by the daemon (`ttft_ms`: restore + prefill + first token). Large sizes take fewer rebuilt
-runs (`--big-runs`), since each one prefills the whole context. Prints the ratio per size;
-writes benchmarks/out/ttft.json.
+home. One agent per size gets a system prompt and a first turn of about that many tokens,
+prefilled and saved before the daemon starts (benchmarks/_build.py, untimed); then, for
+each run, the daemon is (re)started (SIGTERM flushes, a new process starts) and every agent
+is asked a short follow-up: its cache comes from disk ("resumed"). "Rebuilt" forks the
+agent before any follow-up (`Client.fork`: same system prompt and conversation, no cache
+file) and asks it the first run's follow-up, so the whole transcript is prefilled. Time to
+first token is measured at the client (request sent -> first text frame; the detokenizer
+may hold one token back) and by the daemon (`ttft_ms`: restore + prefill + first token).
+Large sizes take fewer rebuilt runs (`--big-runs`), since each one prefills the whole
+context. Prints the ratio per size; writes benchmarks/out/ttft.json.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
 
 NAME = "ttft"
+# A transcript, not only a system prompt: a fork of it is "rebuilt" (a fork of a bare system
+# prompt would be reported as "new", though it costs the same).
+FIRST_TURN = ["Here is the incident log. Acknowledge briefly.", "Acknowledged: I have read the whole log."]
 FOLLOW_UPS = [
     "In one sentence: what should we check first?",
     "Which team owns the fix?",
@@ -59,31 +63,27 @@ def main() -> None:
     home = c.short_tmp("adb-tt-")
     daemon = c.Daemon(home, model, "--max-hot", "64", "--cache-budget", "64GB", "--min-available", "1MB",
                       "--flush-interval", "3600")
-    per: dict[int, dict] = {n: {"target": n, "first": None, "resumed": [], "rebuilt": []} for n in sizes}
+    per: dict[int, dict] = {n: {"target": n, "resumed": [], "rebuilt": []} for n in sizes}
     info: dict = {}
+    rebuilt_runs = {n: big_runs if n >= args.big_from else runs for n in sizes}
     try:
-        daemon.start()
-        c.log(f"agentd pid {daemon.pid} started in {daemon.start_s:.1f} s, BLAS {c.process_blas(daemon.pid)}")
-        with daemon.client() as cl:
-            st = cl.status()
-            info = {"model": st["model"], "daemon_version": st["daemon_version"], "blas": c.process_blas(daemon.pid),
-                    "device": st.get("device")}
-            for n in sizes:
-                name = f"s{n}"
-                cl.create(name, role="incident analyst", system=c.system_prompt(tok, n))
-                r = c.timed_chat(cl, name, "Here is the incident log. Acknowledge briefly.", args.max_tokens)
-                per[n]["first"] = r
-                c.log(f"{n}: built, {r['prompt_tokens']} prompt tokens prefilled in {r['ttft_ms'] / 1000:.1f} s")
-                # Forked now, so a rebuilt run sees the transcript the first resumed run sees.
-                for run in range(big_runs if n >= args.big_from else runs):
-                    cl.fork(name, f"f{n}-{run}")
-            cl.save()
-
+        built = c.build_agents(home / "data", model, [
+            {"name": f"s{n}", "role": "incident analyst", "system": c.system_prompt(tok, n - 24), "turns": [FIRST_TURN]}
+            for n in sizes])
         for run in range(runs):
             t0 = time.perf_counter()
-            daemon.restart()
+            daemon.restart() if run else daemon.start()
             restart_s = time.perf_counter() - t0
             with daemon.client() as cl:
+                if not run:
+                    st = cl.status()
+                    info = {"model": st["model"], "daemon_version": st["daemon_version"],
+                            "blas": c.process_blas(daemon.pid), "device": st.get("device"), "build": built}
+                    c.log(f"agentd pid {daemon.pid} started in {daemon.start_s:.1f} s, BLAS {info['blas']}")
+                    # Forked before any follow-up: a rebuilt run sees the transcript the first resumed run sees.
+                    for n in sizes:
+                        for k in range(rebuilt_runs[n]):
+                            cl.fork(f"s{n}", f"f{n}-{k}")
                 for n in sizes:
                     r = c.timed_chat(cl, f"s{n}", FOLLOW_UPS[run % len(FOLLOW_UPS)], args.max_tokens)
                     if r["cache_source"] != "disk":
@@ -96,14 +96,13 @@ def main() -> None:
 
         with daemon.client() as cl:
             for n in sizes:
-                k = big_runs if n >= args.big_from else runs
-                for run in range(k):
-                    fork = f"f{n}-{run}"
+                for k in range(rebuilt_runs[n]):
+                    fork = f"f{n}-{k}"
                     r = c.timed_chat(cl, fork, FOLLOW_UPS[0], args.max_tokens)
                     if r["cache_source"] != "rebuilt":
                         raise SystemExit(f"rebuilt run at {n}: cache came from {r['cache_source']}")
                     per[n]["rebuilt"].append(r)
-                    c.log(f"{n}: rebuilt run {run + 1}/{k}: {r['client_ttft_ms']:.0f} ms "
+                    c.log(f"{n}: rebuilt run {k + 1}/{rebuilt_runs[n]}: {r['client_ttft_ms']:.0f} ms "
                           f"({r['prefilled_tokens']} tokens prefilled)")
                     cl.delete(fork)
     finally:
@@ -128,7 +127,7 @@ def main() -> None:
             "resumed_daemon_ttft_ms": res_d, "rebuilt_daemon_ttft_ms": reb_d,
             "restore_ms": restore, "ratio": ratio,
             "resumed_runs": len(d["resumed"]), "rebuilt_runs": len(d["rebuilt"]),
-            "runs": {"first": d["first"], "resumed": d["resumed"], "rebuilt": d["rebuilt"]},
+            "runs": {"resumed": d["resumed"], "rebuilt": d["rebuilt"]},
         })
         rows.append((int(tokens), c.fmt(res_c, 0), c.fmt(restore, 0), c.fmt(reb_c, 0),
                      f"{c.fmt(ratio)}x", f"{len(d['resumed'])}/{len(d['rebuilt'])}"))
@@ -143,7 +142,7 @@ def main() -> None:
               f"({best['rebuilt_client_ttft_ms']:.0f} ms)  ({time.perf_counter() - t_start:.0f} s)")
     c.write_json(args.out, {
         **info,
-        "runs": runs, "big_from": args.big_from, "big_runs": big_runs, "max_tokens": args.max_tokens,
+        "runs": runs, "rebuilt_runs": rebuilt_runs, "big_from": args.big_from, "big_runs": big_runs, "max_tokens": args.max_tokens,
         "sizes": sizes_out,
         "machine": c.machine_info(),
         "daemon_log_tail": log_tail,
