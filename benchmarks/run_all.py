@@ -63,6 +63,19 @@ def run_script(name: str, args, extra: list[str]) -> dict:
     return {"name": name, "command": shown, "elapsed_s": elapsed}
 
 
+def code_state() -> str:
+    """The commit measured, and whether the daemon's sources differed from it (a shared tree)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=str(c.ROOT)).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "daemon", "client"], capture_output=True,
+                               text=True, cwd=str(c.ROOT)).stdout.split()
+    except OSError:
+        return "unknown"
+    changed = [x for x in dirty if x.endswith(".py")]
+    return head + (f" + uncommitted changes to {', '.join(changed)}" if changed else "")
+
+
 def display_python() -> str:
     exe = Path(sys.executable)
     try:
@@ -176,6 +189,9 @@ def write_report(data: dict, runs_meta: dict, plots: dict, args, total_s: float 
     whole = "`" + " ".join([display_python(), "benchmarks/run_all.py", *args.argv]) + "`"
     L.append(f"- Produced by: {whole}")
     L.append(f"- Date: {any_d.get('when', '-')}" + (f"; total runtime {total_s / 60:.1f} min" if total_s else ""))
+    if getattr(args, "code", None):
+        same = args.code.get("end", args.code["start"]) == args.code["start"]
+        L.append(f"- Code measured: {args.code['start']}" + ("" if same else f" (at the end: {args.code['end']})"))
     if args.quick:
         L.append("- **Quick smoke run** (`--quick`): tiny sizes and one run each; not a measurement.")
     L += ["", "## Machine", ""]
@@ -363,11 +379,17 @@ def main() -> None:
     meta_path = args.out_dir / "run_all.json"
     runs_meta = json.loads(meta_path.read_text()).get("scripts", {}) if meta_path.exists() else {}
     total = json.loads(meta_path.read_text()).get("total_s") if args.report_only and meta_path.exists() else None
+    code = {"start": code_state()}
     if not args.report_only:
         for n in names:
             runs_meta[n] = run_script(n, args, extra[n])
         total = time.perf_counter() - t0
-        meta_path.write_text(json.dumps({"scripts": runs_meta, "total_s": total, "argv": args.argv}, indent=1))
+        code["end"] = code_state()
+        meta_path.write_text(json.dumps({"scripts": runs_meta, "total_s": total, "argv": args.argv, "code": code},
+                                        indent=1))
+    elif meta_path.exists():
+        code = json.loads(meta_path.read_text()).get("code", code)
+    args.code = code
     data = {}
     for n in SCRIPTS:
         p = args.out_dir / f"{n}.json"
