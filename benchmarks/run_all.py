@@ -76,6 +76,16 @@ def code_state() -> str:
     return head + (f" + uncommitted changes to {', '.join(changed)}" if changed else "")
 
 
+def changed_between(a: str, b: str) -> str:
+    a, b = a.split()[0], b.split()[0]
+    try:
+        out = subprocess.run(["git", "diff", "--name-only", a, b, "--", "daemon", "client"], capture_output=True,
+                             text=True, cwd=str(c.ROOT)).stdout.split()
+    except OSError:
+        return "unknown"
+    return ", ".join(out)
+
+
 def display_python() -> str:
     exe = Path(sys.executable)
     try:
@@ -186,12 +196,20 @@ def write_report(data: dict, runs_meta: dict, plots: dict, args, total_s: float 
              "exists for; every number is a median of the runs stated beside it. Regenerate with `make bench` "
              "(`.venv/bin/python benchmarks/run_all.py`), or re-render from existing JSON with `--report-only`.")
     L.append("")
-    whole = "`" + " ".join([display_python(), "benchmarks/run_all.py", *args.argv]) + "`"
+    shown, skip = [], False
+    for a in args.argv:  # the notes are printed below, not in the command
+        if skip or a == "--note":
+            skip = a == "--note"
+            continue
+        shown.append(a)
+    whole = "`" + " ".join([display_python(), "benchmarks/run_all.py", *map(shlex.quote, shown)]) + "`"
     L.append(f"- Produced by: {whole}")
     L.append(f"- Date: {any_d.get('when', '-')}" + (f"; total runtime {total_s / 60:.1f} min" if total_s else ""))
     if getattr(args, "code", None):
         same = args.code.get("end", args.code["start"]) == args.code["start"]
-        L.append(f"- Code measured: {args.code['start']}" + ("" if same else f" (at the end: {args.code['end']})"))
+        L.append(f"- Code measured: {args.code['start']}" + ("" if same else (
+            f" (others committed during the run; at the end: {args.code['end']}, daemon/client files changed: "
+            f"{changed_between(args.code['start'], args.code['end']) or 'none'})")))
     if args.quick:
         L.append("- **Quick smoke run** (`--quick`): tiny sizes and one run each; not a measurement.")
     L += ["", "## Machine", ""]
@@ -212,7 +230,6 @@ def write_report(data: dict, runs_meta: dict, plots: dict, args, total_s: float 
 
     if "save_load" in data:
         d = data["save_load"]
-        h = d["headline"]
         L += ["## 1. Saving and loading a cache", ""]
         L.append(f"In-process `AgentStore.save` (encode, SHA-256, write `.partial`, fsync, rename, fsync the directory) "
                  f"and `AgentStore.acquire` of the evicted agent (read, verify the checksum, rebuild the cache), "
@@ -226,10 +243,13 @@ def write_report(data: dict, runs_meta: dict, plots: dict, args, total_s: float 
              f"{s['file_bytes'] / 2**20:.2f}", f"{s['bytes_per_token']:,.0f}", c.fmt(s["prefill_tok_s"], 0))
             for s in d["sizes"]]))
         L.append("")
-        L.append(f"**Headline:** at {h['tokens']} tokens a load costs {h['load_ms_per_1k']:.1f} ms per 1k tokens "
-                 f"against {c.fmt(h['prefill_ms_per_1k'], 0)} ms per 1k tokens of prefill: "
-                 f"**{c.fmt(h['load_vs_prefill'], 0)}x**; the file holds {h['bytes_per_token']:,.0f} bytes per token "
-                 f"({d['dtype']} keys and values).")
+        last = d["sizes"][-1]
+        prefill_all = sum(s["prefill_s"] for s in d["sizes"])
+        L.append(f"**Headline:** at {last['tokens']} tokens loading takes {last['load_ms_median']:.0f} ms "
+                 f"({c.fmt(last['load_cold_ms_median'], 0)} ms cold) against {prefill_all:.1f} s to prefill the same "
+                 f"tokens in this process (the growth steps' sum): **{prefill_all * 1000 / last['load_ms_median']:,.0f}x**; "
+                 f"saving takes {last['save_ms_median']:.0f} ms, and the file holds "
+                 f"{last['bytes_per_token']:,.0f} bytes per token ({d['dtype']} keys and values).")
         L.append("")
         L.append(f"Command: `{command_of(d, runs_meta, 'save_load')}`")
         if "save_load" in plots:
@@ -239,17 +259,18 @@ def write_report(data: dict, runs_meta: dict, plots: dict, args, total_s: float 
     if "ttft" in data:
         d = data["ttft"]
         L += ["## 2. Time to first token after a restart: resumed from disk vs rebuilt", ""]
-        L.append(f"The real daemon over its socket; one agent per size, its system prompt prefilled and saved "
+        L.append(f"The real daemon over its socket; one agent per size, its system prompt and a first turn prefilled and saved "
                  f"before the daemon starts (`benchmarks/_build.py`, untimed). Each resumed run restarts the daemon (SIGTERM flush, new process) "
                  f"and asks each agent a short follow-up: the cache is read from disk. Rebuilt forks the agent "
                  f"(`Client.fork`: same transcript, no cache file) and asks the same follow-up, so the whole "
-                 f"transcript is prefilled. Client-side time from sending the request to the first text frame "
+                 f"transcript is prefilled (the first resumed run's prompt; later runs add a turn each, hence the median "
+                 f"prompt shown is a turn longer). Client-side time from sending the request to the first text frame "
                  f"(the detokenizer may hold one token back); `restore` is the daemon's load + verify time. "
                  f"Median of {d['runs']} resumed runs per size; rebuilt runs: {d['runs']} below "
                  f"{d['big_from']} tokens, **{d['big_runs']} at {d['big_from']} and above** (each prefills the whole "
                  f"context, minutes at 8k on this CPU).")
         L.append("")
-        L.append(md_table(("tokens", "resumed ms", "of which restore ms", "rebuilt ms", "rebuilt / resumed",
+        L.append(md_table(("prompt tokens", "resumed ms", "of which restore ms", "rebuilt ms", "rebuilt / resumed",
                            "runs (resumed / rebuilt)"), [
             (int(s["prompt_tokens"]), c.fmt(s["resumed_client_ttft_ms"], 0), c.fmt(s["restore_ms"], 0),
              c.fmt(s["rebuilt_client_ttft_ms"], 0), f"**{c.fmt(s['ratio'])}x**",
@@ -338,12 +359,20 @@ def write_report(data: dict, runs_meta: dict, plots: dict, args, total_s: float 
                            "restart s", "vs agentd (same / restart)"), rows))
         L.append("")
         a = d["summary"]["agentd"]
-        b = d["best_mlx"]
-        L.append(f"**Headline:** after a restart agentd answers a follow-up in {a['after_restart_ms']:.0f} ms, "
-                 f"**{d['ratios'][b]['after_restart']:.1f}x** sooner than {b} "
-                 f"({d['summary'][b]['after_restart_ms']:.0f} ms, which prefills the conversation again); in the same "
-                 f"process {a['same_process_ms']:.0f} vs {d['summary'][b]['same_process_ms']:.0f} ms "
-                 f"({d['ratios'][b]['same_process']:.2f}x).")
+        # Which mlx_lm.server ran the weights agentd's engine ran (socket_overhead measured that).
+        same = "mlx_lm.server"
+        if data.get("socket_overhead", {}).get("matching_variant") == "prepare_for_device" \
+                and "mlx_lm.server float32" in d["ratios"]:
+            same = "mlx_lm.server float32"
+        parts = []
+        for k in d["ratios"]:
+            r, s_ = d["ratios"][k], d["summary"][k]
+            tag = "the same weights as agentd" if k == same else "other weights"
+            parts.append(f"against {k} ({tag}): **{r['after_restart']:.1f}x** sooner after a restart "
+                         f"({s_['after_restart_ms']:,.0f} ms, a full prefill), {r['same_process']:.2f}x in the same "
+                         f"process ({s_['same_process_ms']:,.0f} ms)")
+        L.append(f"**Headline:** agentd answers a follow-up after a restart in {a['after_restart_ms']:,.0f} ms "
+                 f"(same process: {a['same_process_ms']:,.0f} ms); " + "; ".join(parts) + ". Ratios above 1 favour agentd.")
         L.append("")
         L.append(f"Command: `{command_of(d, runs_meta, 'vs_mlx_server')}`")
         L.append("")
@@ -385,10 +414,15 @@ def main() -> None:
             runs_meta[n] = run_script(n, args, extra[n])
         total = time.perf_counter() - t0
         code["end"] = code_state()
-        meta_path.write_text(json.dumps({"scripts": runs_meta, "total_s": total, "argv": args.argv, "code": code},
-                                        indent=1))
+        meta_path.write_text(json.dumps({"scripts": runs_meta, "total_s": total, "argv": args.argv, "code": code,
+                                         "notes": args.notes}, indent=1))
     elif meta_path.exists():
-        code = json.loads(meta_path.read_text()).get("code", code)
+        # The report describes the run that measured, not this re-rendering.
+        meta = json.loads(meta_path.read_text())
+        code = meta.get("code", code)
+        args.argv = meta.get("argv", args.argv)
+        args.notes = args.notes or meta.get("notes", [])
+        args.quick = "--quick" in args.argv
     args.code = code
     data = {}
     for n in SCRIPTS:
