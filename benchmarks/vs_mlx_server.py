@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import subprocess
 import sys
 import time
@@ -263,7 +262,7 @@ def main() -> None:
                      c.fmt(s["restart_s"], 1), c.fmt(s["prompt_tokens"], 0)))
     print()
     print(c.table(rows, ("", "first request ms", "follow-up ms", "after restart ms", "restart s", "tokens")))
-    a, m = summary["agentd"], summary["mlx_lm.server"]
+    a = summary["agentd"]
     ratios = {k: {"same_process": v["same_process_ms"] / a["same_process_ms"],
                   "after_restart": v["after_restart_ms"] / a["after_restart_ms"]}
               for k, v in summary.items() if k != "agentd"}
