@@ -26,7 +26,8 @@ import _common as c  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ["save_load", "ttft", "memory", "socket_overhead", "vs_mlx_server"]
-# The full run's settings: sized for a 2-core machine shared with others (~25 minutes).
+# The full run's settings, sized for the CPU fast path on a 2-core machine shared with others;
+# ttft.py skips rebuilds that would take over --max-rebuild-s (10 min) each.
 FULL_ARGS = {
     "save_load": ["--runs", "5"],
     "ttft": ["--runs", "3", "--big-from", "4096", "--big-runs", "1"],
@@ -112,7 +113,8 @@ def make_plots(data: dict, plots: Path) -> dict[str, Path]:
         d = data["ttft"]["sizes"]
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         x = [s["prompt_tokens"] for s in d]
-        ax.plot(x, [s["rebuilt_client_ttft_ms"] for s in d], "o-", label="rebuilt (re-prefill)")
+        nan = float("nan")
+        ax.plot(x, [s["rebuilt_client_ttft_ms"] or nan for s in d], "o-", label="rebuilt (re-prefill)")
         ax.plot(x, [s["resumed_client_ttft_ms"] for s in d], "s-", label="resumed from disk")
         ax.plot(x, [s["restore_ms"] for s in d], "^:", label="of which: restore (load + verify)")
         ax.set_xscale("log", base=2)
@@ -273,10 +275,16 @@ def write_report(data: dict, runs_meta: dict, plots: dict, args, total_s: float 
         L.append(md_table(("prompt tokens", "resumed ms", "of which restore ms", "rebuilt ms", "rebuilt / resumed",
                            "runs (resumed / rebuilt)"), [
             (int(s["prompt_tokens"]), c.fmt(s["resumed_client_ttft_ms"], 0), c.fmt(s["restore_ms"], 0),
-             c.fmt(s["rebuilt_client_ttft_ms"], 0), f"**{c.fmt(s['ratio'])}x**",
+             c.fmt(s["rebuilt_client_ttft_ms"], 0), f"**{c.fmt(s['ratio'])}x**" if s["ratio"] else "not run",
              f"{s['resumed_runs']} / {s['rebuilt_runs']}") for s in d["sizes"]]))
         L.append("")
-        big = max(d["sizes"], key=lambda s: s["target"])
+        for n, est in (d.get("rebuilt_skipped_estimated_s") or {}).items():
+            est = float(est)
+            took = f"{est / 60:.0f} min" if est >= 120 else f"{est:.1f} s"
+            L.append(f"Rebuilt runs at {n} tokens were skipped: at the rate of the last rebuild one would take over "
+                     f"{took} (`--max-rebuild-s {d['max_rebuild_s']:g}`).")
+            L.append("")
+        big = max((s for s in d["sizes"] if s["ratio"]), key=lambda s: s["target"])
         L.append(f"**Headline:** at {int(big['prompt_tokens'])} tokens the first token comes **{c.fmt(big['ratio'])}x** "
                  f"sooner resumed ({c.fmt(big['resumed_client_ttft_ms'], 0)} ms) than rebuilt "
                  f"({c.fmt(big['rebuilt_client_ttft_ms'], 0)} ms).")

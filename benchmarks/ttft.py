@@ -14,7 +14,9 @@ file) and asks it the first run's follow-up, so the whole transcript is prefille
 first token is measured at the client (request sent -> first text frame; the detokenizer
 may hold one token back) and by the daemon (`ttft_ms`: restore + prefill + first token).
 Large sizes take fewer rebuilt runs (`--big-runs`), since each one prefills the whole
-context. Prints the ratio per size; writes benchmarks/out/ttft.json.
+context, and a size whose rebuild would exceed `--max-rebuild-s` (judged from the rate of
+the last rebuild) is skipped and said so. Prints the ratio per size; writes
+benchmarks/out/ttft.json.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="restarts (resumed runs) and rebuilt runs per size")
     ap.add_argument("--big-from", type=int, default=4096, help="sizes from here take --big-runs rebuilt runs")
     ap.add_argument("--big-runs", type=int, default=1, help="rebuilt runs at large sizes (each prefills it all)")
+    ap.add_argument("--max-rebuild-s", type=float, default=600.0,
+                    help="skip rebuilt runs at a size whose rebuild would take longer, judged by the last one's rate")
     ap.add_argument("--max-tokens", type=int, default=8, help="tokens generated per follow-up")
     ap.add_argument("--out", type=Path, default=c.OUT_DIR / f"{NAME}.json")
     args = ap.parse_args()
@@ -65,6 +69,7 @@ def main() -> None:
                       "--flush-interval", "3600")
     per: dict[int, dict] = {n: {"target": n, "resumed": [], "rebuilt": []} for n in sizes}
     info: dict = {}
+    skipped: dict[int, float] = {}  # size -> the rebuild time it was estimated to take
     rebuilt_runs = {n: big_runs if n >= args.big_from else runs for n in sizes}
     try:
         built = c.build_agents(home / "data", model, [
@@ -94,14 +99,21 @@ def main() -> None:
                           f"(restore {r['restore_ms']:.0f} ms, {r['prompt_tokens']} tokens)")
                     cl.evict(f"s{n}")  # written now, so the next restart finds this turn on disk
 
+        rate = None  # tokens/s of the last rebuild: a rebuild at a larger size is at least this slow
         with daemon.client() as cl:
-            for n in sizes:
+            for n in sorted(sizes):
+                if rate and n / rate > args.max_rebuild_s:
+                    skipped[n] = n / rate
+                    c.log(f"{n}: rebuilt runs skipped: at {rate:.0f} tok/s one would take over {n / rate:.0f} s "
+                          f"(--max-rebuild-s {args.max_rebuild_s:g})")
+                    continue
                 for k in range(rebuilt_runs[n]):
                     fork = f"f{n}-{k}"
                     r = c.timed_chat(cl, fork, FOLLOW_UPS[0], args.max_tokens)
                     if r["cache_source"] != "rebuilt":
                         raise SystemExit(f"rebuilt run at {n}: cache came from {r['cache_source']}")
                     per[n]["rebuilt"].append(r)
+                    rate = r["prefilled_tokens"] / (r["ttft_ms"] / 1000)
                     c.log(f"{n}: rebuilt run {k + 1}/{rebuilt_runs[n]}: {r['client_ttft_ms']:.0f} ms "
                           f"({r['prefilled_tokens']} tokens prefilled)")
                     cl.delete(fork)
@@ -130,7 +142,7 @@ def main() -> None:
             "runs": {"resumed": d["resumed"], "rebuilt": d["rebuilt"]},
         })
         rows.append((int(tokens), c.fmt(res_c, 0), c.fmt(restore, 0), c.fmt(reb_c, 0),
-                     f"{c.fmt(ratio)}x", f"{len(d['resumed'])}/{len(d['rebuilt'])}"))
+                     f"{c.fmt(ratio)}x" if ratio else "-", f"{len(d['resumed'])}/{len(d['rebuilt'])}"))
     print()
     print(c.table(rows, ("tokens", "resumed ms", "(restore ms)", "rebuilt ms", "rebuilt/resumed", "runs res/reb")))
     print(f"\nclient-side time to first token after a daemon restart, median; model {info.get('model', {}).get('id')}, "
@@ -142,7 +154,8 @@ def main() -> None:
               f"({best['rebuilt_client_ttft_ms']:.0f} ms)  ({time.perf_counter() - t_start:.0f} s)")
     c.write_json(args.out, {
         **info,
-        "runs": runs, "rebuilt_runs": rebuilt_runs, "big_from": args.big_from, "big_runs": big_runs, "max_tokens": args.max_tokens,
+        "runs": runs, "rebuilt_runs": rebuilt_runs, "max_rebuild_s": args.max_rebuild_s,
+        "rebuilt_skipped_estimated_s": skipped, "big_from": args.big_from, "big_runs": big_runs, "max_tokens": args.max_tokens,
         "sizes": sizes_out,
         "machine": c.machine_info(),
         "daemon_log_tail": log_tail,
