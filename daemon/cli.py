@@ -68,6 +68,11 @@ def _setup_logging(level: str, log_dir: Path) -> None:
 def main(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, min_available, preload,
          idle_timeout, log_level):
     """Keep LLM agents' KV caches in memory and on disk; serve them on a Unix socket."""
+    from . import blas
+
+    # Before anything imports mlx: on Linux, restart with a system OpenBLAS preloaded
+    # (MLX's CPU wheel links a reference BLAS ~15x slower), or say in one line why not.
+    blas.maybe_reexec_with_fast_blas()
     faulthandler.enable()
     home = (home or paths.default_home()).expanduser().resolve()
     socket_path = (socket_path or paths.default_socket()).expanduser().absolute()
@@ -104,6 +109,7 @@ def _run(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
 
     from .convert import ensure_default_model
     from .core import Daemon, Settings
+    from .device import describe
     from .engine import Engine
 
     if model_dir is None:
@@ -112,6 +118,7 @@ def _run(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
     engine = Engine(Path(model_dir).expanduser())
     log.info("model %s loaded in %.2fs (%s, %d MB)", engine.model_id, engine.load_s, engine.dtype,
              engine.model_bytes // 2**20)
+    log.info("%s", describe(engine.plan))
     settings = Settings(home=home, model_dir=Path(model_dir), flush_interval=flush_interval, max_hot=max_hot,
                         cache_budget=cache_budget, min_available=min_available, preload=preload)
     daemon = Daemon(settings, engine)

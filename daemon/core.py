@@ -126,7 +126,7 @@ class Daemon:
             "uptime_s": round(time.time() - self.started, 3),
             "daemon_version": __version__,
             "model": {"id": self.engine.model_id, "path": str(self.engine.model_dir), "bytes": self.engine.model_bytes,
-                      "dtype": self.engine.dtype},
+                      "dtype": self.engine.dtype, "device": self.engine.plan.device, "blas": self.engine.plan.blas},
             "memory": {
                 "model_bytes": self.engine.model_bytes,
                 "cache_bytes": self.store.hot_bytes(),

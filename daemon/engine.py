@@ -18,8 +18,6 @@ import mlx.core as mx
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-PREFILL_CHUNK = 512
-
 # Files whose bytes decide how text becomes tokens; a change to any invalidates caches.
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -105,6 +103,12 @@ class Engine:
             self.model, self.tokenizer = load(str(self.model_dir))
         except Exception as e:  # mlx_lm raises many types; all mean the same to a user
             raise ModelLoadError(f"cannot load the model at {self.model_dir}: {e}") from e
+        from .device import prepare_for_device
+
+        # Before the first forward pass: on MLX's CPU backend this swaps quantized layers
+        # for float32 ones (the only dtype with a BLAS there); on Metal it changes nothing.
+        self.plan = prepare_for_device(self.model)
+        self.prefill_chunk = self.plan.prefill_chunk
         self.load_s = time.perf_counter() - t0
         self.model_id = self.model_dir.name
         self.dtype = self._compute_dtype()
@@ -150,7 +154,7 @@ class Engine:
         on_token: Callable[[str], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
         on_progress: Callable[[int, int], None] | None = None,
-        prefill_chunk: int = PREFILL_CHUNK,
+        prefill_chunk: int | None = None,
     ) -> tuple[list, Generation]:
         """Bring `cache` from `cache_tokens` to `prompt`, then decode a reply.
 
@@ -175,6 +179,7 @@ class Engine:
 
         if should_stop is None:
             should_stop = lambda: False  # noqa: E731
+        prefill_chunk = prefill_chunk or self.prefill_chunk
         for start in range(reuse, len(prompt) - 1, prefill_chunk):
             end = min(start + prefill_chunk, len(prompt) - 1)
             self.model(mx.array(prompt[start:end])[None], cache=cache)
@@ -242,8 +247,8 @@ class Engine:
         surplus = len(cache_tokens) - reuse
         if surplus > 0 and not (can_trim_prompt_cache(cache) and trim_prompt_cache(cache, surplus) == surplus):
             cache, reuse = self.new_cache(), 0
-        for start in range(reuse, len(tokens), PREFILL_CHUNK):
-            self.model(mx.array(tokens[start : start + PREFILL_CHUNK])[None], cache=cache)
+        for start in range(reuse, len(tokens), self.prefill_chunk):
+            self.model(mx.array(tokens[start : start + self.prefill_chunk])[None], cache=cache)
             mx.eval([c.state for c in cache])
         return cache, list(tokens)
 
