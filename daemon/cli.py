@@ -14,6 +14,7 @@ import click
 
 from . import __version__, paths
 
+EX_CONFIG = 78  # sysexits.h: the configuration is wrong; see the systemd unit
 
 def _size(ctx, param, value):
     from .memory import parse_size
@@ -86,7 +87,8 @@ def main(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
 
         if isinstance(e, (StartupError, OSError)) or type(e).__name__ in ("ModelLoadError", "ConvertError"):
             click.echo(f"agentd: {e}", err=True)
-            sys.exit(1)
+            # EX_CONFIG: a supervisor restarting us cannot fix this (the unit says so).
+            sys.exit(EX_CONFIG)
         raise
     # Everything is durable by now (flushed, socket removed). Skip interpreter teardown:
     # finalizing MLX objects while its threads exit can abort an otherwise clean stop.

@@ -92,6 +92,10 @@ class Daemon:
             return p.error(rid, p.ErrorCode.NOT_FOUND, str(e))
         except AlreadyExists as e:
             return p.error(rid, p.ErrorCode.ALREADY_EXISTS, str(e))
+        except sqlite3.Error as e:
+            # e.g. a full disk: expected enough to deserve one line, not a traceback.
+            log.error("request %s (%s): the records could not be updated: %s", rid, req.op, e)
+            return p.error(rid, p.ErrorCode.INTERNAL, f"the records could not be updated ({e}); nothing was recorded")
         except ConnectionError:
             raise  # the client went away (emit saw it): no one to answer, nothing went wrong here
         except Exception as e:

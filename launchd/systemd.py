@@ -48,6 +48,9 @@ def render_unit(spec: ServiceSpec) -> str:
         f"{env}"
         "Restart=on-failure\n"
         f"RestartSec={THROTTLE_INTERVAL_SECONDS}\n"
+        # agentd exits 78 (EX_CONFIG) for a missing model or unreadable records: retrying
+        # every 10 s cannot fix those, so systemd should not.
+        "RestartPreventExitStatus=78\n"
         f"TimeoutStartSec={START_TIMEOUT_SECONDS}\n"
         # The final flush of every dirty agent must finish before SIGKILL.
         f"TimeoutStopSec={STOP_TIMEOUT_SECONDS}\n"

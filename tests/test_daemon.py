@@ -91,13 +91,13 @@ def test_a_second_daemon_refuses_to_start(home, tiny_llama_dir, tmp_path):
         same_socket = DaemonProc(tmp_path / "other", tiny_llama_dir)
         same_socket.socket = first.socket
         r = subprocess.run(same_socket.argv, capture_output=True, text=True, timeout=60)
-        assert r.returncode == 1
+        assert r.returncode == 78
         assert "already listening" in r.stderr
         assert "Traceback" not in r.stderr
         same_home = DaemonProc(home, tiny_llama_dir)
         same_home.socket = tmp_path / "s2" / "sock"
         r = subprocess.run(same_home.argv, capture_output=True, text=True, timeout=60)
-        assert r.returncode == 1 and "already running" in r.stderr
+        assert r.returncode == 78 and "already running" in r.stderr
         with first.client() as c:
             assert c.ping()["pong"] is True
 
@@ -123,7 +123,7 @@ def test_overlong_socket_path_is_a_clear_error(home, tiny_llama_dir):
     d = DaemonProc(home, tiny_llama_dir)
     d.socket = home / ("x" * 120) / "sock"
     r = subprocess.run(d.argv, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1
+    assert r.returncode == 78
     assert "socket path is" in r.stderr and "Traceback" not in r.stderr
 
 

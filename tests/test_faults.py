@@ -474,7 +474,7 @@ def test_a_missing_or_broken_model_is_one_line_and_exit_1(home, tiny_llama_dir, 
     (garbled / "config.json").write_text("{nope")
     for model, words in ((tmp_path / "missing", "no model at"), (broken, "cannot load"), (garbled, "cannot load")):
         r = subprocess.run(DaemonProc(home, model).argv, capture_output=True, text=True, timeout=60)
-        assert r.returncode == 1
+        assert r.returncode == 78
         assert "Traceback" not in r.stderr
         last = r.stderr.strip().splitlines()[-1]
         assert last.startswith("agentd: ") and words in last and str(model) in last
@@ -485,7 +485,7 @@ def test_a_corrupt_records_database_refuses_to_start_in_one_line(home, tiny_llam
     (d.home / "data").mkdir(parents=True)
     (d.home / "data" / "agents.db").write_bytes(os.urandom(8192))
     r = subprocess.run(d.argv, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 78 and "Traceback" not in r.stderr, r.stderr
     assert "agents.db" in r.stderr.strip().splitlines()[-1]
 
 

@@ -457,6 +457,7 @@ def expected_unit(python: str, home: Path, data: Path, sock: Path, model: Path |
         *([f"Environment=AGENTD_MODEL={model}"] if model else []),
         "Restart=on-failure",
         "RestartSec=10",
+        "RestartPreventExitStatus=78",
         "TimeoutStartSec=300",
         f"TimeoutStopSec={STOP_TIMEOUT_SECONDS}",
         "",
