@@ -305,16 +305,10 @@ def rmtree(path: Path) -> None:
 
 def process_blas(pid: int) -> str:
     """The BLAS a running process has mapped for MLX, as `agentd.blas.mlx_blas` names it."""
-    try:
-        maps = Path(f"/proc/{pid}/maps").read_text()
-    except OSError:
-        return "unknown"
-    libs = {line.rsplit(" ", 1)[-1] for line in maps.splitlines() if ".so" in line}
-    if any("openblas" in lib and "scipy" not in lib for lib in libs):
-        return "openblas"
-    if any("mlx_cpu.libs/libblas" in lib for lib in libs):
-        return "reference"
-    return "accelerate" if sys.platform == "darwin" else "unknown"
+    from agentd.blas import mlx_blas
+
+    found = mlx_blas(pid)
+    return "accelerate" if found == "unknown" and sys.platform == "darwin" else found
 
 
 def build_agents(data_home: Path, model: Path, spec: list[dict]) -> dict:

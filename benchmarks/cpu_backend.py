@@ -50,95 +50,16 @@ def gguf_path() -> Path:
 
 
 def load_model():
-    """(model, encode) from the converted default model, else straight from the GGUF."""
-    from agentd import paths
+    """(model, encode, source): the default model as agentd converts and loads it."""
+    import mlx_lm
 
-    folder = paths.default_model_dir()
-    if (folder / "config.json").exists():
-        import mlx_lm
+    from agentd.convert import ensure_default_model
 
-        model, tok = mlx_lm.load(str(folder))
-        return model, lambda text: tok.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True
-        ), f"mlx_lm.load({folder})"
-    model, meta = _load_gguf(gguf_path())
-    tok = _gguf_tokenizer(meta)
-    template = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
-    return model, lambda text: tok.encode(template.format(text)).ids, "gguf (no converted model)"
-
-
-_GGUF_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-
-
-def _load_gguf(path: Path):
-    # Until agentd.convert lands: MLX reads Q4_0/Q4_1/Q8_0 GGUF tensors as affine triples.
-    import re
-
-    import mlx.core as mx
-    import mlx.nn as nn
-    from mlx_lm.models import llama
-
-    w, meta = mx.load(str(path), return_metadata=True)
-    g = lambda k: meta[k].item()  # noqa: E731
-    args = llama.ModelArgs(
-        model_type="llama",
-        hidden_size=g("llama.embedding_length"),
-        num_hidden_layers=g("llama.block_count"),
-        intermediate_size=g("llama.feed_forward_length"),
-        num_attention_heads=g("llama.attention.head_count"),
-        num_key_value_heads=g("llama.attention.head_count_kv"),
-        rms_norm_eps=g("llama.attention.layer_norm_rms_epsilon"),
-        vocab_size=g("llama.vocab_size"),
-        rope_theta=g("llama.rope.freq_base"),
-        # GGUF stores q/k rows permuted for interleaved rotary embedding.
-        rope_traditional=True,
-        tie_word_embeddings=True,
-    )
-    model = llama.Model(args)
-    names = {}
-    for k in w:
-        if k.startswith("token_embd."):
-            names[k] = "model.embed_tokens." + k.split(".", 1)[1]
-        elif k.startswith("output_norm."):
-            names[k] = "model.norm.weight"
-        else:
-            m = re.match(r"blk\.(\d+)\.(\w+)\.(\w+)", k)
-            names[k] = f"model.layers.{m[1]}.{_GGUF_NAMES[m[2]]}.{m[3]}"
-    by_name = {v: w[k] for k, v in names.items()}
-
-    def bits(path, module):
-        if not hasattr(module, "to_quantized"):
-            return False
-        packed = by_name[path + ".weight"]
-        return {"group_size": 32, "bits": packed.shape[1] * 32 // module.weight.shape[1]}
-
-    nn.quantize(model, class_predicate=bits)
-    model.load_weights(list(by_name.items()), strict=True)
-    mx.eval(model.parameters())
-    return model, meta
-
-
-def _gguf_tokenizer(meta):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    toks = meta["tokenizer.ggml.tokens"]
-    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-    tk = Tokenizer(models.BPE({t: i for i, t in enumerate(toks)}, merges))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    types = list(meta["tokenizer.ggml.token_type"].tolist())
-    tk.add_special_tokens([t for t, ty in zip(toks, types) if ty == 3])
-    return tk
+    folder = ensure_default_model()
+    model, tok = mlx_lm.load(str(folder))
+    return model, lambda text: tok.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True
+    ), f"mlx_lm.load({folder})"
 
 
 # --- worker ---------------------------------------------------------------------------

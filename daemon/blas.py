@@ -112,10 +112,11 @@ def maybe_reexec_with_fast_blas(argv: Sequence[str] | None = None) -> Decision:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def mlx_blas() -> str:
-    """Which BLAS this process has mapped for MLX: "openblas", "reference" or "unknown"."""
+def mlx_blas(pid: int | str = "self") -> str:
+    """Which BLAS a process (this one by default) has mapped for MLX: "openblas", "reference"
+    or "unknown"."""
     try:
-        maps = Path("/proc/self/maps").read_text()
+        maps = Path(f"/proc/{pid}/maps").read_text()
     except OSError:
         return "unknown"
     libs = {line.rsplit(" ", 1)[-1] for line in maps.splitlines() if ".so" in line}
