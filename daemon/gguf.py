@@ -30,6 +30,7 @@ SPECIAL_IDS = {
 _PRE_DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact"}
 _PRE_GPT2 = {"gpt-2", "gpt2", "default"}
 
+
 def scalar(value: Any) -> Any:
     """GGUF metadata scalars come back from mx.load as 0-d arrays."""
     return value.item() if hasattr(value, "item") else value
