@@ -253,10 +253,11 @@ def _run(n: Narrator, daemon: DaemonRun, short: bool, max_tokens: int) -> dict:
 
     n.heading("Session 2")
     with Client(daemon.socket_path, timeout=3600) as c:
-        s2 = {"specialist": _ask(c, n, "specialist", story.FOLLOW_UP, max_tokens)}
-        n.say("\nFor comparison, a fork of the specialist with the same transcript but no cache answers the "
-              "same question (its cache is rebuilt by re-prefilling everything):")
+        # Forked before the question, so both answer it from the very same transcript.
         c.fork("specialist", "specialist-rebuilt")
+        s2 = {"specialist": _ask(c, n, "specialist", story.FOLLOW_UP, max_tokens)}
+        n.say("\nFor comparison, a fork of the specialist taken before that question (same transcript, no "
+              "cache) answers it too: its cache is rebuilt by re-prefilling everything.")
         rebuilt = _ask(c, n, "specialist-rebuilt", story.FOLLOW_UP, max_tokens)
         c.delete("specialist-rebuilt")
     figures.update(session2=s2, rebuild=rebuilt)

@@ -37,6 +37,8 @@ def test_session_2_reply_comes_from_the_disk_cache_of_a_new_daemon(figures):
     assert s2["cached_tokens"] >= figures["session1"]["specialist"]["prompt_tokens"]
     assert figures["rebuild"]["cache_source"] == "rebuilt"
     assert figures["rebuild"]["prefilled_tokens"] > s2["prefilled_tokens"]
+    # The fork was taken before the question: both saw exactly the same prompt.
+    assert figures["rebuild"]["prompt_tokens"] == s2["prompt_tokens"]
     assert set(figures["saved_agents"]) == {"specialist", "analyst", "coordinator"}
 
 
