@@ -23,7 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "out" / "cpu_backend.json"
-DEFAULT_LLAMA_PYTHON = "/tmp/perf/llama-venv/bin/python"
+# `make bench` installs llama-cpp-python here, beside the project's venv, for this benchmark only.
+DEFAULT_LLAMA_PYTHON = str(ROOT / ".venv-llama" / "bin" / "python")
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -82,6 +83,9 @@ def worker(kind: str, runs: int, plain_runs_2048: int, quick: bool) -> dict:
         info["plan"] = plan.to_dict()
         chunk = plan.prefill_chunk
     info["load_s"] = round(time.perf_counter() - t0, 2)
+    from mlx.utils import tree_flatten
+
+    info["weights_mib"] = sum(v.nbytes for _, v in tree_flatten(model.parameters())) / 2**20
     info["prefill_chunk"] = chunk
     info["env"] = {k: os.environ.get(k) for k in ("LD_PRELOAD", "OPENBLAS_NUM_THREADS")}
     vocab = model.args.vocab_size
@@ -304,7 +308,8 @@ def main() -> None:
 
     OUT.parent.mkdir(parents=True, exist_ok=True)
     result = {
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+        "argv": [Path(__file__).name, *sys.argv[1:]],
         "plain": plain,
         "fast": fast,
         "llama_cpp": llama,

@@ -385,10 +385,57 @@ def write_report(data: dict, runs_meta: dict, plots: dict, args, total_s: float 
         L.append(f"Command: `{command_of(d, runs_meta, 'vs_mlx_server')}`")
         L.append("")
 
+    cpu = args.out_dir / "cpu_backend.json"
+    if cpu.exists():
+        L += cpu_backend_section(json.loads(cpu.read_text()))
+
     if args.notes:
         L += ["## Notes on this run", ""] + [f"- {n}" for n in args.notes] + [""]
     report.write_text("\n".join(L))
     c.log(f"wrote {report}")
+
+
+def cpu_backend_section(d: dict) -> list[str]:
+    """Section 6, from benchmarks/cpu_backend.py's own JSON (a separate run: see `make bench`)."""
+    plain, fast, llama, m = d["plain"], d["fast"], d.get("llama_cpp"), d["machine"]
+    L = ["## 6. The CPU fast path vs plain `mlx[cpu]` vs llama.cpp", ""]
+    L.append(f"Measured {d['when']}, one run of `benchmarks/cpu_backend.py`, each path in its own process on the "
+             f"default model. **plain**: the model as `mlx_lm.load` gives it (quantized), MLX's bundled "
+             f"{plain['blas']} BLAS, prefill in one pass. **agentd**: float32 weights, OpenBLAS preloaded with "
+             f"agentd's one-row sgemm forwarder in front (plan: `{fast['plan']}`). **llama.cpp**: "
+             f"`llama-cpp-python` on the same GGUF file"
+             + (f", {llama['n_threads']} threads." if llama else " (not run: no llama-cpp-python).")
+             + f" Prefill: random token ids, median of {len(fast.get('prefill_512_runs', []))} runs (plain: "
+             f"{len(plain.get('prefill_512_runs', []))} at 512, {len(plain.get('prefill_2048_runs', []))} at 2,048). "
+             f"Decode: median step after a {fast['decode_context']}-token context.")
+    L.append("")
+    names = {"prefill_512_tok_s": "prefill 512 tokens, tok/s", "prefill_2048_tok_s": "prefill 2,048 tokens, tok/s",
+             "decode_tok_s": f"decode at {fast['decode_context']} tokens of context, tok/s"}
+    rows = []
+    for k, label in names.items():
+        if k not in fast:
+            continue
+        lc = llama.get(k) if llama else None
+        rows.append((label, c.fmt(plain[k]), c.fmt(fast[k]), f"**{fast[k] / plain[k]:.1f}x**", c.fmt(lc),
+                     f"{fast[k] / lc:.2f}" if lc else "-"))
+    L.append(md_table(("", "plain mlx[cpu]", "agentd", "agentd / plain", "llama.cpp", "agentd / llama.cpp"), rows))
+    L.append("")
+    a = d["agreement"]
+    L.append(f"Greedy answers, fast path vs plain, on {a['prompts']} fixed prompts: {a['identical_answers']} identical, "
+             f"{a['positionwise_token_agreement']:.1%} of tokens agree position-wise.")
+    L.append("")
+    read_gb_s = m["numpy_copy_gb_s_read_plus_write"] / 2
+    weights_mib = fast.get("weights_mib")
+    L.append(f"The machine's own limits, same run: numpy float32 GEMM {m['numpy_sgemm_gflops']:.0f} GFLOP/s; a "
+             f"memory copy moves {m['numpy_copy_gb_s_read_plus_write']:.1f} GB/s (read + write), {m['cpus']} CPUs."
+             + (f" A decode step reads all {weights_mib:.0f} MiB of float32 weights: at the copy's read rate "
+                f"({read_gb_s:.1f} GB/s) that alone takes {weights_mib * 2**20 / (read_gb_s * 1e9) * 1e3:.0f} ms, "
+                f"so about {read_gb_s * 1e9 / (weights_mib * 2**20):.0f} tok/s is this path's ceiling; llama.cpp "
+                f"reads the GGUF's quantized weights, a fraction of those bytes." if weights_mib else ""))
+    L.append("")
+    L.append(f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/' + d['argv'][0], *map(shlex.quote, d['argv'][1:])]) if d.get('argv') else '.venv/bin/python benchmarks/cpu_backend.py'}`")
+    L.append("")
+    return L
 
 
 def main() -> None:

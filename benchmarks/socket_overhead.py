@@ -10,7 +10,7 @@ to the result) and by the daemon (`decode_tokens_per_s`). mlx-lm: this process (
 with the same OpenBLAS preload as the daemon, via `agentd.blas`), `mlx_lm.load` +
 `stream_generate`, greedy, timed the same way. Two mlx-lm variants: the weights as loaded
 (the folder's 4-bit ones), and after `agentd.device.prepare_for_device` (what agentd's CPU
-path does: dequantize to float32, one-row products through numpy). The headline ratio is
+path does: dequantize to float32; one-row products reach `sgemv`). The headline ratio is
 against the variant whose weights match the daemon's, read off `status.model.bytes`; both
 are printed. Writes benchmarks/out/socket_overhead.json.
 """
