@@ -1,6 +1,6 @@
 """Issue 7: agentd's CPU fast path against plain `mlx[cpu]`, side by side in one run.
 
-    .venv/bin/python benchmarks/cpu_backend.py [--quick] [--llama-python PATH]
+    .venv/bin/python benchmarks/cpu_backend.py [--quick] [--llama-python PATH] [--no-llama] [--out FILE]
 
 Each path runs in its own subprocess: "plain" is the model as loaded (quantized), with no
 preload (AGENTD_BLAS=off, LD_PRELOAD removed); "fast" is `agentd.blas`'s re-exec environment
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "benchmarks" / "out" / "cpu_backend.json"
+OUT = ROOT / "benchmarks" / "out" / "cpu_backend.json"  # --out overrides
 # `make bench` installs llama-cpp-python here, beside the project's venv, for this benchmark only.
 DEFAULT_LLAMA_PYTHON = str(ROOT / ".venv-llama" / "bin" / "python")
 PROMPTS = [
@@ -129,17 +129,23 @@ def worker(kind: str, runs: int, plain_runs_2048: int, quick: bool) -> dict:
     info["decode_context"] = DECODE_CONTEXT
     print(f"[{kind}] decode step {step * 1e3:.1f} ms", file=sys.stderr)
 
-    answers = []
+    answers, margins = [], []
     for text in PROMPTS[: 3 if quick else len(PROMPTS)]:
         cache = make_prompt_cache(model)
         logits = model(mx.array([encode(text)]), cache=cache)
-        out = []
+        out, gaps = [], []
         for _ in range(GREEDY_TOKENS):
-            t = mx.argmax(logits[0, -1]).item()
+            last = logits[0, -1].astype(mx.float32)
+            top2 = mx.topk(last, 2)
+            t = mx.argmax(last).item()
             out.append(t)
+            # How close the greedy choice was: a near-tie explains a disagreement.
+            gaps.append(round(abs(top2[1] - top2[0]).item(), 5))
             logits = model(mx.array([[t]]), cache=cache)
         answers.append(out)
+        margins.append(gaps)
     info["greedy"] = answers
+    info["greedy_margins"] = margins
     return info
 
 
@@ -235,20 +241,26 @@ def run_worker(kind: str, args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
+def agreement(a: list[list[int]], b: list[list[int]], margins_a: list[list[float]] | None = None) -> dict:
+    """How far two sets of greedy answers agree; where they part, `a`'s top-2 logit gap there."""
     same = total = prefix = 0
     exact = 0
-    for x, y in zip(a, b):
+    partings = []
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            k = next(j for j, (p, q) in enumerate(zip(x, y)) if p != q)
+            gap = margins_a[i][k] if margins_a else None
+            partings.append({"prompt": i, "position": k, "top2_logit_gap": gap})
         same += sum(p == q for p, q in zip(x, y))
         total += len(x)
-        k = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), len(x))
-        prefix += k
+        prefix += next((j for j, (p, q) in enumerate(zip(x, y)) if p != q), len(x))
         exact += x == y
     return {
         "prompts": len(a),
         "identical_answers": exact,
         "positionwise_token_agreement": same / total,
         "common_prefix_fraction": prefix / total,
+        "partings": partings,
     }
 
 
@@ -260,6 +272,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="512 tokens only, fewer prompts")
     ap.add_argument("--llama-python", default=DEFAULT_LLAMA_PYTHON)
     ap.add_argument("--no-llama", action="store_true")
+    ap.add_argument("--out", type=Path, default=OUT, help="where the JSON goes")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.runs, args.plain_runs_2048, args.quick)))
@@ -271,7 +284,7 @@ def main() -> None:
     fast = run_worker("fast", args)
     plain = run_worker("plain", args)
     llama = None if args.no_llama else run_llama_cpp(args.llama_python, args.quick)
-    agree = agreement(plain["greedy"], fast["greedy"])
+    agree = agreement(plain["greedy"], fast["greedy"], plain.get("greedy_margins"))
 
     keys = ["prefill_512_tok_s"] + ([] if args.quick else ["prefill_2048_tok_s"]) + ["decode_tok_s"]
     rows = [("", "plain mlx[cpu]", "agentd fast", "fast/plain", "llama.cpp")]
@@ -295,6 +308,9 @@ def main() -> None:
         f"{agree['positionwise_token_agreement']:.1%} tokens position-wise, "
         f"{agree['common_prefix_fraction']:.1%} before first divergence"
     )
+    for p in agree["partings"]:
+        print(f"  prompt {p['prompt']} parts at token {p['position']}, where plain's top two logits are "
+              f"{p['top2_logit_gap']} apart")
     print(
         f"machine: numpy sgemm {limits['numpy_sgemm_gflops']:.0f} GFLOP/s, "
         f"copy {limits['numpy_copy_gb_s_read_plus_write']:.1f} GB/s (read+write), "
@@ -306,7 +322,7 @@ def main() -> None:
              "decode_3x": ratios["decode_tok_s"] >= 3}
     print(f"done-when: {goals}  ({time.perf_counter() - start:.0f} s)")
 
-    OUT.parent.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "when": time.strftime("%Y-%m-%d %H:%M"),
         "argv": [Path(__file__).name, *sys.argv[1:]],
@@ -318,8 +334,8 @@ def main() -> None:
         "machine": limits,
         "goals": goals,
     }
-    OUT.write_text(json.dumps(result, indent=1))
-    print(f"wrote {OUT.relative_to(ROOT)}")
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The issue-5 benchmarks cannot rot: `run_all.py --quick` runs every script end to end on a
-tiny model (real daemon, real mlx_lm.server, plots and report) into a temp dir."""
+"""The benchmarks cannot rot: `run_all.py --quick` runs every issue-5 script end to end on a
+tiny model (real daemon, real mlx_lm.server, plots and report) into a temp dir, and
+`cpu_backend.py --quick` runs on the default model (both paths, its report section)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["save_load", "ttft", "memory", "socket_overhead", "vs_mlx_server"]
@@ -43,3 +46,28 @@ def test_run_all_quick_on_a_tiny_model(tiny_llama_dir, home):
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "## 5." in report.read_text()
+
+
+@pytest.mark.model
+def test_cpu_backend_quick_and_its_report_section(home):
+    """benchmarks/cpu_backend.py end to end on the default model (512 tokens, no llama.cpp)."""
+    out = home / "cpu_backend.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "cpu_backend.py"), "--quick", "--no-llama", "--runs", "1",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=900, cwd=str(ROOT),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert d["plain"]["kind"] == "plain" and "plan" not in d["plain"]
+    assert d["fast"]["plan"]["device"] == "cpu" and d["fast"]["plan"]["compute_dtype"] == "float32"
+    for kind in ("plain", "fast"):
+        assert d[kind]["prefill_512_tok_s"] > 0 and d[kind]["decode_tok_s"] > 0
+        assert len(d[kind]["greedy"]) == len(d[kind]["greedy_margins"]) == 3
+    assert d["agreement"]["prompts"] == 3 and set(d["ratios"]) == {"prefill_512_tok_s", "decode_tok_s"}
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run_all
+
+    section = "\n".join(run_all.cpu_backend_section(d))
+    assert "## 6." in section and "agentd / plain" in section and "benchmarks/cpu_backend.py" in section
