@@ -37,9 +37,6 @@ static void resolve(void) {
     }
 }
 
-/* Exported so a process can tell that this library is the one MLX reaches. */
-int agentd_gemv_forward_version(void) { return 1; }
-
 void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
                  const float *a, int lda, const float *b, int ldb, float beta, float *c,
                  int ldc) {
