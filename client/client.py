@@ -17,6 +17,7 @@ from typing import Any
 
 from agentd import __version__
 from agentd import protocol as p
+from agentd import responses
 from agentd.framing import FrameError, recv_frame, send_frame
 
 DEFAULT_TIMEOUT = 120.0  # seconds to wait for each frame; a cold restore or long prefill is slow
@@ -108,15 +109,15 @@ class ChatStream:
                 self._finish()
                 self._client.close()
                 raise
-            if not isinstance(frame, p.Progress):
+            if not isinstance(frame, responses.Progress):
                 break
             if self.on_progress is not None:
                 self.on_progress(frame.done, frame.total)
-        if isinstance(frame, p.Token):
+        if isinstance(frame, responses.Token):
             self._pieces.append(frame.text)
             return frame.text
         self._finish()
-        if isinstance(frame, p.Error):
+        if isinstance(frame, responses.Error):
             self._error = AgentdError(frame.code, frame.message)
             raise self._error
         self.result = frame.fields
@@ -263,7 +264,7 @@ class Client:
             raise ConnectionLost(f"lost the connection to agentd while sending {request.op}: {exc}") from None
         return rid
 
-    def _recv_response(self, rid: int) -> p.Response:
+    def _recv_response(self, rid: int) -> responses.Response:
         """The next frame for request `rid`; any transport failure closes the connection."""
         if self._sock is None:
             raise ConnectionLost("the connection to agentd is closed")
@@ -271,10 +272,10 @@ class Client:
             wire = recv_frame(self._sock)
             if wire is None:
                 raise ConnectionLost("agentd closed the connection before answering (did it stop or crash?)")
-            frame = p.response_from_wire(wire)
+            frame = responses.response_from_wire(wire)
             if frame.id != rid:
                 # id None: the daemon could not read our request at all.
-                if isinstance(frame, p.Error) and frame.id is None:
+                if isinstance(frame, responses.Error) and frame.id is None:
                     raise AgentdError(frame.code, frame.message)
                 raise ConnectionLost(f"agentd answered request {frame.id!r} while we waited for {rid}")
         except ClientError:
@@ -297,9 +298,9 @@ class Client:
         """Send a request and return its result fields; non-streaming ops only."""
         rid = self._send(request)
         frame = self._recv_response(rid)
-        if isinstance(frame, p.Error):
+        if isinstance(frame, responses.Error):
             raise AgentdError(frame.code, frame.message)
-        if isinstance(frame, (p.Token, p.Progress)):
+        if isinstance(frame, (responses.Token, responses.Progress)):
             self.close()
             raise ConnectionLost(f"agentd streamed tokens for a {request.op} request")
         return frame.fields
@@ -315,7 +316,7 @@ class Client:
 
     # --- ops ------------------------------------------------------------------------
 
-    # Every method returns the op's result map exactly as documented in agentd.protocol.
+    # Every method returns the op's result map exactly as documented in agentd.responses.
 
     def hello(self) -> dict[str, Any]:
         """{protocol, daemon_version, model_id, pid}."""

@@ -1,6 +1,6 @@
 """Human rendering of agentd results for `agentctl`: plain text, no colour, pipe-friendly.
 
-Each `render_*` function takes an op's result map (see agentd.protocol) and returns text;
+Each `render_*` function takes an op's result map (see agentd.responses) and returns text;
 the CLI decides where it goes. Missing fields render as "-" rather than failing, so an
 older or newer daemon still gets readable output.
 """

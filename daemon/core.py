@@ -22,6 +22,7 @@ import mlx.core as mx
 
 from . import __version__
 from . import protocol as p
+from . import responses
 from .agents import AgentStore
 from .engine import Engine
 from .memory import HotFacts, Limits, MemoryProbe, choose_evictions
@@ -85,22 +86,22 @@ class Daemon:
             if self.stopping and req.op not in ("ping", "status", "hello"):
                 raise p.ProtocolError(p.ErrorCode.SHUTTING_DOWN, "agentd is shutting down")
             fields = await handler(req, rid, emit)
-            return p.result(rid, **fields)
+            return responses.result(rid, **fields)
         except p.ProtocolError as e:
-            return p.error(rid, e.code, e.message)
+            return responses.error(rid, e.code, e.message)
         except NotFound as e:
-            return p.error(rid, p.ErrorCode.NOT_FOUND, str(e))
+            return responses.error(rid, p.ErrorCode.NOT_FOUND, str(e))
         except AlreadyExists as e:
-            return p.error(rid, p.ErrorCode.ALREADY_EXISTS, str(e))
+            return responses.error(rid, p.ErrorCode.ALREADY_EXISTS, str(e))
         except sqlite3.Error as e:
             # e.g. a full disk: expected enough to deserve one line, not a traceback.
             log.error("request %s (%s): the records could not be updated: %s", rid, req.op, e)
-            return p.error(rid, p.ErrorCode.INTERNAL, f"the records could not be updated ({e}); nothing was recorded")
+            return responses.error(rid, p.ErrorCode.INTERNAL, f"the records could not be updated ({e}); nothing was recorded")
         except ConnectionError:
             raise  # the client went away (emit saw it): no one to answer, nothing went wrong here
         except Exception as e:
             log.exception("request %s (%s) failed", rid, req.op)
-            return p.error(rid, p.ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
+            return responses.error(rid, p.ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
 
     async def _mlx(self, fn, *args, **kwargs):
         return await asyncio.wrap_future(self.worker.submit(fn, *args, **kwargs))
@@ -216,10 +217,10 @@ class Daemon:
         self._cancels.add(cancel)
 
         def on_token(text: str) -> None:
-            loop.call_soon_threadsafe(tokens.put_nowait, p.token(rid, text))
+            loop.call_soon_threadsafe(tokens.put_nowait, responses.token(rid, text))
 
         def on_progress(done: int, total: int) -> None:
-            loop.call_soon_threadsafe(tokens.put_nowait, p.progress(rid, done, total))
+            loop.call_soon_threadsafe(tokens.put_nowait, responses.progress(rid, done, total))
 
         def run():
             try:

@@ -28,47 +28,7 @@ sends `hello` first on every connection. Ops and fields (defaults in brackets):
 
 An agent name is 1..64 of letters, digits, "-", "_", "." and does not start with ".".
 
-Responses (daemon -> client) are maps carrying the request's "id" and a "type":
-
-    {"id", "type": "result", ...fields}           terminal
-    {"id", "type": "token", "text": str}          chat only, zero or more before the result
-    {"id", "type": "progress", "done": int, "total": int}
-                                                  chat only: prompt tokens prefilled so far
-    {"id", "type": "error", "code": str, "message": str}   terminal; code is an ErrorCode
-
-A frame the daemon could not parse, or whose id it could not read, gets an error with
-"id": None.
-
-Result fields per op:
-
-    hello     protocol, daemon_version, model_id, pid
-              (a protocol mismatch is an error PROTOCOL_MISMATCH instead)
-    ping      pong: True, pid
-    status    pid, uptime_s, daemon_version,
-              model  {id, path, bytes},
-              memory {model_bytes, cache_bytes, active_bytes, system_available,
-                      system_total, pressure: str},
-              limits {max_hot, cache_budget, min_available},
-              flush  {interval_s, last_flush_at, last_result, last_error,
-                      consecutive_failures},
-              agents [AgentInfo]
-    create    agent: AgentInfo
-    fork      agent: AgentInfo
-    list      agents: [AgentInfo]
-    show      agent: AgentInfo, system: str
-    history   messages: [{role, content}]
-    delete    deleted: name
-    reset     agent: AgentInfo
-    chat      text, cached_tokens, prefilled_tokens, generated_tokens, prompt_tokens,
-              cache_source ("memory"|"disk"|"rebuilt"|"new"), restore_ms, ttft_ms,
-              decode_tokens_per_s, finish_reason ("stop"|"length")
-    save      saved: [name]
-    evict     evicted: name, was_dirty: bool
-    shutdown  stopping: True
-
-    AgentInfo {name, role, state ("hot"|"cold"), tokens, bytes, dirty: bool,
-               messages: int, created_at, updated_at, last_saved_at}
-               (times are float epoch seconds; last_saved_at may be None)
+Responses (daemon -> client) and the result fields of each op: `agentd.responses`.
 """
 
 from __future__ import annotations
@@ -77,7 +37,7 @@ import math
 import re
 from dataclasses import MISSING, dataclass, fields
 from enum import Enum
-from typing import Any, ClassVar, TypedDict
+from typing import Any, ClassVar
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 16 * 1024 * 1024
@@ -385,119 +345,3 @@ def request_from_wire(wire: Any) -> tuple[int, Request]:
         exc.request_id = rid
         raise
     return rid, request
-
-
-# --- responses ------------------------------------------------------------------------
-
-RESULT = "result"
-TOKEN = "token"
-ERROR = "error"
-PROGRESS = "progress"
-
-
-def result(request_id: int, **fields: Any) -> dict[str, Any]:
-    """A terminal success frame for `request_id` with the op's result fields."""
-    if "id" in fields or "type" in fields:
-        raise ValueError("result fields must not include 'id' or 'type'")
-    return {"id": request_id, "type": RESULT, **fields}
-
-
-def token(request_id: int, text: str) -> dict[str, Any]:
-    """A non-terminal chat stream frame carrying generated text."""
-    return {"id": request_id, "type": TOKEN, "text": text}
-
-
-def progress(request_id: int, done: int, total: int) -> dict[str, Any]:
-    """A non-terminal chat frame: `done` of `total` prompt tokens prefilled."""
-    return {"id": request_id, "type": PROGRESS, "done": done, "total": total}
-
-
-def error(request_id: int | None, code: ErrorCode | str, message: str) -> dict[str, Any]:
-    """A terminal error frame; `request_id` is None when the request's id was unreadable."""
-    return {"id": request_id, "type": ERROR, "code": ErrorCode(code).value, "message": str(message)}
-
-
-@dataclass(frozen=True)
-class Result:
-    id: int | None
-    fields: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Token:
-    id: int | None
-    text: str
-
-
-@dataclass(frozen=True)
-class Progress:
-    id: int | None
-    done: int
-    total: int
-
-
-@dataclass(frozen=True)
-class Error:
-    id: int | None
-    code: str  # an ErrorCode value, or an unknown code from a newer daemon
-    message: str
-
-
-Response = Result | Token | Progress | Error
-
-
-def response_from_wire(wire: Any) -> Response:
-    """Parse a decoded daemon frame; a malformed one raises ProtocolError(BAD_FRAME)."""
-    if not isinstance(wire, dict):
-        raise ProtocolError(ErrorCode.BAD_FRAME, f"response is a {type(wire).__name__}, not a map")
-    rid = wire.get("id")
-    if rid is not None and (not isinstance(rid, int) or isinstance(rid, bool)):
-        raise ProtocolError(ErrorCode.BAD_FRAME, "response id is not an integer")
-    kind = wire.get("type")
-    if kind == RESULT:
-        return Result(rid, {k: v for k, v in wire.items() if k not in ("id", "type")})
-    if kind == TOKEN:
-        text = wire.get("text")
-        if not isinstance(text, str):
-            raise ProtocolError(ErrorCode.BAD_FRAME, "token frame without a text string")
-        return Token(rid, text)
-    if kind == PROGRESS:
-        done, total = wire.get("done"), wire.get("total")
-        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (done, total)):
-            raise ProtocolError(ErrorCode.BAD_FRAME, "progress frame without done and total integers")
-        return Progress(rid, done, total)
-    if kind == ERROR:
-        code, message = wire.get("code"), wire.get("message")
-        if not isinstance(code, str) or not isinstance(message, str):
-            raise ProtocolError(ErrorCode.BAD_FRAME, "error frame without code and message strings")
-        return Error(rid, code, message)
-    raise ProtocolError(ErrorCode.BAD_FRAME, f"unknown response type {kind!r}")
-
-
-# --- result shapes (documentation and type hints; not enforced on the wire) -----------
-
-
-class AgentInfo(TypedDict):
-    name: str
-    role: str
-    state: str  # "hot" | "cold"
-    tokens: int
-    bytes: int
-    dirty: bool
-    messages: int
-    created_at: float
-    updated_at: float
-    last_saved_at: float | None
-
-
-class ChatResult(TypedDict):
-    text: str
-    cached_tokens: int
-    prefilled_tokens: int
-    generated_tokens: int
-    prompt_tokens: int
-    cache_source: str  # "memory" | "disk" | "rebuilt" | "new"
-    restore_ms: float
-    ttft_ms: float
-    decode_tokens_per_s: float
-    finish_reason: str  # "stop" | "length"

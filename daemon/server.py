@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import framing
 from . import protocol as p
+from . import responses
 from .core import Daemon
 from .notify import notify
 from .paths import MAX_SOCKET_PATH
@@ -160,10 +161,10 @@ class Server:
             uid = peer_uid(sock) if sock is not None else None
             if uid is not None and uid != os.getuid():
                 log.warning("refused a connection from uid %d", uid)
-                await self._send(writer, p.error(None, p.ErrorCode.BAD_REQUEST, "agentd serves only its own user"))
+                await self._send(writer, responses.error(None, p.ErrorCode.BAD_REQUEST, "agentd serves only its own user"))
                 return
             if self._slots.locked():
-                await self._send(writer, p.error(None, p.ErrorCode.BUSY, "too many connections"))
+                await self._send(writer, responses.error(None, p.ErrorCode.BUSY, "too many connections"))
                 return
             async with self._slots:
                 await self._serve_connection(reader, writer)
@@ -194,21 +195,21 @@ class Server:
             except asyncio.TimeoutError:
                 return  # idle or stalled mid-frame: the connection holds nothing after this
             except framing.FrameTooLarge as e:
-                await self._send(writer, p.error(None, p.ErrorCode.BAD_FRAME, str(e)))
+                await self._send(writer, responses.error(None, p.ErrorCode.BAD_FRAME, str(e)))
                 return  # the rest of an oversized body cannot be skipped safely
             except framing.FrameError as e:
-                await self._send(writer, p.error(None, p.ErrorCode.BAD_FRAME, str(e)))
+                await self._send(writer, responses.error(None, p.ErrorCode.BAD_FRAME, str(e)))
                 return
             if wire is None:
                 return
             try:
                 rid, req = p.request_from_wire(wire)
             except p.ProtocolError as e:
-                await self._send(writer, p.error(p.peek_request_id(wire), e.code, e.message))
+                await self._send(writer, responses.error(p.peek_request_id(wire), e.code, e.message))
                 continue
             if not greeted and req.op not in ("hello", "ping"):
                 await self._send(
-                    writer, p.error(rid, p.ErrorCode.PROTOCOL_MISMATCH, "send hello first")
+                    writer, responses.error(rid, p.ErrorCode.PROTOCOL_MISMATCH, "send hello first")
                 )
                 continue
             greeted = greeted or req.op == "hello"

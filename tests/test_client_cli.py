@@ -25,6 +25,7 @@ from agentctl import AgentdError, Client, ConnectionLost, DaemonNotRunning
 from agentctl import render
 from agentctl.cli import cli
 from agentd import protocol as p
+from agentd import responses
 from agentd.framing import recv_frame, send_frame
 
 PY = sys.executable
@@ -189,14 +190,14 @@ CHAT_RESULT = {
 def fake_daemon(frame: dict) -> list[dict]:
     rid, op = frame["id"], frame["op"]
     if op == "hello":
-        return [p.result(rid, protocol=p.PROTOCOL_VERSION, daemon_version="0.0-test", model_id="tiny", pid=1)]
+        return [responses.result(rid, protocol=p.PROTOCOL_VERSION, daemon_version="0.0-test", model_id="tiny", pid=1)]
     if op == "chat":
-        return [p.token(rid, "Hello"), p.token(rid, " there"), p.token(rid, "!"), p.result(rid, **CHAT_RESULT)]
+        return [responses.token(rid, "Hello"), responses.token(rid, " there"), responses.token(rid, "!"), responses.result(rid, **CHAT_RESULT)]
     if op == "show" and frame["name"] == "ghost":
-        return [p.error(rid, p.ErrorCode.NOT_FOUND, "no agent named 'ghost'")]
+        return [responses.error(rid, p.ErrorCode.NOT_FOUND, "no agent named 'ghost'")]
     if op == "list":
-        return [p.result(rid, agents=[AGENT])]
-    return [p.error(rid, p.ErrorCode.UNKNOWN_OP, op)]
+        return [responses.result(rid, agents=[AGENT])]
+    return [responses.error(rid, p.ErrorCode.UNKNOWN_OP, op)]
 
 
 @pytest.fixture
@@ -249,7 +250,7 @@ def test_show_error_is_one_line(responder):
 
 def test_protocol_mismatch_is_a_clear_message(sockdir):
     def old_daemon(frame: dict) -> list[dict]:
-        return [p.error(frame["id"], p.ErrorCode.PROTOCOL_MISMATCH, "daemon speaks protocol 99")]
+        return [responses.error(frame["id"], p.ErrorCode.PROTOCOL_MISMATCH, "daemon speaks protocol 99")]
 
     r = Responder(sockdir / "old.sock", old_daemon)
     try:
@@ -343,7 +344,7 @@ def test_render_tolerates_missing_fields():
 def test_chat_error_frame_mid_stream(sockdir):
     def failing(frame: dict) -> list[dict]:
         if frame["op"] == "chat":
-            return [p.token(frame["id"], "par"), p.error(frame["id"], p.ErrorCode.MODEL_ERROR, "generation failed")]
+            return [responses.token(frame["id"], "par"), responses.error(frame["id"], p.ErrorCode.MODEL_ERROR, "generation failed")]
         return fake_daemon(frame)
 
     r = Responder(sockdir / "f.sock", failing)

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agentd import protocol as p
+from agentd import responses
 from agentd.framing import HEADER
 from daemonproc import DaemonProc
 
@@ -84,8 +85,8 @@ def exchange(d: DaemonProc, payload: bytes, greet: bool = True) -> list[dict]:
 
 def still_serving(d: DaemonProc, frames: list[dict]) -> None:
     for f in frames:
-        parsed = p.response_from_wire(f)  # every frame is well-formed
-        if isinstance(parsed, p.Error):
+        parsed = responses.response_from_wire(f)  # every frame is well-formed
+        if isinstance(parsed, responses.Error):
             assert parsed.code != "INTERNAL", parsed
             assert p.ErrorCode(parsed.code)
     if frames:

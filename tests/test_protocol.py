@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agentd import protocol as p
+from agentd import responses
 from agentd.protocol import ErrorCode, ProtocolError
 
 EXAMPLES: list[p.Request] = [
@@ -171,27 +172,27 @@ def test_requests_are_frozen():
 
 
 def test_response_helpers_shape():
-    assert p.result(1, pong=True, pid=5) == {"id": 1, "type": "result", "pong": True, "pid": 5}
-    assert p.token(2, "he") == {"id": 2, "type": "token", "text": "he"}
-    assert p.error(3, ErrorCode.NOT_FOUND, "no agent 'x'") == {
+    assert responses.result(1, pong=True, pid=5) == {"id": 1, "type": "result", "pong": True, "pid": 5}
+    assert responses.token(2, "he") == {"id": 2, "type": "token", "text": "he"}
+    assert responses.error(3, ErrorCode.NOT_FOUND, "no agent 'x'") == {
         "id": 3,
         "type": "error",
         "code": "NOT_FOUND",
         "message": "no agent 'x'",
     }
-    assert p.error(None, "BAD_FRAME", "garbage")["id"] is None
+    assert responses.error(None, "BAD_FRAME", "garbage")["id"] is None
     with pytest.raises(ValueError):
-        p.error(1, "NOT_A_CODE", "x")
+        responses.error(1, "NOT_A_CODE", "x")
     with pytest.raises(ValueError):
-        p.result(1, type="token")
+        responses.result(1, type="token")
 
 
 def test_response_from_wire():
-    assert p.response_from_wire(p.result(1, saved=["a"])) == p.Result(1, {"saved": ["a"]})
-    assert p.response_from_wire(p.token(1, "x")) == p.Token(1, "x")
-    assert p.response_from_wire(p.error(None, ErrorCode.BUSY, "busy")) == p.Error(None, "BUSY", "busy")
+    assert responses.response_from_wire(responses.result(1, saved=["a"])) == responses.Result(1, {"saved": ["a"]})
+    assert responses.response_from_wire(responses.token(1, "x")) == responses.Token(1, "x")
+    assert responses.response_from_wire(responses.error(None, ErrorCode.BUSY, "busy")) == responses.Error(None, "BUSY", "busy")
     # A code this client does not know (a newer daemon) still parses.
-    assert p.response_from_wire({"id": 1, "type": "error", "code": "NEW", "message": "m"}).code == "NEW"
+    assert responses.response_from_wire({"id": 1, "type": "error", "code": "NEW", "message": "m"}).code == "NEW"
 
 
 @pytest.mark.parametrize(
@@ -209,7 +210,7 @@ def test_response_from_wire():
 )
 def test_bad_responses_are_bad_frame(wire):
     with pytest.raises(ProtocolError) as info:
-        p.response_from_wire(wire)
+        responses.response_from_wire(wire)
     assert info.value.code is ErrorCode.BAD_FRAME
 
 
