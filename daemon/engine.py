@@ -169,21 +169,11 @@ class Engine:
         t_start = time.perf_counter()
         # At least the last prompt token must run through the model to give the first logits.
         reuse = min(common_prefix_len(cache_tokens, prompt), len(prompt) - 1)
-        rebuilt = False
-        surplus = len(cache_tokens) - reuse
-        if surplus > 0:
-            if can_trim_prompt_cache(cache) and trim_prompt_cache(cache, surplus) == surplus:
-                pass
-            else:
-                cache, reuse, rebuilt = self.new_cache(), 0, True
+        cache, reuse, rebuilt = self._rewind(cache, len(cache_tokens), reuse)
 
         if should_stop is None:
             should_stop = lambda: False  # noqa: E731
-        prefill_chunk = prefill_chunk or self.prefill_chunk
-        for start in range(reuse, len(prompt) - 1, prefill_chunk):
-            end = min(start + prefill_chunk, len(prompt) - 1)
-            self.model(mx.array(prompt[start:end])[None], cache=cache)
-            mx.eval([c.state for c in cache])
+        for end in self._prefill(cache, prompt, reuse, len(prompt) - 1, prefill_chunk or self.prefill_chunk):
             if on_progress is not None:
                 on_progress(end - reuse, len(prompt) - 1 - reuse)
             if should_stop():
@@ -243,14 +233,30 @@ class Engine:
         """Extend a cache to hold exactly `tokens` (no reply). Used to warm a rebuilt agent."""
         if not tokens:
             return cache, []
-        reuse = common_prefix_len(cache_tokens, tokens)
-        surplus = len(cache_tokens) - reuse
-        if surplus > 0 and not (can_trim_prompt_cache(cache) and trim_prompt_cache(cache, surplus) == surplus):
-            cache, reuse = self.new_cache(), 0
-        for start in range(reuse, len(tokens), self.prefill_chunk):
-            self.model(mx.array(tokens[start : start + self.prefill_chunk])[None], cache=cache)
-            mx.eval([c.state for c in cache])
+        cache, reuse, _ = self._rewind(cache, len(cache_tokens), common_prefix_len(cache_tokens, tokens))
+        for _ in self._prefill(cache, tokens, reuse, len(tokens), self.prefill_chunk):
+            pass
         return cache, list(tokens)
+
+    def _rewind(self, cache: list, cached: int, keep: int) -> tuple[list, int, bool]:
+        """Trim a cache holding `cached` tokens back to its first `keep`: (cache, kept, rebuilt).
+
+        A cache that cannot be trimmed back (a sliding window that has wrapped) is replaced
+        by a fresh one, and nothing is kept.
+        """
+        surplus = cached - keep
+        if surplus <= 0 or (can_trim_prompt_cache(cache) and trim_prompt_cache(cache, surplus) == surplus):
+            return cache, keep, False
+        return self.new_cache(), 0, True
+
+    def _prefill(self, cache: list, tokens: list[int], start: int, stop: int, chunk: int):
+        """Run tokens[start:stop] through the model into `cache`, `chunk` at a time; yields
+        how far it has got after each chunk, so callers can report progress or stop."""
+        for lo in range(start, stop, chunk):
+            hi = min(lo + chunk, stop)
+            self.model(mx.array(tokens[lo:hi])[None], cache=cache)
+            mx.eval([c.state for c in cache])
+            yield hi
 
 
 def _leaves(tree):

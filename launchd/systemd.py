@@ -6,6 +6,8 @@ import re
 import shlex
 from pathlib import Path
 
+from agentd.cli import EX_CONFIG
+
 from .spec import STOP_TIMEOUT_SECONDS, THROTTLE_INTERVAL_SECONDS, UNIT, ServiceSpec
 
 # Loading the model on a CPU can take a while; READY=1 comes only after it.
@@ -48,9 +50,9 @@ def render_unit(spec: ServiceSpec) -> str:
         f"{env}"
         "Restart=on-failure\n"
         f"RestartSec={THROTTLE_INTERVAL_SECONDS}\n"
-        # agentd exits 78 (EX_CONFIG) for a missing model or unreadable records: retrying
+        # agentd exits EX_CONFIG (78) for a missing model or unreadable records: retrying
         # every 10 s cannot fix those, so systemd should not.
-        "RestartPreventExitStatus=78\n"
+        f"RestartPreventExitStatus={EX_CONFIG}\n"
         f"TimeoutStartSec={START_TIMEOUT_SECONDS}\n"
         # The final flush of every dirty agent must finish before SIGKILL.
         f"TimeoutStopSec={STOP_TIMEOUT_SECONDS}\n"
