@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -20,24 +19,15 @@ from typing import Callable
 
 import mlx.core as mx
 
-from .atomic import atomic_replace, fsync_dir, is_partial
-from .cachefile import (
-    CacheFileError,
-    Expectation,
-    UnsupportedCache,
-    cache_nbytes,
-    load_cache,
-    read_header,
-    read_verified_header,
-    save_cache,
-)
-from .engine import Engine
+from .atomic import atomic_replace
+from .cachefile import CacheFileError, Expectation, UnsupportedCache, cache_nbytes
+from .engine import Engine, common_prefix_len
+from .kvstore import CacheRepository, KVSettings
 from .protocol import ProtocolError, validate_agent_name
 from .records import AgentRecord, NotFound, Records
 
 log = logging.getLogger("agentd.agents")
 
-CACHE_SUFFIX = ".safetensors"
 
 
 @dataclass
@@ -89,19 +79,21 @@ class AgentStore:
         engine: Engine,
         *,
         replace: Callable = atomic_replace,
+        kv: KVSettings | None = None,
     ):
         self.home = Path(home)
         self.engine = engine
         self.caches_dir = self.home / "caches"
-        self.quarantine_dir = self.caches_dir / "quarantine"
         self.caches_dir.mkdir(parents=True, exist_ok=True)
         self.records = Records(self.home / "agents.db")
         self.expect = Expectation(engine.fingerprint, engine.tokenizer_fingerprint, engine.dtype)
-        self._replace = replace
         self._hot: OrderedDict[str, HotAgent] = OrderedDict()  # LRU order: oldest first
         self._lock = threading.Lock()  # guards _hot for readers on other threads
         self.problems: list[CacheProblem] = []
-        self._remove_partials()
+        kv = kv or KVSettings(getattr(engine, "kv_bits", None), getattr(engine, "kv_group_size", 64))
+        self.repo = CacheRepository(self.caches_dir, self.expect, engine.new_cache, kv,
+                                    replace=replace, on_problem=self._note_problem)
+        self.last_save_bytes = 0
         self._recover_records()
 
     # ---- records ------------------------------------------------------------------
@@ -111,34 +103,39 @@ class AgentStore:
         return self.records.create(name, role, system)
 
     def fork(self, source: str, name: str) -> AgentRecord:
+        """A copy of `source`'s record and, where the model allows, of its saved cache:
+        the fork's blocks are the source's, so its first turn prefills only the new message."""
         validate_agent_name(name)
         self.records.fork(source, name)
+        with contextlib.suppress(OSError, NotFound, UnsupportedCache):
+            self.save(source)  # a dirty source is saved first so the fork gets all of it
+            self.repo.fork(source, name, _record_json(self.records.get(name)))
         return self.records.get(name, with_messages=False)
 
     def delete(self, name: str) -> None:
         self.records.get(name, with_messages=False)  # NOT_FOUND before anything is touched
         self._drop(name)
-        # The file goes before the record: its copy of the record would bring the agent
+        # The manifest goes before the record: its copy of the record would bring the agent
         # back at the next start (see _recover_records) if a crash came between the two.
-        self._unlink_cache(name)
+        self.repo.delete(name)
         self.records.delete(name)
 
     def reset(self, name: str) -> None:
         """Forget the conversation, keep role and system prompt; the cache goes with it."""
         self.records.get(name, with_messages=False)
         self._drop(name)
-        self._unlink_cache(name)  # first, as in delete: the file's record copy holds the old turns
+        self.repo.delete(name)  # first, as in delete: the manifest's record copy holds the old turns
         self.records.reset(name)
 
-    def _unlink_cache(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.cache_path(name).unlink()
-            fsync_dir(self.caches_dir)
+    def gc(self) -> dict:
+        """Remove blocks no agent's durable manifest names (also done at start and after deletes)."""
+        return self.repo.gc()
 
     # ---- the cache lifecycle ------------------------------------------------------
 
     def cache_path(self, name: str) -> Path:
-        return self.caches_dir / (validate_agent_name(name) + CACHE_SUFFIX)
+        """The agent's manifest (its blocks and tail are named inside)."""
+        return self.repo.manifest_path(validate_agent_name(name))
 
     def is_hot(self, name: str) -> bool:
         return name in self._hot
@@ -151,16 +148,16 @@ class AgentStore:
             return self._hot[name], "memory", 0.0
         rec = self.records.get(name, with_messages=False)
         t0 = time.perf_counter()
-        path = self.cache_path(name)
         agent = None
         source = "new" if rec.n_messages == 0 else "rebuilt"
-        if path.exists():
-            try:
-                loaded = load_cache(path, self.expect)
-                agent = HotAgent(name, loaded.cache, loaded.tokens, last_saved_at=path.stat().st_mtime)
+        if self.repo.has(name):
+            loaded = self.repo.load(name)
+            if loaded is not None:
+                saved = (self.repo.info(name) or {}).get("saved_at")
+                # A v1 file stays dirty until it is saved in blocks (then it is removed).
+                agent = HotAgent(name, loaded.cache, loaded.tokens, dirty=loaded.migrated, last_saved_at=saved)
                 source = "disk"
-            except CacheFileError as e:
-                self._quarantine(name, path, e)
+            else:
                 source = "rebuilt"
         if agent is None:
             agent = HotAgent(name, self.engine.new_cache(), [])
@@ -188,6 +185,8 @@ class AgentStore:
         agent.busy += 1
         try:
             prompt = self.engine.render(rec.system, rec.messages + [{"role": "user", "content": message}])
+            if self._adopt_stored_prefix(agent, prompt[:-1]) and source != "disk":
+                source = "disk"
             cache, gen = self.engine.generate(
                 agent.cache,
                 agent.tokens,
@@ -222,6 +221,19 @@ class AgentStore:
             finish_reason=gen.finish_reason,
         )
 
+    def _adopt_stored_prefix(self, agent: HotAgent, tokens: list[int]) -> bool:
+        """Swap in blocks the store holds for a longer prefix of `tokens` than the agent's
+        cache: a new agent, a fork, a reset or an edited turn loads them instead of prefilling."""
+        have = common_prefix_len(agent.tokens, tokens)
+        if self.repo.stored_prefix(tokens) <= have:
+            return False
+        loaded = self.repo.load_prefix(tokens, have)
+        if loaded is None:
+            return False
+        agent.cache, agent.tokens = loaded.cache, loaded.tokens
+        agent.nbytes = cache_nbytes(agent.cache)
+        return True
+
     def warm(self, name: str) -> str:
         """Make the agent hot and its cache current with its records, without replying."""
         rec = self.records.get(name)
@@ -229,6 +241,8 @@ class AgentStore:
         if not rec.system and not rec.messages:
             return source
         tokens = self.engine.render(rec.system, rec.messages, add_generation_prompt=False)
+        if tokens != agent.tokens and self._adopt_stored_prefix(agent, tokens):
+            source = "disk"
         if tokens != agent.tokens:
             agent.cache, agent.tokens = self.engine.prefill(agent.cache, agent.tokens, tokens)
             agent.nbytes, agent.dirty = cache_nbytes(agent.cache), True
@@ -241,15 +255,8 @@ class AgentStore:
             return False
         rec = self.records.get(name)
         try:
-            save_cache(
-                self.cache_path(name),
-                agent.cache,
-                agent.tokens,
-                self.expect,
-                agent=name,
-                extra_meta={"agentd.record": _record_json(rec)},
-                replace=self._replace,
-            )
+            report = self.repo.save(name, agent.cache, agent.tokens, _record_json(rec))
+            self.last_save_bytes = report.bytes_written if report else 0
         except UnsupportedCache as e:
             # Nothing is lost: the transcript is in the records and rebuilds the cache.
             log.warning("agent %s: cache not saved: %s", name, e)
@@ -337,12 +344,8 @@ class AgentStore:
                 "updated_at": rec.updated_at,
                 "last_saved_at": hot["last_saved_at"],
             }
-        tokens, size, saved = 0, 0, None
-        path = self.caches_dir / (rec.name + CACHE_SUFFIX)
-        with contextlib.suppress(OSError, CacheFileError, ValueError):
-            st = path.stat()
-            size, saved = st.st_size, st.st_mtime
-            tokens = int(read_header(path).get("agentd.n_tokens", 0))
+        stored = self.repo.info(rec.name) or {}
+        tokens, size, saved = stored.get("tokens", 0), stored.get("bytes", 0), stored.get("saved_at")
         return {
             "name": rec.name,
             "role": rec.role,
@@ -358,53 +361,42 @@ class AgentStore:
 
     # ---- housekeeping -------------------------------------------------------------
 
-    def _quarantine(self, name: str, path: Path, err: CacheFileError) -> None:
-        """Move a refused file aside (never delete what a user may want to inspect)."""
-        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
-        dest = self.quarantine_dir / f"{name}.{int(time.time() * 1000)}.{err.reason}{CACHE_SUFFIX}"
-        try:
-            os.replace(path, dest)
-        except OSError as e:
-            log.error("agent %s: cannot move refused cache aside: %s", name, e)
-            dest = path
-        log.warning("agent %s: cache refused (%s), rebuilding from its transcript: %s", name, err.reason, err)
-        self.problems.append(CacheProblem(name, err.reason, str(err), str(dest), time.time()))
+    def _note_problem(self, agent: str, reason: str, message: str, moved_to: str) -> None:
+        """A refused manifest, block, tail or v1 file: shown in status (the last 20)."""
+        self.problems.append(CacheProblem(agent, reason, message, moved_to, time.time()))
         del self.problems[:-20]
 
-    def _remove_partials(self) -> None:
-        """Temp files of writes a crash interrupted: never loaded, removed at start."""
-        for p in self.caches_dir.iterdir():
-            if is_partial(p):
-                with contextlib.suppress(OSError):
-                    p.unlink()
-                log.info("removed an interrupted write: %s", p.name)
-
     def _recover_records(self) -> None:
-        """Cache files without a record (agents.db was lost or replaced): every file carries
-        a copy of its agent's record as of its last save, so the agent comes back with the
-        conversation up to that save instead of being silently dropped."""
-        for path in sorted(self.caches_dir.glob("*" + CACHE_SUFFIX)):
-            name = path.name[: -len(CACHE_SUFFIX)]
-            if not path.is_file() or is_partial(path):
-                continue
+        """Stored caches without a record (agents.db was lost or replaced): every manifest
+        (and v1 file) carries a copy of its agent's record as of its last save, so the agent
+        comes back with the conversation up to that save instead of being silently dropped."""
+        for name, record, legacy in self.repo.recoverable():
             try:
                 validate_agent_name(name)
             except ProtocolError:
-                log.warning("ignoring %s: not the name of an agent's cache file", path.name)
+                log.warning("ignoring stored cache %r: not the name of an agent", name)
                 continue
             if self.records.exists(name):
                 continue
             try:
-                rec = _record_from_json(read_verified_header(path).get("agentd.record"), name)
+                rec = _record_from_json(self.repo.legacy_record(legacy) if legacy else record, name)
             except CacheFileError as e:
-                self._quarantine(name, path, e)
+                self._refuse_unrecoverable(name, legacy, e)
                 continue
             except (ValueError, KeyError, TypeError) as e:
-                self._quarantine(name, path, CacheFileError("record", f"{path.name}: no usable record copy ({e})"))
+                self._refuse_unrecoverable(name, legacy, CacheFileError("record", f"{name}: no usable record copy ({e})"))
                 continue
             self.records.restore(rec)
-            log.warning("agent %s: its record was missing; recovered %d message(s) from its cache file",
+            log.warning("agent %s: its record was missing; recovered %d message(s) from its stored cache",
                         name, len(rec.messages))
+
+    def _refuse_unrecoverable(self, name: str, legacy: Path | None, err: CacheFileError) -> None:
+        if legacy is not None:
+            moved = self.repo._move_aside(legacy, name, err.reason)
+            log.warning("agent %s: cache refused (%s): %s", name, err.reason, err)
+            self._note_problem(name, err.reason, str(err), moved)
+        else:
+            self.repo._drop_manifest(name, err)
 
     def close(self) -> None:
         self.records.close()
