@@ -385,6 +385,10 @@ class Client:
         """{evicted: name, was_dirty: bool}: saved first if dirty, then dropped from memory."""
         return self.request(_build(p.Evict, name))
 
+    def gc(self) -> dict[str, Any]:
+        """{removed_blocks, freed_bytes, store}: delete stored KV blocks no agent names."""
+        return self.request(p.Gc())
+
     def shutdown(self) -> dict[str, Any]:
         """{stopping: True}: the daemon flushes and exits; this connection is closed."""
         try:

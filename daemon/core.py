@@ -25,6 +25,7 @@ from . import protocol as p
 from . import responses
 from .agents import AgentStore
 from .engine import Engine
+from .kvstore import KVSettings
 from .memory import HotFacts, Limits, MemoryProbe, choose_evictions
 from .records import AlreadyExists, NotFound, RecordError
 from .worker import Worker
@@ -56,6 +57,7 @@ class Settings:
     cache_budget: int = 4 * 10**9
     min_available: int = 1 * 10**9
     preload: int = 0
+    kv: KVSettings = field(default_factory=KVSettings)
 
 
 class Daemon:
@@ -64,7 +66,7 @@ class Daemon:
         self.engine = engine
         self.worker = Worker()
         try:
-            self.store: AgentStore = self.worker.submit(AgentStore, settings.home, engine).result()
+            self.store: AgentStore = self.worker.submit(AgentStore, settings.home, engine, kv=settings.kv).result()
         except (RecordError, sqlite3.DatabaseError) as e:
             from .server import StartupError  # imported here: server imports this module
 
@@ -152,6 +154,7 @@ class Daemon:
                 "last_error": self.flush.last_error,
                 "consecutive_failures": self.flush.consecutive_failures,
             },
+            "store": self.store.repo.stats(),
             "problems": [pr.__dict__ for pr in self.store.problems],
             "agents": self._infos(),
         }
@@ -169,7 +172,7 @@ class Daemon:
         return {"agent": self._info(req.name)}
 
     async def _op_fork(self, req: p.Fork, rid, emit) -> dict:
-        self.store.fork(req.source, req.name)
+        await self._mlx(self.store.fork, req.source, req.name)  # saves the source: MLX work
         return {"agent": self._info(req.name)}
 
     async def _op_list(self, req, rid, emit) -> dict:
@@ -204,6 +207,10 @@ class Daemon:
             raise p.ProtocolError(p.ErrorCode.BUSY, f"agent {req.name!r} has a request in flight")
         was_dirty = await self._mlx(self.store.evict, req.name)
         return {"evicted": req.name, "was_dirty": was_dirty}
+
+    async def _op_gc(self, req, rid, emit) -> dict:
+        reclaimed = await self._mlx(self.store.gc)
+        return {**reclaimed, "store": self.store.repo.stats()}
 
     async def _op_shutdown(self, req, rid, emit) -> dict:
         self.request_shutdown("requested by a client")

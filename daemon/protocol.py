@@ -288,13 +288,18 @@ class Evict(_Named):
 
 
 @dataclass(frozen=True)
+class Gc(Request):
+    op: ClassVar[str] = "gc"
+
+
+@dataclass(frozen=True)
 class Shutdown(Request):
     op: ClassVar[str] = "shutdown"
 
 
 REQUEST_TYPES: dict[str, type[Request]] = {
     cls.op: cls
-    for cls in (Hello, Ping, Status, Create, Fork, List, Show, History, Delete, Reset, Chat, Save, Evict, Shutdown)
+    for cls in (Hello, Ping, Status, Create, Fork, List, Show, History, Delete, Reset, Chat, Save, Evict, Gc, Shutdown)
 }
 
 _MAX_ID = 2**63 - 1

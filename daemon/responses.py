@@ -27,6 +27,9 @@ Result fields per op:
               limits {max_hot, cache_budget, min_available},
               flush  {interval_s, last_flush_at, last_result, last_error,
                       consecutive_failures},
+              store  {blocks, block_bytes, shared_blocks, shared_bytes,
+                      saved_by_sharing_bytes, agent_bytes, garbage_blocks,
+                      garbage_bytes, legacy_files, block_tokens, kv_bits},
               agents [AgentInfo]
     create    agent: AgentInfo
     fork      agent: AgentInfo
@@ -40,6 +43,7 @@ Result fields per op:
               decode_tokens_per_s, finish_reason ("stop"|"length")
     save      saved: [name]
     evict     evicted: name, was_dirty: bool
+    gc        removed_blocks: int, freed_bytes: int, store {...as in status}
     shutdown  stopping: True
 
     AgentInfo {name, role, state ("hot"|"cold"), tokens, bytes, dirty: bool,
