@@ -44,6 +44,7 @@ class AgentStore:
         self.home = Path(home)
         self.engine = engine
         self.caches_dir = self.home / "caches"
+        self.home.mkdir(parents=True, exist_ok=True)
         self.records = Records(self.home / "agents.db")
         kv = kv or KVSettings(getattr(engine, "kv_bits", None), getattr(engine, "kv_group_size", 64))
         self.repo = CacheRepository(

@@ -70,7 +70,7 @@ class BlockStore:
     """The files under `caches/blocks/`. Single-threaded (the MLX worker), except `sizes()`."""
 
     def __init__(self, root: Path, fingerprint: str, block_tokens: int = 256, *,
-                 replace: Callable = atomic_replace, quarantine_dir: Path | None = None):
+                 replace: Callable = atomic_replace, quarantine_dir: Path | None = None, clean: bool = True):
         self.root = Path(root)
         self.fingerprint = fingerprint
         self.block_tokens = block_tokens
@@ -78,7 +78,7 @@ class BlockStore:
         self.quarantine_dir = quarantine_dir or self.root.parent / "quarantine"
         self.root.mkdir(parents=True, exist_ok=True)
         self._sizes: dict[str, int] = {}
-        self.rescan()
+        self.rescan(clean)
 
     # ---- naming -------------------------------------------------------------------
 
@@ -95,11 +95,11 @@ class BlockStore:
         """Every block file on disk and its size (a copy: safe to read from any thread)."""
         return dict(self._sizes)
 
-    def rescan(self) -> None:
-        """Index the files on disk; temp files of interrupted writes are removed."""
+    def rescan(self, clean: bool = True) -> None:
+        """Index the files on disk; temp files of interrupted writes are removed (if `clean`)."""
         sizes = {}
         for p in self.root.iterdir():
-            if is_partial(p):
+            if is_partial(p) and clean:
                 with contextlib.suppress(OSError):
                     p.unlink()
                 log.info("removed an interrupted block write: %s", p.name)
@@ -175,6 +175,25 @@ class BlockStore:
             raise BlockError("unreadable", f"block {bid[:12]}: {e.strerror or e}") from e
         finally:
             os.close(fd)
+
+    def verify(self, bid: str) -> None:
+        """Check a stored block on its own (header, id, size, checksum); BlockError if not whole."""
+        try:
+            with open(self.path(bid), "rb") as f:
+                head = f.read(ALIGN)
+                (n,) = struct.unpack("<I", head[8:12]) if len(head) >= 12 else (0,)
+                if head[:8] != MAGIC or n > MAX_HEADER:
+                    raise BlockError("corrupt", f"block {bid[:12]}: bad header")
+                f.seek(12)
+                meta = json.loads(f.read(n))
+        except (OSError, ValueError, struct.error) as e:
+            raise BlockError("corrupt", f"block {bid[:12]}: unreadable ({e})") from e
+        layout = RowLayout.from_json(meta["layout"])
+        buf = bytearray(layout.row_bytes() * self.block_tokens)
+        views = np.frombuffer(buf, dtype=np.uint8)
+        if self.path(bid).stat().st_size != -(-(12 + n) // ALIGN) * ALIGN + len(buf):
+            raise BlockError("truncated", f"block {bid[:12]}: wrong size")
+        self.read_into(bid, meta["parent"], meta["tokens"], layout, [memoryview(views)])
 
     # ---- removal ------------------------------------------------------------------
 

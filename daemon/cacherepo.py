@@ -38,7 +38,7 @@ from .cachefile import save_layers
 from .kvrows import RowLayout, RowTarget, is_row_layer, layout_of, row_buffers
 from .kvrows import _views as cache_views
 from .kvstore import MANIFEST, KVSettings, cache_fingerprint, encode_manifest, parse_manifest, read_tail, save_tail
-from .kvstore import FORMAT, FORMAT_VERSION, write_file
+from .kvstore import FORMAT, FORMAT_VERSION, ManifestError, write_file
 from .protocol import ProtocolError, validate_agent_name
 from .records import AgentRecord, Records
 
@@ -416,9 +416,9 @@ class CacheRepository:
                 continue
             try:
                 self._manifests[name] = parse_manifest(path.read_bytes(), name)
-            except (OSError, ValueError) as e:
-                reason = "checksum" if "checksum" in str(e) else "corrupt"
-                self._problem(name, reason, f"{name}: manifest refused ({e})", self._move_aside(path, name, reason))
+            except (OSError, ManifestError) as e:
+                reason = getattr(e, "reason", "unreadable")
+                self._problem(name, reason, str(e), self._move_aside(path, name, reason))
                 self._drop_dir(name)
                 continue
             for p in adir.iterdir():

@@ -56,13 +56,27 @@ def manifest_digest(m: dict) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+class ManifestError(ValueError):
+    """A manifest that must not be used; `reason`: corrupt, checksum, version, agent."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 def parse_manifest(data: bytes, name: str) -> dict:
-    """A manifest whose checksum holds and that is this agent's; ValueError says why not."""
-    m = json.loads(data)
+    """A manifest whose checksum holds and that is this agent's, or ManifestError."""
+    try:
+        m = json.loads(data)
+    except ValueError:
+        raise ManifestError("corrupt", f"{name}: manifest is not JSON (torn or damaged)") from None
     if not isinstance(m, dict) or m.get("checksum") != manifest_digest(m):
-        raise ValueError("checksum mismatch")
-    if m.get("format") != FORMAT or m.get("version") != FORMAT_VERSION or m.get("agent") != name:
-        raise ValueError("not this agent's manifest of a version this agentd reads")
+        raise ManifestError("checksum", f"{name}: manifest checksum mismatch (the file is corrupt)")
+    if m.get("format") != FORMAT or m.get("version") != FORMAT_VERSION:
+        raise ManifestError("version", f"{name}: manifest format {m.get('format')} v{m.get('version')}, "
+                                       f"this agentd reads v{FORMAT_VERSION}")
+    if m.get("agent") != name:
+        raise ManifestError("agent", f"{name}: the manifest in this folder is agent {m.get('agent')!r}'s")
     return m
 
 
