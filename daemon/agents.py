@@ -33,7 +33,7 @@ from .cachefile import (
 )
 from .engine import Engine
 from .protocol import ProtocolError, validate_agent_name
-from .records import AgentRecord, NotFound, Records
+from .records import AgentRecord, AlreadyExists, NotFound, Records
 
 log = logging.getLogger("agentd.agents")
 
@@ -129,6 +129,27 @@ class AgentStore:
         self._drop(name)
         self._unlink_cache(name)  # first, as in delete: the file's record copy holds the old turns
         self.records.reset(name)
+
+    def adopt(self, rec: AgentRecord, cache: list | None, tokens: list[int]) -> None:
+        """Add a whole agent made elsewhere (an imported bundle): its record and, if given,
+        its cache, which holds exactly `tokens`. It is all there or none of it is.
+
+        The cache file goes first and carries a copy of the record: a crash before its
+        rename leaves a temp file (removed at start), one after it leaves a file whose
+        record copy `_recover_records` restores at start. So no crash leaves half an agent.
+        """
+        name = validate_agent_name(rec.name)
+        if self.records.name_taken(name) or self.cache_path(name).exists():
+            raise AlreadyExists(f"agent {name!r} already exists")
+        if cache is not None:
+            save_cache(self.cache_path(name), cache, tokens, self.expect, agent=name,
+                       extra_meta={"agentd.record": _record_json(rec)}, replace=self._replace)
+        try:
+            self.records.add(rec)
+        except BaseException:
+            if cache is not None:
+                self._unlink_cache(name)  # a create() on another thread took the name meanwhile
+            raise
 
     def _unlink_cache(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
