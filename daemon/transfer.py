@@ -24,7 +24,7 @@ async def export_op(daemon, req: p.Export, rid: int, emit) -> dict:
         try:
             return export_agent(daemon.store, req.name)
         finally:
-            daemon._enforce_limits()  # export makes the agent hot, as a chat does
+            daemon.memory.enforce(daemon.store)  # export makes the agent hot, as a chat does
 
     exported = await daemon._mlx(job)
     built = exported.built

@@ -343,6 +343,7 @@ def test_a_crash_during_an_import_leaves_nothing_or_everything(victim, tiny_llam
     d, good, _ = victim
     (tmp_path / "x.agent").write_bytes(good)
     home = tmp_path / "h" / "data"
+    home.mkdir(parents=True)
     r = subprocess.run([sys.executable, "-c", CRASH, str(home), str(tiny_llama_dir), str(tmp_path / "x.agent"), where],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 137, r.stderr
