@@ -99,6 +99,8 @@ def _emit(opts: Options, result: dict[str, Any], human: Callable[[dict[str, Any]
 _OPTIONAL_COMMANDS = {
     "service": ("agentctl.service.cli", "service"),
     "demo": ("agentctl.demo", "demo"),
+    "http-env": ("agentctl.http_cli", "http_env"),
+    "open": ("agentctl.http_cli", "open_"),
 }
 
 

@@ -182,6 +182,8 @@ def render_status(result: dict[str, Any], now: float | None = None) -> str:
         ("limits", f"max hot {_num(_get(limits, 'max_hot'))}, cache budget {human_bytes(_get(limits, 'cache_budget'))}, "
                    f"min available {human_bytes(_get(limits, 'min_available'))}"),
         ("flush", flush_line),
+        ("http", (f"{_get(result.get('http'), 'base_url')} (key in {_get(result.get('http'), 'token_file')})"
+                  if result.get("http") else "off")),
         ("agents", f"{len(agents)} ({hot} hot, {dirty} dirty)"),
     ]
     text = _kv(pairs)

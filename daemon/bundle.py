@@ -32,7 +32,7 @@ from typing import Any
 import mlx.core as mx
 
 from . import __version__, cachefile
-from .protocol import MAX_ROLE_CHARS, MAX_TEXT_BYTES, ProtocolError, validate_agent_name
+from .protocol import MAX_ROLE_CHARS, MAX_TEXT_BYTES, ProtocolError, check_messages, validate_agent_name
 
 MAGIC = b"\x89agentd\n"  # the high byte and newline catch text-mode and non-bundle files
 FORMAT = "agentd-agent"
@@ -292,17 +292,18 @@ def parse_header(raw: bytes, data_len: int) -> dict:
     messages = a.get("messages")
     if not isinstance(messages, list):
         raise _bad("messages must be a list")
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
-            raise _bad("each message must be an object with role 'user' or 'assistant'")
-        _text(m, "content")
+    for i, m in enumerate(messages):
+        try:
+            check_messages([m])  # the same rules as messages arriving in a turn
+        except ProtocolError as e:
+            raise _bad(f"message {i}: {e.message}") from None
     h["agent"] = {
         "name": a["name"],
         "role": _text(a, "role", max_chars=MAX_ROLE_CHARS),
         "system": _text(a, "system"),
         "created_at": _time(a, "created_at"),
         "updated_at": _time(a, "updated_at"),
-        "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+        "messages": messages,
     }
     model = h.get("model")
     if not isinstance(model, dict) or not all(isinstance(model.get(k), str) for k in ("id", "fingerprint", "tokenizer", "dtype")):

@@ -29,6 +29,8 @@ Result fields per op:
               limits {max_hot, cache_budget, min_available},
               flush  {interval_s, last_flush_at, last_result, last_error,
                       consecutive_failures},
+              problems [{agent, reason, message, moved_to, at}]   (refused cache files)
+              http   {address, base_url, token_file} | None   (the HTTP front end)
               agents [AgentInfo]
     create    agent: AgentInfo
     fork      agent: AgentInfo
@@ -40,6 +42,11 @@ Result fields per op:
     chat      text, cached_tokens, prefilled_tokens, generated_tokens, prompt_tokens,
               cache_source ("memory"|"disk"|"rebuilt"|"new"), restore_ms, ttft_ms,
               decode_tokens_per_s, finish_reason ("stop"|"length")
+    turn      as chat, finish_reason also "tool_calls", plus tool_calls: [ToolCall] | None,
+              branch: str | None (the agent a replaced transcript was kept as),
+              n_messages (the transcript's length after the turn)
+    complete  as chat (cache_source "memory"|"new"), plus tool_calls
+    response  response_id, agent: str | None, created_at, n_messages, body: {meta, result, ...}
     save      saved: [name]
     evict     evicted: name, was_dirty: bool
     export    name, bytes (the bundle's size), sha256 (of the whole bundle, hex),

@@ -101,8 +101,9 @@ def bind_private_socket(path: Path) -> socket.socket:
 
 
 class Server:
-    def __init__(self, daemon: Daemon, socket_path: Path, idle_timeout: float = 300.0):
+    def __init__(self, daemon: Daemon, socket_path: Path, idle_timeout: float = 300.0, front_ends: list = ()):
         self.daemon = daemon
+        self.front_ends = list(front_ends)  # other listeners (HTTP), each with `async stop()`
         self.socket_path = Path(socket_path)
         self.idle_timeout = idle_timeout
         self._conns: set[asyncio.Task] = set()
@@ -121,6 +122,8 @@ class Server:
 
         notify("STOPPING=1")
         server.close()
+        for front in self.front_ends:
+            await front.stop()  # in-flight turns were told to stop; their handlers answer first
         ticker.cancel()
         # In-flight chats were told to stop; give them a bounded time to hand back.
         if self._conns:

@@ -34,6 +34,15 @@ EXAMPLES: list[p.Request] = [
     p.Chunk(b"\x89agentd\n"),
     p.Chunk(b""),
     p.Shutdown(),
+    p.Turn(name="alice", messages=[{"role": "user", "content": "hi"}]),
+    p.Turn(name="alice", follow=True, system="S", top_p=0.5, tools=[{"type": "function", "function": {"name": "f"}}],
+           response={"id": "resp_1", "meta": {"model": "agent:alice"}},
+           messages=[{"role": "user", "content": "hi"},
+                     {"role": "assistant", "content": "", "tool_calls": [
+                         {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                     {"role": "tool", "content": "42", "tool_call_id": "c"}]),
+    p.Complete(messages=[{"role": "user", "content": "hi"}], system="S"),
+    p.GetResponse("resp_1"),
 ]
 
 
@@ -122,6 +131,16 @@ def _chat(**fields):
         {"id": 9, "op": "hello", "protocol": True},
         {"id": 9, "op": "hello"},
         {"id": 9, "op": "ping", "name": "a"},
+        {"id": 9, "op": "turn", "messages": [{"role": "user", "content": "x"}]},  # name missing
+        {"id": 9, "op": "turn", "name": "a", "messages": []},
+        {"id": 9, "op": "turn", "name": "a", "messages": [{"role": "system", "content": "x"}]},
+        {"id": 9, "op": "turn", "name": "a", "messages": [{"role": "user", "content": "x", "extra": 1}]},
+        {"id": 9, "op": "turn", "name": "a", "messages": [{"role": "user", "content": None}]},
+        {"id": 9, "op": "turn", "name": "a", "messages": [{"role": "user", "content": "x", "tool_calls": []}]},
+        {"id": 9, "op": "turn", "name": "a", "messages": [{"role": "user", "content": "x"}], "system": "s"},
+        {"id": 9, "op": "turn", "name": "a", "messages": [{"role": "user", "content": "x"}], "top_p": 0},
+        {"id": 9, "op": "turn", "name": "a", "messages": [{"role": "user", "content": "x"}], "tools": [{}]},
+        {"id": 9, "op": "complete", "messages": [{"role": "user", "content": "x" * (p.MAX_TEXT_BYTES + 1)}]},
         {"id": 9, "op": None},
         {"id": 9},
     ],
