@@ -24,7 +24,9 @@ import mlx.core as mx
 from . import __version__
 from . import protocol as p
 from . import responses
+from . import transfer
 from .agents import AgentStore
+from .bundle import BundleError
 from .engine import Engine
 from .errors import StartupError
 from .memory import Limits, MemoryProbe
@@ -37,6 +39,8 @@ log = logging.getLogger("agentd.core")
 
 # Sends a streamed frame; called with None it only checks the client is still there.
 Emit = Callable[[dict | None], Awaitable[None]]
+# Reads the next frame of the same connection (an upload); raises ConnectionError if it broke.
+Receive = Callable[[], Awaitable[dict]]
 
 
 @dataclass
@@ -71,16 +75,24 @@ class Daemon:
 
     # ---- dispatch -----------------------------------------------------------------
 
-    async def handle(self, rid: int, req: p.Request, emit: Emit) -> dict:
-        """Answer one request. Returns the terminal frame; `emit` sends streamed ones."""
+    async def handle(self, rid: int, req: p.Request, emit: Emit, receive: Receive | None = None) -> dict:
+        """Answer one request. Returns the terminal frame; `emit` sends streamed ones and
+        `receive` reads an upload's frames (import)."""
         handler = getattr(self, "_op_" + req.op)  # req.op comes from our own REQUEST_TYPES
         try:
             if self.stopping and req.op not in ("ping", "status", "hello"):
+                if req.op == "import" and receive is not None:
+                    await transfer.drain_upload(rid, receive, emit)
                 raise p.ProtocolError(p.ErrorCode.SHUTTING_DOWN, "agentd is shutting down")
-            fields = await handler(req, rid, emit)
+            if req.op == "import":
+                fields = await transfer.import_op(self, req, rid, emit, receive)
+            else:
+                fields = await handler(req, rid, emit)
             return responses.result(rid, **fields)
         except p.ProtocolError as e:
             return responses.error(rid, e.code, e.message)
+        except BundleError as e:
+            return responses.error(rid, p.ErrorCode.BAD_BUNDLE, e.message)
         except NotFound as e:
             return responses.error(rid, p.ErrorCode.NOT_FOUND, str(e))
         except AlreadyExists as e:
@@ -190,6 +202,15 @@ class Daemon:
             raise p.ProtocolError(p.ErrorCode.BUSY, f"agent {req.name!r} has a request in flight")
         was_dirty = await self._mlx(self.store.evict, req.name)
         return {"evicted": req.name, "was_dirty": was_dirty}
+
+    async def _op_export(self, req: p.Export, rid, emit) -> dict:
+        return await transfer.export_op(self, req, rid, emit)
+
+    async def _op_import(self, req, rid, emit) -> dict:
+        raise AssertionError("handle() routes import with its upload")
+
+    async def _op_chunk(self, req, rid, emit) -> dict:
+        raise p.ProtocolError(p.ErrorCode.BAD_REQUEST, "a chunk outside an import upload")
 
     async def _op_shutdown(self, req, rid, emit) -> dict:
         self.request_shutdown("requested by a client")

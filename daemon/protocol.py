@@ -24,6 +24,13 @@ sends `hello` first on every connection. Ops and fields (defaults in brackets):
               temperature: float [0.0] (0..5), seed: int | None [None] (0..2**63-1)
     save      name: str | None [None]  (None: every dirty agent)
     evict     name
+    export    name   (answered by `chunk` frames carrying the bundle's bytes, then a result;
+                      see `agentd.bundle` for the file format)
+    import    name: str | None [None]  (None: the bundle's own name). An upload: after the
+              request the client sends the bundle as `chunk` requests with the import's
+              id, then one chunk with empty data; only then does the daemon answer (a
+              refusal found early is reported after the upload has been read)
+    chunk     data: bytes (<= MAX_CHUNK_BYTES), only as part of an import upload
     shutdown  -
     turn      name, messages: [Message] (1..), follow: bool [False], system: str | None [None],
               tools: [Tool] | None [None], response: ResponseRef | None [None],
@@ -66,6 +73,7 @@ MAX_CLIENT_CHARS = 200
 MAX_TOKENS_LIMIT = 8192
 MAX_TEMPERATURE = 5.0
 MAX_SEED = 2**63 - 1
+MAX_CHUNK_BYTES = 4 * 1024 * 1024  # bundle bytes per chunk frame, either way
 MAX_TURN_BYTES = 8 * 1024 * 1024  # all text of one turn's messages and tools
 MAX_TURN_MESSAGES = 10_000
 MAX_RESPONSE_ID_CHARS = 100
@@ -87,6 +95,7 @@ class ErrorCode(str, Enum):
     SHUTTING_DOWN = "SHUTTING_DOWN"
     INTERNAL = "INTERNAL"
     MODEL_ERROR = "MODEL_ERROR"
+    BAD_BUNDLE = "BAD_BUNDLE"  # an imported agent bundle that is refused (truncated, corrupt, ...)
 
 
 class ProtocolError(Exception):
@@ -351,6 +360,35 @@ class Evict(_Named):
 
 
 @dataclass(frozen=True)
+class Export(_Named):
+    op: ClassVar[str] = "export"
+
+
+@dataclass(frozen=True)
+class Import(Request):
+    op: ClassVar[str] = "import"
+    name: str | None = None
+
+    def _validate(self) -> None:
+        if self.name is not None:
+            validate_agent_name(self.name)
+
+
+@dataclass(frozen=True)
+class Chunk(Request):
+    """A piece of an upload (import); empty `data` ends it."""
+
+    op: ClassVar[str] = "chunk"
+    data: bytes
+
+    def _validate(self) -> None:
+        if not isinstance(self.data, bytes):
+            raise _bad(f"data must be bytes, not {type(self.data).__name__}")
+        if len(self.data) > MAX_CHUNK_BYTES:
+            raise _bad(f"a chunk is {len(self.data)} bytes; the limit is {MAX_CHUNK_BYTES}")
+
+
+@dataclass(frozen=True)
 class Shutdown(Request):
     op: ClassVar[str] = "shutdown"
 
@@ -495,7 +533,7 @@ class GetResponse(Request):
 REQUEST_TYPES: dict[str, type[Request]] = {
     cls.op: cls
     for cls in (Hello, Ping, Status, Create, Fork, List, Show, History, Delete, Reset, Chat, Save, Evict, Shutdown,
-                Turn, Complete, GetResponse)
+                Turn, Complete, GetResponse, Export, Import, Chunk)
 }
 
 _MAX_ID = 2**63 - 1

@@ -285,6 +285,26 @@ class Records:
                 [(rec.name, i, m["role"], m["content"], rec.updated_at, _extra(m)) for i, m in enumerate(rec.messages)],
             )
 
+    def name_taken(self, name: str) -> bool:
+        """Whether `name`, or a name differing from it only in case, is an agent's."""
+        with self._conn() as db:
+            return db.execute("SELECT 1 FROM agents WHERE name=? COLLATE NOCASE", (name,)).fetchone() is not None
+
+    def add(self, rec: AgentRecord) -> None:
+        """Insert a whole agent (record and messages) in one transaction; AlreadyExists if taken."""
+        try:
+            with self._conn() as db:
+                db.execute(
+                    "INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?)",
+                    (rec.name, rec.role, rec.system, rec.created_at, rec.updated_at, rec.last_used_at),
+                )
+                db.executemany(
+                    "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)",
+                    [(rec.name, i, m["role"], m["content"], rec.updated_at, _extra(m)) for i, m in enumerate(rec.messages)],
+                )
+        except sqlite3.IntegrityError:
+            raise AlreadyExists(f"agent {rec.name!r} already exists") from None
+
     def close(self) -> None:
         db = getattr(self._local, "db", None)
         if db is not None:

@@ -220,7 +220,19 @@ class Server:
                 if frame is not None:
                     await self._send(writer, frame)
 
-            reply = await self.daemon.handle(rid, req, emit)
+            async def receive() -> dict:
+                try:
+                    wire = await asyncio.wait_for(framing.read_frame(reader), timeout=self.idle_timeout)
+                except asyncio.TimeoutError:
+                    raise ConnectionResetError("the client stalled in the middle of an upload") from None
+                except framing.FrameError as e:
+                    await self._send(writer, responses.error(None, p.ErrorCode.BAD_FRAME, str(e)))
+                    raise ConnectionResetError("a bad frame in the middle of an upload") from None
+                if wire is None:
+                    raise ConnectionResetError("the client went away in the middle of an upload")
+                return wire
+
+            reply = await self.daemon.handle(rid, req, emit, receive)
             await self._send(writer, reply)
             if reply.get("type") == "error" and req.op == "hello":
                 return
