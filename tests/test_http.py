@@ -371,6 +371,9 @@ def test_the_default_port_taken_means_socket_only_with_a_warning(tiny_llama_dir,
         try:
             assert _http(d) is None
             assert f"HTTP: {DEFAULT_HTTP} is taken" in d.stderr()
+            off = subprocess.run([AGENTCTL, "--socket", str(d.socket), "--json", "http-env"], capture_output=True,
+                                 text=True)
+            assert off.returncode == 1 and json.loads(off.stdout)["error"]["code"] == "HTTP_OFF"
         finally:
             d.kill()
     finally:
