@@ -6,8 +6,8 @@
 (Not `http.py`: a script of that name in benchmarks/ would shadow the standard library's
 `http` package for every script run from this folder.)
 
-1. Decode through HTTP vs the socket, one daemon, interleaved runs: the same prompt to a
-   fresh agent each run, once through `agentctl`'s Client (Unix socket) and once through the
+1. Decode through HTTP vs the socket, one daemon, interleaved runs (the order alternating):
+   the same prompt to a fresh agent each run, once through `agentctl`'s Client (Unix socket) and once through the
    official `openai` client (`/v1/chat/completions`, stream=True, model `agent:<name>`).
    Decode rate at the client: (generated tokens - 1) / (last piece - first piece).
 2. Time to first token of a follow-up after a restart, same `openai` client, same model
@@ -94,11 +94,14 @@ def decode_http_vs_socket(model: Path, runs: int, max_tokens: int) -> dict:
         base_url, key = _http_of(daemon)
         client = _openai(base_url, key)
         with daemon.client() as cl:
-            for i in range(runs):  # interleaved, so load on the machine hits both alike
+            for i in range(runs):  # interleaved, order alternating, so load on the machine hits both alike
                 cl.create(f"s{i}")
-                out["socket"].append(timed_socket(cl, f"s{i}", DECODE_PROMPT, max_tokens))
-                out["http"].append(timed_stream(client, f"agent:h{i}", [{"role": "user", "content": DECODE_PROMPT}],
-                                                max_tokens))
+                for path in (("socket", "http") if i % 2 == 0 else ("http", "socket")):
+                    if path == "socket":
+                        out["socket"].append(timed_socket(cl, f"s{i}", DECODE_PROMPT, max_tokens))
+                    else:
+                        out["http"].append(timed_stream(client, f"agent:h{i}",
+                                                        [{"role": "user", "content": DECODE_PROMPT}], max_tokens))
                 c.log(f"decode run {i + 1}: socket {c.fmt(out['socket'][-1]['client_decode_tok_s'])} tok/s, "
                       f"HTTP {c.fmt(out['http'][-1]['client_decode_tok_s'])} tok/s")
                 cl.evict(f"s{i}")

@@ -489,7 +489,8 @@ def http_section(d: dict) -> list[str]:
              f"before, {' '.join(d.get('loadavg_after') or [])} after (a shared machine: ratios within the run "
              "are what to read).")
     L.append("")
-    L.append(f"**Decode through HTTP vs the socket**, one daemon, {len(dec['http'])} interleaved runs each of the same "
+    L.append(f"**Decode through HTTP vs the socket**, one daemon, {len(dec['http'])} interleaved runs each (order "
+             "alternating) of the same "
              f"prompt to a fresh agent, {dec['max_tokens']} tokens at most: `agentctl`'s Client on the Unix socket vs "
              "the official `openai` client streaming `/v1/chat/completions` (`model=\"agent:<name>\"`). Rates are "
              "measured at the client, first piece to last.")

@@ -16,6 +16,7 @@ from typing import Callable
 
 from .agents import AgentStore, HotAgent
 from .cachefile import cache_nbytes
+from .protocol import ErrorCode, ProtocolError
 from .toolcalls import splitter_for
 from .transcripts import plan_turn
 
@@ -52,6 +53,7 @@ class Turns:
         `tool_calls`, `branch` (where a replaced transcript was kept) and `n_messages`.
         """
         rec = self.store.records.get(name)
+        self._check_new_response(response)
         plan = plan_turn(rec.system, rec.messages, messages, follow=follow, system=system)
         new_system = rec.system if plan.system is None else plan.system
         convo = (rec.messages if plan.keep is None else rec.messages[: plan.keep]) + plan.new
@@ -91,6 +93,7 @@ class Turns:
         recorded but the Responses object, if asked for. One scratch cache, kept in memory
         between calls, gives prefix reuse to clients that resend a growing conversation."""
         plan_turn(system, [], messages, follow=True, system=system)  # the same checks as a turn
+        self._check_new_response(response)
         if self._scratch is None:
             self._scratch = HotAgent("", self.store.engine.new_cache(), [])
         result, reply = self._reply(self._scratch, system, messages, tools, sampling, on_token, should_stop, on_progress)
@@ -100,6 +103,10 @@ class Turns:
             body = {"meta": response["meta"], "result": result, "system": system, "messages": messages + [reply]}
             self.store.records.put_response(response["id"], None, len(messages) + 1, json.dumps(body))
         return result
+
+    def _check_new_response(self, response: dict | None) -> None:
+        if response is not None and self.store.records.has_response(response["id"]):
+            raise ProtocolError(ErrorCode.ALREADY_EXISTS, f"a response with id {response['id']!r} already exists")
 
     def _reply(self, agent: HotAgent, system: str, convo: list[dict], tools, sampling, on_token, should_stop,
                on_progress) -> tuple[dict, dict]:
@@ -111,7 +118,12 @@ class Turns:
                 shown = splitter.feed(piece)
                 if shown and on_token is not None:
                     on_token(shown)
-        prompt = self.store.engine.render(system, convo, tools=tools)
+        try:
+            prompt = self.store.engine.render(system, convo, tools=tools)
+        except Exception as e:  # jinja raises many types; all mean this request cannot be rendered
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f"the model's chat template cannot render this conversation: {type(e).__name__}: {e}")
+
         cache, gen = self.store.engine.generate(agent.cache, agent.tokens, prompt, **(sampling or {}), on_token=emit,
                                                 should_stop=should_stop, on_progress=on_progress)
         agent.cache, agent.tokens, agent.dirty = cache, gen.cache_tokens, bool(agent.name)

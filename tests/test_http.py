@@ -38,6 +38,11 @@ def _history(d: DaemonProc, name: str) -> list[dict]:
         return c.history(name)["messages"]
 
 
+def _names(d: DaemonProc) -> list[str]:
+    with d.client() as c:
+        return [a["name"] for a in c.list()["agents"]]
+
+
 @pytest.fixture(scope="module")
 def daemon(tiny_llama_dir):
     home = Path(tempfile.mkdtemp(prefix="ad-", dir="/tmp"))
@@ -73,6 +78,15 @@ def test_chat_completions_plain_then_streamed_record_each_turn_once(daemon):
         assert c.show("chat")["system"] == "You are terse."
     models = [m.id for m in client.models.list().data]
     assert "agent:chat" in models and "tiny-llama" in models
+
+    # The base model's id: stateless, nothing recorded, but a resent prefix is reused in memory.
+    before = _names(daemon)
+    s1 = client.chat.completions.create(model="tiny-llama", messages=convo, max_tokens=3)
+    s2 = client.chat.completions.create(model="tiny-llama", messages=convo + [
+        {"role": "assistant", "content": s1.choices[0].message.content}, {"role": "user", "content": "More."}],
+        max_tokens=3)
+    assert s2.usage.prompt_tokens_details.cached_tokens >= s1.usage.prompt_tokens - 1
+    assert _names(daemon) == before
 
 
 def test_a_diverging_conversation_keeps_the_old_one_as_a_branch(daemon):
@@ -127,6 +141,12 @@ def test_responses_api_appends_follows_previous_ids_and_is_retrievable(daemon):
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert events[0].type == "response.created" and events[-1].response.output_text == deltas
     assert _history(daemon, "resp")[-1]["content"] == deltas
+
+    # A conversation may name the agent instead of the model.
+    r5 = client.responses.create(model="tiny-llama", conversation="agent:resp", input="Via the conversation",
+                                 max_output_tokens=5)
+    assert _history(daemon, "resp")[-2:] == [{"role": "user", "content": "Via the conversation"},
+                                              {"role": "assistant", "content": r5.output_text}]
 
     # The base model's id is a stateless chain; previous_response_id carries its context.
     s1 = client.responses.create(model="tiny-llama", input="Hello!", max_output_tokens=4)
