@@ -21,6 +21,7 @@ from . import framing
 from . import protocol as p
 from . import responses
 from .core import Daemon
+from .errors import StartupError  # noqa: F401 (cli.py imports it from here)
 from .notify import notify
 from .paths import MAX_SOCKET_PATH
 from .peercred import peer_uid
@@ -30,10 +31,6 @@ log = logging.getLogger("agentd.server")
 MAX_CONNECTIONS = 64
 TICK_S = 1.0
 DRAIN_TIMEOUT_S = 60.0
-
-
-class StartupError(Exception):
-    """A reason the daemon cannot start, worded for the person who started it."""
 
 
 def check_socket_path(path: Path) -> None:
