@@ -185,14 +185,78 @@ def restore_split(model_dir: Path, n_tokens: int, work: Path, runs: int = 3) -> 
         r["digest_s"] = timed(lambda: cachefile._digest(meta, loaded))
         loaded.clear()
         r["agentd_load_cache_s"] = timed(lambda: mx.eval([x.state for x in cachefile.load_cache(path, expect).cache]))
+        held = cachefile.load_cache(path, expect).cache
+        mx.eval([x.state for x in held])
+        # Placement: the first GPU pass over the restored arrays (managed memory migrates then).
+        r["first_gpu_pass_s"] = timed(lambda: mx.eval([mx.sum(a) for x in held for a in x.state if isinstance(a, mx.array)]))
+        del held
         r["mlxlm_load_prompt_cache_s"] = timed(lambda: mx.eval([x.state for x in load_prompt_cache(str(mlx_path))]))
-        host = np.frombuffer(path.read_bytes(), dtype=np.uint8)
+        raw = path.read_bytes()
+        host = np.frombuffer(raw, dtype=np.uint8)[: len(raw) // 2**20 * 2**20].reshape(-1, 2**20)
         r["h2d_copy_s"] = timed(lambda: mx.eval(mx.array(host)))
+        r["h2d_first_use_s"] = timed(lambda: mx.eval(mx.array(host).sum()))
+        r["memcpy_hot_s"] = timed(lambda: host.copy())
+        del raw, host
+        r.update(_read_hash_place(path))
         mx.clear_cache()
         rows.append(r)
     out["runs"] = rows
     out["median"] = {k: c.med([r[k] for r in rows]) for k in rows[0]}
     return out
+
+
+def _read_hash_place(path: Path, threads: int = 8) -> dict:
+    """The pieces of a restore one by one: read the file with `threads` parallel preads into
+    one host buffer, hash it (each algorithm at hand), copy it to the device."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    import mlx.core as mx
+
+    size = path.stat().st_size
+    buf = np.empty(size, dtype=np.uint8)
+    step = -(-size // threads)
+    fd = os.open(path, os.O_RDONLY)
+
+    def read(i: int) -> None:
+        lo = i * step
+        view = memoryview(buf)[lo:min(size, lo + step)]
+        done = 0
+        while done < len(view):
+            done += os.preadv(fd, [view[done:]], lo + done)
+
+    r = {}
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(read, range(threads)))
+    r["read_threads_s"] = time.perf_counter() - t0
+    os.close(fd)
+    t0 = time.perf_counter()
+    hashlib.sha256(buf).digest()
+    r["sha256_s"] = time.perf_counter() - t0
+    for mod, fn in (("xxhash", "xxh3_128"), ("blake3", "blake3")):
+        try:
+            h = getattr(__import__(mod), fn)
+        except (ImportError, AttributeError):
+            continue
+        t0 = time.perf_counter()
+        h(buf).digest()
+        r[f"{fn}_s"] = time.perf_counter() - t0
+    blocks = buf[: size // 2**20 * 2**20].reshape(-1, 2**20)
+    t0 = time.perf_counter()
+    placed = mx.array(blocks)
+    mx.eval(placed)
+    r["to_mlx_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mx.eval(placed.sum())
+    r["to_mlx_first_gpu_pass_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mx.eval(placed.sum())
+    r["gpu_pass_again_s"] = time.perf_counter() - t0
+    r["bytes"] = size
+    return r
 
 
 def _load_eval(path: Path) -> dict:
@@ -242,10 +306,174 @@ def split_main(args) -> None:
     print(json.dumps(data["split"], indent=1)[:6000])
 
 
+# ---- through agentd ----------------------------------------------------------------------
+
+
+def inproc_main(model_dir: Path, n_tokens: int, decode: int) -> dict:
+    """mlx-lm alone: prefill `n_tokens` (2,048 at a time) and `decode` greedy tokens."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, _ = load(str(model_dir))
+    rng = __import__("random").Random(1)
+    for _ in range(2):  # kernels loaded and every shape seen once, off the clock
+        warm = [rng.randrange(1000) for _ in range(CHUNK + 40)]
+        for _tok in zip(range(3), generate_step(mx.array(warm), model, prompt_cache=make_prompt_cache(model))):
+            pass
+    prompt = mx.array([rng.randrange(1000) for _ in range(n_tokens)])
+    cache = make_prompt_cache(model)
+    t0 = time.perf_counter()
+    times = []
+    for _i, (tok, _lp) in zip(range(decode + 1), generate_step(prompt, model, prompt_cache=cache,
+                                                                prefill_step_size=CHUNK)):
+        times.append(time.perf_counter() - t0)
+    return {"tokens": n_tokens, "ttft_s": times[0], "prefill_tps": n_tokens / times[0],
+            "decode_tps": decode / (times[-1] - times[0])}
+
+
+def _files_under(d: Path) -> list[Path]:
+    return [p for p in Path(d).rglob("*") if p.is_file()] if Path(d).exists() else []
+
+
+def drop_page_cache(d: Path) -> int:
+    """Evict a folder's files from the page cache (as after a reboot); returns bytes dropped."""
+    total = 0
+    for path in _files_under(d):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            total += os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+    return total
+
+
+def _turn(d: "c.Daemon", name: str, message: str, max_tokens: int, ptx: Path) -> dict:
+    before = len(_files_under(ptx))
+    with d.client() as cl:
+        r = c.timed_chat(cl, name, message, max_tokens=max_tokens)
+    r["kernels_compiled"] = (len(_files_under(ptx)) - before) // 3  # .cu, .ptx, .txt per kernel
+    keep = ("cache_source", "cached_tokens", "prefilled_tokens", "generated_tokens", "prompt_tokens", "restore_ms",
+            "ttft_ms", "decode_tokens_per_s", "client_ttft_ms", "client_total_ms", "kernels_compiled")
+    return {k: r.get(k) for k in keep}
+
+
+def bench_model(name: str, args, cache_home: Path) -> dict:
+    models_dir = Path(args.models_dir)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, str(Path(__file__).with_name("gpu_models.py")), name, str(models_dir / name)],
+                   check=True, timeout=600)
+    model_dir = models_dir / name
+    out: dict = {"model": name, "config": gpu_models.CONFIGS[name], "build_s": time.perf_counter() - t0,
+                 "weights_bytes": (model_dir / "model.safetensors").stat().st_size}
+    # A fresh machine: agentd's kernel cache (under XDG_CACHE_HOME) and the driver's are empty.
+    os.environ["XDG_CACHE_HOME"] = str(cache_home)
+    os.environ["CUDA_CACHE_PATH"] = str(cache_home / "nv")
+    ptx = cache_home / "agentd" / "mlx-ptx"
+    home = c.short_tmp("agpu-")
+    flags = ["--log-level", "info", "--cache-budget", "200GB", "--max-hot", "32", "--min-available", "1GB",
+             "--flush-interval", "3600"]
+    d = c.Daemon(home, model_dir, *flags)
+    tok = c.Tok(model_dir)
+    starts = []
+    fresh = not _files_under(ptx)
+    d.start(timeout=900)
+    with d.client() as cl:
+        status = cl.status()
+    out["first_start"] = {"start_s": d.start_s, "fresh_caches": fresh,
+                          "model": status["model"], "kernels_cached": len(_files_under(ptx)) // 3}
+    c.log(f"{name}: first start {d.start_s:.1f}s, {status['model']}")
+    contexts = {}
+    for n in args.contexts:
+        agent = f"a{n}"
+        with d.client() as cl:
+            cl.create(agent, system=tok.text_of_length(n - 40))
+        first = _turn(d, agent, "Here is the incident log. Acknowledge briefly.", 64, ptx)
+        contexts[n] = {"first_turn": first, "resumed": [], "rebuilt": []}
+        c.log(f"{name} {n}: first turn {first}")
+    # In-process mlx-lm on the same machine, kernels already compiled (same cache).
+    os.environ["MLX_PTX_CACHE_DIR"] = str(next(iter(ptx.iterdir()), ptx) if ptx.is_dir() else ptx)
+    for n in args.contexts:
+        proc = subprocess.run([sys.executable, __file__, "_inproc", str(model_dir), str(n), "64"],
+                              capture_output=True, text=True, timeout=600)
+        contexts[n]["inproc"] = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else \
+            {"error": proc.stderr[-2000:]}
+        c.log(f"{name} {n}: in-process {contexts[n]['inproc']}")
+    os.environ.pop("MLX_PTX_CACHE_DIR")
+    for run in range(args.runs):
+        with d.client() as cl:
+            for n in args.contexts:
+                cl.fork(f"a{n}", f"r{n}-{run}")
+        d.stop()
+        dropped = drop_page_cache(home / "data") if run == 0 else 0
+        d.start(timeout=900)
+        starts.append(d.start_s)
+        for n in args.contexts:
+            q = FOLLOW_UPS[run % len(FOLLOW_UPS)]
+            res = _turn(d, f"a{n}", q, 8, ptx)
+            res["page_cache_dropped_bytes"] = dropped
+            reb = _turn(d, f"r{n}-{run}", q, 8, ptx)
+            contexts[n]["resumed"].append(res)
+            contexts[n]["rebuilt"].append(reb)
+            c.log(f"{name} {n} run {run}: resumed {res['ttft_ms']} ms ({res['restore_ms']} restore), "
+                  f"rebuilt {reb['ttft_ms']} ms")
+    for n in args.contexts:  # warm restore: evicted and reloaded in the same process
+        with d.client() as cl:
+            cl.evict(f"a{n}")
+        contexts[n]["warm_restore"] = _turn(d, f"a{n}", "One more thing: who owns the fix?", 8, ptx)
+    d.stop()
+    out["restart_start_s"] = starts
+    out["daemon_log_tail"] = d.stderr()[-6000:]
+    for n, r in contexts.items():
+        res = c.med([x["ttft_ms"] for x in r["resumed"][1:]] or [x["ttft_ms"] for x in r["resumed"]])
+        reb = c.med([x["ttft_ms"] for x in r["rebuilt"]])
+        r["summary"] = {"resumed_ttft_ms": res, "rebuilt_ttft_ms": reb, "speedup": reb / res if res else None,
+                        "resumed_page_cache_dropped_ttft_ms": r["resumed"][0]["ttft_ms"]}
+    out["contexts"] = {str(k): v for k, v in contexts.items()}
+    return out
+
+
+FOLLOW_UPS = ["In one sentence: what should we check first?", "Which team owns the fix?",
+              "What is the single biggest risk now?", "Name one metric to watch."]
+
+
+def bench_main(args) -> None:
+    data = {"machine": {**c.machine_info(), **gpu_info()}, "contexts": args.contexts, "runs": args.runs, "models": {}}
+    # agentd's kernel cache, empty at first (a fresh machine), then shared by the models in order.
+    cache_home = Path(args.cache_home or tempfile.mkdtemp(prefix="xdg-", dir=args.work))
+    for name in args.models.split(","):
+        t0 = time.perf_counter()
+        try:
+            data["models"][name] = bench_model(name, args, cache_home)
+        except Exception as e:  # keep what the other models measured
+            data["models"][name] = {"error": f"{type(e).__name__}: {e}"}
+        data["models"][name]["wall_s"] = time.perf_counter() - t0
+        c.write_json(Path(args.out), data)
+    print(summary(data))
+
+
+def summary(data: dict) -> str:
+    rows = []
+    for name, m in data["models"].items():
+        for n, r in (m.get("contexts") or {}).items():
+            s, ip, ft = r["summary"], r.get("inproc", {}), r["first_turn"]
+            rows.append((name, n, c.fmt(ip.get("prefill_tps"), 0), c.fmt(ft["prefilled_tokens"] / ft["ttft_ms"] * 1000, 0),
+                         c.fmt(ip.get("decode_tps")), c.fmt(ft["decode_tokens_per_s"]), c.fmt(s["resumed_ttft_ms"], 0),
+                         c.fmt(s["rebuilt_ttft_ms"], 0), c.fmt(s["speedup"])))
+    return c.table(rows, ("model", "ctx", "prefill mlx-lm", "prefill agentd", "decode mlx-lm", "decode agentd",
+                          "resumed ms", "rebuilt ms", "x"))
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_probe_child":
         model_dir, steps, ptx = Path(sys.argv[2]), json.loads(sys.argv[3]), Path(sys.argv[4])
         print(json.dumps(probe_kernels(model_dir, [tuple(s) for s in steps], ptx)))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "_inproc":
+        print(json.dumps(inproc_main(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))))
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", nargs="?", default="bench", choices=["bench", "probe", "split"])
@@ -255,6 +483,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--models-dir", default="/tmp/agentd-gpu-models")
     ap.add_argument("--work", default="/tmp")
+    ap.add_argument("--cache-home", help="XDG_CACHE_HOME for the daemons [default: a new empty folder]")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=c.OUT_DIR / f"{NAME}.json")
     args = ap.parse_args()
@@ -264,7 +493,7 @@ def main() -> None:
     elif args.what == "split":
         split_main(args)
     else:
-        raise SystemExit("bench: not written yet")
+        bench_main(args)
 
 
 if __name__ == "__main__":
