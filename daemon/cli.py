@@ -79,7 +79,13 @@ def main(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
     # On MLX's CPU backend (Linux) only: restart with a system OpenBLAS preloaded (MLX's CPU
     # wheel links a reference BLAS ~15x slower), or say in one line why not. Asking which
     # backend imports mlx.core (0.1 s); the re-executed process imports it afresh.
-    if backend.backend() == backend.CPU:
+    try:
+        which = backend.backend()
+    except ImportError as e:  # Linux: the plain mlx wheel carries no backend library
+        click.echo(f"agentd: MLX cannot load ({e}); install agentd[cpu], or agentd[cuda] with an NVIDIA GPU",
+                   err=True)
+        sys.exit(EX_CONFIG)
+    if which == backend.CPU:
         blas.maybe_reexec_with_fast_blas()
     faulthandler.enable()
     home = (home or paths.default_home()).expanduser().resolve()
