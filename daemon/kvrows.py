@@ -82,11 +82,32 @@ def _dtype_name(a: mx.array) -> str:
 
 
 def _numpy_view(a: mx.array) -> np.ndarray:
-    """The evaluated array's own memory as numpy (bfloat16, unknown to numpy, as uint16)."""
+    """The evaluated array's own memory as numpy (bfloat16, unknown to numpy, as uint16).
+
+    Zero-copy where MLX exports its buffer (CPU, Apple unified memory); elsewhere a host copy.
+    """
     if a.dtype == mx.bfloat16:
         a = a.view(mx.uint16)
         mx.eval(a)
-    return np.asarray(memoryview(a))
+    try:
+        return np.asarray(memoryview(a))
+    except (TypeError, ValueError, RuntimeError):
+        return np.array(a)
+
+
+def _shared_view(a: mx.array) -> np.ndarray:
+    """A writable numpy view of the array's own memory; raises where MLX cannot export it."""
+    if a.dtype == mx.bfloat16:
+        a = a.view(mx.uint16)
+        mx.eval(a)
+    view = np.asarray(memoryview(a))
+    if not view.flags.writeable:
+        raise ValueError("read-only buffer")
+    return view
+
+
+def _host_dtype(name: str) -> str:
+    return "uint16" if name == "bfloat16" else name
 
 
 def layout_of(cache: list) -> RowLayout | None:
@@ -179,26 +200,34 @@ class RowTarget:
     """Full-attention arrays allocated at their final size, filled in place by reads.
 
     `n_alloc` rounds up to mlx-lm's 256-token step, so the next turn's tokens go into rows
-    already there instead of a grow-and-copy of the whole cache.
+    already there instead of a grow-and-copy of the whole cache. Where MLX's arrays are
+    host memory it can export (CPU, Apple unified memory) reads land in them directly;
+    elsewhere (a discrete GPU) they land in host arrays, uploaded once by `install`.
     """
 
     def __init__(self, layout: RowLayout, n_tokens: int, step: int = 256):
         self.layout = layout
         self.n_alloc = max(step, -(-n_tokens // step) * step)
-        self.arrays: list[mx.array] = []
+        self.arrays: list[mx.array] | None = []
         for spec in layout.arrays:
             self.arrays.append(mx.zeros((1, spec.heads, self.n_alloc, spec.width), dtype=getattr(mx, spec.dtype)))
         mx.eval(self.arrays)
-        self.views = [_numpy_view(a) for a in self.arrays]
-        if any(v.flags.writeable is False for v in self.views):
-            raise RowsError("this device's arrays cannot be filled in place")
+        try:
+            self.views = [_shared_view(a) for a in self.arrays]
+        except (TypeError, ValueError, RuntimeError):
+            self.arrays = None  # staged on the host instead
+            self.views = [np.zeros((1, s.heads, self.n_alloc, s.width), dtype=_host_dtype(s.dtype))
+                          for s in layout.arrays]
 
     def buffers(self, lo: int, hi: int) -> list[memoryview]:
         return row_buffers(self.views, lo, hi)
 
     def install(self, cache: list, n_tokens: int) -> None:
         """Hand the filled arrays to the cache's full-attention layers, holding `n_tokens`."""
-        it = iter(self.arrays)
+        arrays = self.arrays
+        if arrays is None:  # one upload per array
+            arrays = [mx.array(v).view(getattr(mx, s.dtype)) for v, s in zip(self.views, self.layout.arrays)]
+        it = iter(arrays)
         for i in self.layout.layers:
             layer = cache[i]
             if type(layer) is C.QuantizedKVCache:

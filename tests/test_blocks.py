@@ -192,3 +192,22 @@ def test_kv_bits_store_quantized_blocks_that_other_settings_never_load(tmp_path,
     assert other.chat("a", "hi", max_tokens=2).cache_source == "rebuilt"
     assert other.problems[0].reason == "kv-bits"
     assert first.text
+
+
+def test_where_arrays_cannot_be_filled_in_place_a_restore_stages_on_the_host(llama, home, monkeypatch):
+    """A discrete GPU's arrays are not host memory: reads go to host arrays, uploaded once."""
+    from agentd import kvrows
+
+    store = AgentStore(home, llama, kv=SMALL)
+    store.create("a", "", SYSTEM)
+    store.chat("a", TURN1, max_tokens=6)
+    store.save("a")
+    expected = store.chat("a", TURN2, max_tokens=8).text
+
+    def not_exportable(a):
+        raise TypeError("not host memory")
+
+    monkeypatch.setattr(kvrows, "_shared_view", not_exportable)
+    restored = AgentStore(home, llama, kv=SMALL).chat("a", TURN2, max_tokens=8)
+    assert restored.cache_source == "disk" and restored.cached_tokens > 32
+    assert restored.text == expected
