@@ -150,12 +150,17 @@ class Records:
 
     def append_turn(self, name: str, user: str, assistant: str) -> None:
         """Both messages of a turn, in one transaction: a turn is recorded whole or not at all."""
+        self.append_messages(name, [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}])
+
+    def append_messages(self, name: str, messages: list[dict]) -> None:
+        """A turn's messages (what it appended, then the reply), in one transaction: a turn
+        is recorded whole or not at all."""
         now = time.time()
         with self._conn() as db:
             (seq,) = db.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM messages WHERE agent=?", (name,)).fetchone()
             db.executemany(
                 "INSERT INTO messages VALUES (?, ?, ?, ?, ?)",
-                [(name, seq, "user", user, now), (name, seq + 1, "assistant", assistant, now)],
+                [(name, seq + i, m["role"], m["content"], now) for i, m in enumerate(messages)],
             )
             if db.execute("UPDATE agents SET updated_at=?, last_used_at=? WHERE name=?", (now, now, name)).rowcount != 1:
                 raise NotFound(f"no agent named {name!r}")

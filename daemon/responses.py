@@ -27,6 +27,8 @@ Result fields per op:
               limits {max_hot, cache_budget, min_available},
               flush  {interval_s, last_flush_at, last_result, last_error,
                       consecutive_failures},
+              scheduler {turns_in_flight, batched_steps (decode passes that carried
+                      several turns), max_batch},
               agents [AgentInfo]
     create    agent: AgentInfo
     fork      agent: AgentInfo
