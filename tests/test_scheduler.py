@@ -139,3 +139,20 @@ def test_a_second_chat_to_an_agent_mid_turn_waits_for_the_first(home, tiny_llama
             history = c.history("a")["messages"]
     assert [m["content"] for m in history] == ["first", first["text"], "second", second["text"]]
     assert second["cached_tokens"] > 0  # it started from the first turn's cache
+
+
+def test_stop_strings_end_the_reply_before_them_streamed_and_recorded(home, tiny_llama_dir):
+    with DaemonProc(home, tiny_llama_dir) as d:
+        with d.client() as c:
+            c.create("a", system=SYSTEM)
+            free = c.chat("a", "Say something.", max_tokens=24).wait()
+            c.reset("a")
+            assert len(free["text"]) > 4
+            stop = free["text"][3:5]  # occurs in the reply the model gives to this prompt
+            stream = c.chat("a", "Say something.", max_tokens=24, stop=[stop])
+            streamed = "".join(stream)
+            history = c.history("a")["messages"]
+    cut = free["text"][: free["text"].find(stop)]
+    assert stream.result["text"] == streamed == cut
+    assert stream.result["finish_reason"] == "stop"
+    assert history[-1] == {"role": "assistant", "content": cut}
