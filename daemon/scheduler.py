@@ -24,9 +24,7 @@ import threading
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
-
-from .protocol import Sampling
+from typing import Any, Callable, Protocol
 
 log = logging.getLogger("agentd.scheduler")
 
@@ -40,15 +38,26 @@ class _Job:
     future: Future = field(default_factory=Future)
 
 
+class TurnPlan(Protocol):
+    """What the scheduler needs of a turn op (agents.ChatPlan, turns.AgentTurnPlan, ...)."""
+
+    agent: str  # turns and jobs naming the same agent run one after another, in order
+
+    def begin(self, store) -> Any: ...  # -> agents.Turn: admitted, its sequence prepared
+
+    def end(self, store, turn) -> Any: ...  # the result, after the cache went back and the turn committed
+
+    def abort(self, store, turn) -> None: ...  # a step failed: give up the turn, record nothing
+
+
 @dataclass
 class _TurnRequest:
-    agent: str
-    new_messages: list[dict]
-    sampling: Sampling
-    on_token: Callable[[str], None] | None
-    on_progress: Callable[[int, int], None] | None
-    should_stop: Callable[[], bool] | None
+    plan: TurnPlan
     future: Future = field(default_factory=Future)
+
+    @property
+    def agent(self) -> str:
+        return self.plan.agent
 
 
 class Scheduler:
@@ -56,7 +65,7 @@ class Scheduler:
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: dict[str, deque] = {}  # per agent: items behind its turn in flight
         self._active: list = []  # agents.Turn, admission order
-        self._futures: dict[int, Future] = {}  # id(turn) -> its Future
+        self._futures: dict[int, tuple] = {}  # id(turn) -> (its plan, its Future)
         self._busy: set[str] = set()
         self.store = None  # the AgentStore, created on this thread by open_store()
         self.stepper = None
@@ -82,18 +91,9 @@ class Scheduler:
         self._inbox.put(job)
         return job.future
 
-    def submit_turn(
-        self,
-        agent: str,
-        new_messages: list[dict],
-        sampling: Sampling,
-        *,
-        on_token: Callable[[str], None] | None = None,
-        on_progress: Callable[[int, int], None] | None = None,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> Future:
-        """A turn: the Future resolves to its ChatResult once it is committed."""
-        req = _TurnRequest(agent, new_messages, sampling, on_token, on_progress, should_stop)
+    def submit_turn(self, plan: TurnPlan) -> Future:
+        """A turn: the Future resolves to `plan.end`'s result once the turn is committed."""
+        req = _TurnRequest(plan)
         self._inbox.put(req)
         return req.future
 
@@ -152,13 +152,12 @@ class Scheduler:
                 item.future.set_exception(e)
             return
         try:
-            turn = self.store.begin_turn(item.agent, item.new_messages, item.sampling, on_token=item.on_token,
-                                         on_progress=item.on_progress, should_stop=item.should_stop)
+            turn = item.plan.begin(self.store)
         except BaseException as e:
             item.future.set_exception(e)
             return
         self._active.append(turn)
-        self._futures[id(turn)] = item.future
+        self._futures[id(turn)] = (item.plan, item.future)
         self._busy.add(item.agent)
 
     def _step(self) -> None:
@@ -185,17 +184,17 @@ class Scheduler:
     def _end(self, turn, error: BaseException | None = None) -> tuple:
         """Retire a turn: its cache back to the agent, the turn committed (or aborted)."""
         self._active.remove(turn)
-        future = self._futures.pop(id(turn))
+        plan, future = self._futures.pop(id(turn))
         try:
             if error is not None:
-                self.store.abort_turn(turn)
+                plan.abort(self.store, turn)
                 return future, None, error
             self.stepper.release(turn.seq)
-            return future, self.store.end_turn(turn), None
+            return future, plan.end(self.store, turn), None
         except BaseException as e:
             return future, None, e
         finally:
-            self._busy.discard(turn.name)
+            self._busy.discard(plan.agent)
 
     def _settle(self, outcomes: list[tuple]) -> None:
         """Answer the retired turns, then start what waited for their agents."""
