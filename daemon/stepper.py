@@ -147,3 +147,13 @@ class Stepper:
         if all(s.sampling.temperature == 0 for s in rows):
             return mx.argmax(logprobs, axis=-1)
         return mx.concatenate([s.sampler(logprobs[i : i + 1]).reshape(1) for i, s in enumerate(rows)])
+
+
+def generate(engine: Engine, cache: list, cache_tokens: list[int], prompt: list[int], sampling=None, **callbacks):
+    """One lone turn outside any store: bring `cache` from `cache_tokens` to `prompt` and
+    decode a reply. Returns (the cache to keep, maybe a new object; its Generation)."""
+    from .protocol import Sampling
+
+    seq = Sequence(engine, cache, cache_tokens, prompt, sampling or Sampling(), **callbacks)
+    Stepper(engine).run_alone(seq)
+    return seq.cache, seq.result()
