@@ -60,6 +60,7 @@ bench: $(STAMP)
 	-@$(MAKE) --no-print-directory $(LLAMA_VENV)/.installed
 	$(PY) benchmarks/cpu_backend.py
 	$(PY) benchmarks/http_endpoint.py
+	$(PY) benchmarks/portable.py
 	$(PY) benchmarks/run_all.py
 
 clean:
