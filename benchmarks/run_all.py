@@ -393,13 +393,14 @@ def write_report(data: dict, runs_meta: dict, plots: dict, args, total_s: float 
     if http.exists():
         L += http_section(json.loads(http.read_text()))
 
+    portable = args.out_dir / "portable.json"
+    if portable.exists():
+        L += portable_section(json.loads(portable.read_text()))
+
     gpu = args.out_dir / "gpu.json"
     if gpu.exists():
         split = args.out_dir / "gpu_split.json"
         L += gpu_section(json.loads(gpu.read_text()), json.loads(split.read_text()) if split.exists() else None)
-    portable = args.out_dir / "portable.json"
-    if portable.exists():
-        L += portable_section(json.loads(portable.read_text()))
 
     if args.notes:
         L += ["## Notes on this run", ""] + [f"- {n}" for n in args.notes] + [""]
@@ -519,6 +520,9 @@ def gpu_section(d: dict, split: dict | None = None) -> list[str]:
             L.append("")
     L.append(f"Command: `python3 benchmarks/{' '.join(map(shlex.quote, d.get('argv', ['gpu.py'])))}` (and `gpu.py split`); "
              "how to run it on a GPU machine without a registry is in its docstring.")
+    L.append("")
+    return L
+
 
 def portable_section(d: dict) -> list[str]:
     """Section 11, from benchmarks/portable.py's own JSON (a separate run: see `make bench`)."""
