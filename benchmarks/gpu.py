@@ -178,6 +178,16 @@ def restore_split(model_dir: Path, n_tokens: int, work: Path, runs: int = 3) -> 
         r["mlxlm_first_gpu_pass_s"] = time.perf_counter() - t0
         del loaded
         mx.clear_cache()
+        for label, stream in (("gpu", None), ("cpu", mx.cpu)):  # what agentd's v1 loader does, both ways
+            t0 = time.perf_counter()
+            t = mx.load(str(path), stream=stream)
+            mx.eval(list(t.values()))
+            r[f"load_{label}_stream_s"] = time.perf_counter() - t0
+            h = __import__("hashlib").sha256()
+            r[f"load_{label}_stream_host_sha256_s"] = _timed(lambda: [h.update(memoryview(a)) for a in t.values()])
+            r[f"load_{label}_stream_first_gpu_pass_s"] = _timed(lambda: mx.eval([a.sum() for a in t.values()]))
+            del t
+            mx.clear_cache()
         r.update(_read_hash_place(path))
         mx.clear_cache()
         rows.append(r)
