@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	-@$(MAKE) --no-print-directory $(LLAMA_VENV)/.installed
 	$(PY) benchmarks/cpu_backend.py
+	$(PY) benchmarks/few_rows.py
 	$(PY) benchmarks/run_all.py
 
 clean:
