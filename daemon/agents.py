@@ -24,7 +24,7 @@ from .cacherepo import CACHE_SUFFIX, CacheProblem, CacheRepository, Refusal  # n
 from .engine import Engine
 from .hotset import HotAgent, HotSet
 from .protocol import Sampling, validate_agent_name
-from .records import AgentRecord, NotFound, Records
+from .records import AgentRecord, AlreadyExists, NotFound, Records
 from .responses import AgentInfo, CacheSource, ChatResult
 
 log = logging.getLogger("agentd.agents")
@@ -97,6 +97,25 @@ class AgentStore:
         self._drop(name)
         self.repo.delete(name)  # first, as in delete: the file's record copy holds the old turns
         self.records.reset(name)
+
+    def adopt(self, rec: AgentRecord, cache: list | None, tokens: list[int]) -> None:
+        """Add a whole agent made elsewhere (an imported bundle): its record and, if given,
+        its cache, which holds exactly `tokens`. It is all there or none of it is.
+
+        The cache goes to the repository first, with a copy of the record: a crash before
+        its write completes leaves a temp file (removed at start), one after it a file
+        whose record copy `recover_records` restores at start. No crash leaves half an agent.
+        """
+        name = validate_agent_name(rec.name)
+        if self.records.name_taken(name):
+            raise AlreadyExists(f"agent {name!r} already exists")
+        saved = cache is not None and self.repo.save(name, cache, tokens, rec)
+        try:
+            self.records.add(rec)
+        except BaseException:
+            if saved:
+                self.repo.delete(name)  # a create() on the event-loop thread took the name meanwhile
+            raise
 
     # ---- the cache lifecycle ------------------------------------------------------
 

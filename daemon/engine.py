@@ -133,13 +133,17 @@ class Engine:
     def new_cache(self) -> list:
         return make_prompt_cache(self.model)
 
-    def render(self, system: str, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """The conversation as the model's chat template writes it, in token ids."""
-        convo = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": m["role"], "content": m["content"]} for m in messages
-        ]
+    def render(self, system: str, messages: list[dict], add_generation_prompt: bool = True,
+               tools: list[dict] | None = None) -> list[int]:
+        """The conversation as the model's chat template writes it, in token ids.
+
+        Messages may carry tool calls and tool results (see `agentd.protocol`); `tools` are
+        handed to the template, which decides how (and whether) the model sees them.
+        """
+        convo = ([{"role": "system", "content": system}] if system else []) + [_template_message(m) for m in messages]
+        extra = {"tools": tools} if tools else {}
         return list(
-            self.tokenizer.apply_chat_template(convo, add_generation_prompt=add_generation_prompt, tokenize=True)
+            self.tokenizer.apply_chat_template(convo, add_generation_prompt=add_generation_prompt, tokenize=True, **extra)
         )
 
     def generate(
@@ -150,6 +154,7 @@ class Engine:
         *,
         max_tokens: int,
         temperature: float = 0.0,
+        top_p: float = 1.0,
         seed: int | None = None,
         on_token: Callable[[str], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
@@ -183,7 +188,7 @@ class Engine:
 
         if seed is not None:
             mx.random.seed(seed)
-        sampler = make_sampler(temp=temperature)
+        sampler = make_sampler(temp=temperature, top_p=top_p)
         detok = self.tokenizer.detokenizer
         detok.reset()
         fed = list(prompt[:-1])
@@ -257,6 +262,26 @@ class Engine:
             self.model(mx.array(tokens[lo:hi])[None], cache=cache)
             mx.eval([c.state for c in cache])
             yield hi
+
+
+def _template_message(m: dict) -> dict:
+    """A stored message as chat templates expect it: tool-call arguments as a mapping
+    (they travel as JSON text, as in OpenAI's API; templates index into them)."""
+    out = {"role": m["role"], "content": m["content"]}
+    for key in ("tool_call_id", "name"):
+        if m.get(key) is not None:
+            out[key] = m[key]
+    if m.get("tool_calls"):
+        calls = []
+        for call in m["tool_calls"]:
+            fn = dict(call["function"])
+            try:
+                fn["arguments"] = json.loads(fn["arguments"])
+            except (TypeError, ValueError):
+                pass  # not JSON: the template gets the text as it came
+            calls.append({**call, "function": fn})
+        out["tool_calls"] = calls
+    return out
 
 
 def _leaves(tree):
