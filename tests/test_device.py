@@ -90,12 +90,35 @@ def test_gemv_route_matches_mlx_matmul():
     assert mx.array_equal(emb(mx.array([[2, 5]])), w[mx.array([[2, 5]])]).item()
 
 
-def test_metal_plan_keeps_quantized_weights():
+@pytest.mark.parametrize("gpu", [device.METAL, device.CUDA])
+def test_gpu_plans_keep_quantized_weights(gpu):
     model = tiny_quantized_llama()
-    plan = device.prepare_for_device(model, force_cpu=False)
-    assert plan.device == "gpu" and plan.dequantized == 0
+    plan = device.prepare_for_device(model, device_backend=gpu)
+    assert plan.device == "gpu" and plan.backend == gpu and plan.dequantized == 0
     assert isinstance(model.model.layers[0].mlp.down_proj, nn.QuantizedLinear)
+    assert plan.quantized == 22  # 3 layers x 7 projections + the tied embedding, as loaded
     assert plan.compute_dtype == "float32"  # the scales' dtype of this random model
+    assert device.describe(plan).startswith("device: " + {"metal": "Metal", "cuda": "CUDA"}[gpu])
+
+
+def test_backend_decision():
+    """CUDA is a GPU, not the CPU: only a CPU default device or no GPU backend means "cpu"."""
+    decide = device.decide_backend
+    assert decide(default_is_gpu=True, metal=True, cuda=False) == device.METAL
+    assert decide(default_is_gpu=True, metal=False, cuda=True) == device.CUDA
+    # mlx[cpu] on Linux: no GPU backend, whatever the default device says.
+    assert decide(default_is_gpu=True, metal=False, cuda=False) == device.CPU
+    assert decide(default_is_gpu=False, metal=False, cuda=False) == device.CPU
+    # A GPU present but the CPU chosen as default device (mx.set_default_device(mx.cpu)).
+    assert decide(default_is_gpu=False, metal=False, cuda=True) == device.CPU
+    assert decide(default_is_gpu=False, metal=True, cuda=False) == device.CPU
+
+
+def test_backend_on_this_machine_matches_mlx():
+    expected = device.CPU if mx.default_device() == mx.cpu else (
+        device.METAL if mx.metal.is_available() else device.CUDA)
+    assert device.backend() == expected
+    assert device.on_cpu() == (expected == device.CPU)
 
 
 # --- blas: the start-up decision, never an actual exec -------------------------------
