@@ -61,6 +61,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/cpu_backend.py
 	$(PY) benchmarks/few_rows.py
 	$(PY) benchmarks/http_endpoint.py
+	$(PY) benchmarks/portable.py
 	$(PY) benchmarks/run_all.py
 
 clean:

@@ -396,6 +396,10 @@ def write_report(data: dict, runs_meta: dict, plots: dict, args, total_s: float 
     if http.exists():
         L += http_section(json.loads(http.read_text()))
 
+    portable = args.out_dir / "portable.json"
+    if portable.exists():
+        L += portable_section(json.loads(portable.read_text()))
+
     if args.notes:
         L += ["## Notes on this run", ""] + [f"- {n}" for n in args.notes] + [""]
     report.write_text("\n".join(L))
@@ -502,6 +506,37 @@ def few_rows_section(d: dict) -> list[str]:
              f"{rs['follow_up_cached']:.0f} cached) in {rs['follow_up_client_ttft_ms']:,.0f} ms: "
              f"**{rs['ratio']:.1f}x sooner** (client-side medians; the daemon's own ttft_ms: "
              f"{rs['first_turn_daemon_ttft_ms']:,.0f} and {rs['follow_up_daemon_ttft_ms']:,.0f} ms).")
+    L.append("")
+    L.append(f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/' + d['argv'][0], *map(shlex.quote, d['argv'][1:])])}`")
+    L.append("")
+    return L
+
+
+def portable_section(d: dict) -> list[str]:
+    """Section 11, from benchmarks/portable.py's own JSON (a separate run: see `make bench`)."""
+    L = ["## 11. Portable agents: export and import", ""]
+    L.append(f"Measured {d['when']} on {Path(d['model']).name}; load average {' '.join(d.get('loadavg_before') or [])} "
+             f"before, {' '.join(d.get('loadavg_after') or [])} after (a shared machine). Two daemons on one model; "
+             f"at each size {d['runs']} interleaved pairs: `Client.export` from home A to a file (what `agentctl export "
+             "-o FILE` does), then `Client.import_` of that file into home B under a new name (upload, every check, "
+             "the cache decoded and saved to B's disk). The first export finds the agent cold (its cache is loaded "
+             "from disk first), later ones hot. Times are at the client, medians.")
+    L.append("")
+    L.append(md_table(("context", "tokens", "bundle", "bytes/token (bundle)", "bytes/token (cache file)",
+                       "export, cold", "export, hot", "import", "import MB/s", "next turn after import"), [
+        (f"{r['size']:,}", f"{r['tokens']:,}", f"{r['bundle_bytes'] / 1e6:,.1f} MB", f"{r['bundle_bytes_per_token']:,.0f}",
+         f"{r['cache_file_bytes_per_token']:,.0f}", f"{r['export_cold_s'] * 1000:,.0f} ms",
+         f"{r['export_hot_s'] * 1000:,.0f} ms", f"{r['import_s'] * 1000:,.0f} ms", f"{r['import_mb_per_s']:,.0f}",
+         f"{r['first_turn']['cache_source']}, {r['first_turn']['cached_tokens']:,} cached, "
+         f"{r['first_turn']['prefilled_tokens']} prefilled")
+        for r in d["rows"]]))
+    L.append("")
+    big = max(d["rows"], key=lambda r: r["tokens"])
+    L.append(f"**Headline:** an agent of {big['tokens']:,} tokens travels as a {big['bundle_bytes'] / 1e6:,.0f} MB file "
+             f"({big['bundle_bytes_per_token'] / big['cache_file_bytes_per_token']:.3f}x the bytes per token of its "
+             f"cache file: the same tensors plus the transcript); exporting it takes "
+             f"{big['export_hot_s'] * 1000:,.0f} ms hot, importing {big['import_s'] * 1000:,.0f} ms, and the imported "
+             f"agent's next turn reuses all {big['first_turn']['cached_tokens']:,} tokens.")
     L.append("")
     L.append(f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/' + d['argv'][0], *map(shlex.quote, d['argv'][1:])])}`")
     L.append("")

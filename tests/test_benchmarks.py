@@ -104,3 +104,24 @@ def test_few_rows_quick_and_its_report_section(tiny_llama_dir, home):
 
     section = "\n".join(run_all.few_rows_section(d))
     assert "## 8." in section and "benchmarks/few_rows.py" in section and "sooner" in section
+
+
+def test_portable_quick_and_its_report_section(tiny_llama_dir, home):
+    """benchmarks/portable.py end to end on a tiny model: two daemons, export, import, a turn."""
+    out = home / "portable.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "portable.py"), "--quick", "--model", str(tiny_llama_dir),
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=str(ROOT),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    d = json.loads(out.read_text())
+    for row in d["rows"]:
+        assert row["cache_imported"] and row["first_turn"]["cache_source"] == "disk"
+        assert row["first_turn"]["cached_tokens"] == row["tokens"] and row["bundle_bytes"] > 0
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run_all
+
+    section = "\n".join(run_all.portable_section(d))
+    assert section.startswith("## 11.") and "**Headline:**" in section and "benchmarks/portable.py" in section
