@@ -143,14 +143,15 @@ def probe_main(args) -> None:
 
 
 def restore_split(model_dir: Path, n_tokens: int, work: Path, runs: int = 3) -> dict:
-    """Where a restore's time goes, with agentd's own cache file and mlx-lm's, in-process."""
+    """Where a restore's time can go on this machine, piece by piece, on a real KV cache of
+    `n_tokens` saved by mlx-lm: its own load, then the pieces agentd's loader is made of
+    (read the file into memory, hash it, make it device arrays, the first GPU pass over
+    them), each placement tried three ways. In-process, page cache hot."""
     import numpy as np
 
     import mlx.core as mx
     from mlx_lm import load
     from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
-
-    from agentd import cachefile
 
     model, _ = load(str(model_dir))
     cache = make_prompt_cache(model)
@@ -158,56 +159,54 @@ def restore_split(model_dir: Path, n_tokens: int, work: Path, runs: int = 3) -> 
     tokens = rng.integers(0, 1000, n_tokens).tolist()
     for lo in range(0, n_tokens, CHUNK):
         _sync_forward(model, tokens[lo:lo + CHUNK], cache)
-    expect = cachefile.Expectation("m", "t", "bfloat16")
-    path, mlx_path = work / "agent.safetensors", work / "mlxlm.safetensors"
+    path = work / "mlxlm.safetensors"
     out: dict = {"tokens": n_tokens}
     t0 = time.perf_counter()
-    size = cachefile.save_cache(path, cache, tokens, expect)
-    out["agentd_save_s"], out["bytes"] = time.perf_counter() - t0, size
-    t0 = time.perf_counter()
-    save_prompt_cache(str(mlx_path), cache)
-    out["mlxlm_save_s"] = time.perf_counter() - t0
-    del cache
+    save_prompt_cache(str(path), cache)
+    out["mlxlm_save_s"], out["bytes"] = time.perf_counter() - t0, path.stat().st_size
+    del cache, model
     mx.clear_cache()
-
-    def timed(fn) -> float:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
     rows = []
     for _ in range(runs):
         r = {}
-        r["read_hot_s"] = timed(lambda: path.read_bytes())
-        loaded = {}
-        r["mx_load_eval_s"] = timed(lambda: loaded.update(_load_eval(path)))
-        meta = cachefile.read_header(path)
-        r["digest_s"] = timed(lambda: cachefile._digest(meta, loaded))
-        loaded.clear()
-        r["agentd_load_cache_s"] = timed(lambda: mx.eval([x.state for x in cachefile.load_cache(path, expect).cache]))
-        held = cachefile.load_cache(path, expect).cache
-        mx.eval([x.state for x in held])
-        # Placement: the first GPU pass over the restored arrays (managed memory migrates then).
-        r["first_gpu_pass_s"] = timed(lambda: mx.eval([mx.sum(a) for x in held for a in x.state if isinstance(a, mx.array)]))
-        del held
-        r["mlxlm_load_prompt_cache_s"] = timed(lambda: mx.eval([x.state for x in load_prompt_cache(str(mlx_path))]))
-        raw = path.read_bytes()
-        host = np.frombuffer(raw, dtype=np.uint8)[: len(raw) // 2**20 * 2**20].reshape(-1, 2**20)
-        r["h2d_copy_s"] = timed(lambda: mx.eval(mx.array(host)))
-        r["h2d_first_use_s"] = timed(lambda: mx.eval(mx.array(host).sum()))
-        r["memcpy_hot_s"] = timed(lambda: host.copy())
-        del raw, host
+        t0 = time.perf_counter()
+        loaded = load_prompt_cache(str(path))
+        mx.eval([x.state for x in loaded])
+        r["mlxlm_load_prompt_cache_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        mx.eval([mx.sum(a) for x in loaded for a in x.state if isinstance(a, mx.array)])
+        r["mlxlm_first_gpu_pass_s"] = time.perf_counter() - t0
+        del loaded
+        mx.clear_cache()
+        for label, stream in (("gpu", None), ("cpu", mx.cpu)):  # what agentd's v1 loader does, both ways
+            t0 = time.perf_counter()
+            t = mx.load(str(path), stream=stream)
+            mx.eval(list(t.values()))
+            r[f"load_{label}_stream_s"] = time.perf_counter() - t0
+            h = __import__("hashlib").sha256()
+            r[f"load_{label}_stream_host_sha256_s"] = _timed(lambda: [h.update(memoryview(a)) for a in t.values()])
+            r[f"load_{label}_stream_first_gpu_pass_s"] = _timed(lambda: mx.eval([a.sum() for a in t.values()]))
+            del t
+            mx.clear_cache()
         r.update(_read_hash_place(path))
         mx.clear_cache()
         rows.append(r)
     out["runs"] = rows
-    out["median"] = {k: c.med([r[k] for r in rows]) for k in rows[0]}
+    out["median"] = {k: c.med([r.get(k) for r in rows]) for k in rows[0] if not isinstance(rows[0][k], (bool, str))}
     return out
 
 
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def _read_hash_place(path: Path, threads: int = 8) -> dict:
-    """The pieces of a restore one by one: read the file with `threads` parallel preads into
-    one host buffer, hash it (each algorithm at hand), copy it to the device."""
+    """The pieces of a restore: parallel preads into one buffer, each hash at hand (whole,
+    and 8 blocks on 8 threads), and three placements: fill arrays MLX allocated on the GPU
+    stream in place (what a zero-copy loader does), the same allocated on the CPU stream,
+    and numpy first then `mx.array`; each followed by the first GPU pass over the bytes."""
     import hashlib
     from concurrent.futures import ThreadPoolExecutor
 
@@ -215,47 +214,67 @@ def _read_hash_place(path: Path, threads: int = 8) -> dict:
 
     import mlx.core as mx
 
-    size = path.stat().st_size
-    buf = np.empty(size, dtype=np.uint8)
-    step = -(-size // threads)
-    fd = os.open(path, os.O_RDONLY)
+    size = path.stat().st_size // 2**20 * 2**20
+    rows = size // 2**20
+    pool = ThreadPoolExecutor(threads)
+    step = -(-rows // threads) * 2**20
 
-    def read(i: int) -> None:
-        lo = i * step
-        view = memoryview(buf)[lo:min(size, lo + step)]
-        done = 0
-        while done < len(view):
-            done += os.preadv(fd, [view[done:]], lo + done)
+    def fill(buf: np.ndarray) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        flat = memoryview(buf.reshape(-1))
 
-    r = {}
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(read, range(threads)))
-    r["read_threads_s"] = time.perf_counter() - t0
-    os.close(fd)
-    t0 = time.perf_counter()
-    hashlib.sha256(buf).digest()
-    r["sha256_s"] = time.perf_counter() - t0
+        def read(i: int) -> None:
+            lo, hi = i * step, min(size, (i + 1) * step)
+            done = 0
+            while lo + done < hi:
+                done += os.preadv(fd, [flat[lo + done:hi]], lo + done)
+
+        try:
+            list(pool.map(read, range(threads)))
+        finally:
+            os.close(fd)
+
+    r: dict = {"bytes_used": size}
+    host = np.empty((rows, 2**20), dtype=np.uint8)
+    r["read_threads_s"] = _timed(lambda: fill(host))
+    r["memcpy_s"] = _timed(lambda: host.copy())
+    r["sha256_s"] = _timed(lambda: hashlib.sha256(host).digest())
     for mod, fn in (("xxhash", "xxh3_128"), ("blake3", "blake3")):
         try:
             h = getattr(__import__(mod), fn)
         except (ImportError, AttributeError):
             continue
+        r[f"{fn}_s"] = _timed(lambda: h(host).digest())
+        parts = np.array_split(host, threads)
+        r[f"{fn}_8threads_s"] = _timed(lambda: list(pool.map(lambda p: h(p).digest(), parts)))
+
+    def gpu_pass(a) -> None:
+        mx.eval(a.sum())
+
+    for label, make in (("gpu_zeros", lambda: mx.zeros((rows, 2**20), dtype=mx.uint8)),
+                        ("cpu_zeros", lambda: mx.zeros((rows, 2**20), dtype=mx.uint8, stream=mx.cpu))):
         t0 = time.perf_counter()
-        h(buf).digest()
-        r[f"{fn}_s"] = time.perf_counter() - t0
-    blocks = buf[: size // 2**20 * 2**20].reshape(-1, 2**20)
+        a = make()
+        mx.eval(a)
+        r[f"{label}_alloc_s"] = time.perf_counter() - t0
+        try:
+            view = np.asarray(memoryview(a))
+            r[f"{label}_writeable"] = bool(view.flags.writeable)
+            r[f"{label}_fill_s"] = _timed(lambda: fill(view))
+            del view
+            r[f"{label}_first_gpu_pass_s"] = _timed(lambda: gpu_pass(a))
+            r[f"{label}_gpu_pass_again_s"] = _timed(lambda: gpu_pass(a))
+        except (TypeError, ValueError, RuntimeError) as e:
+            r[f"{label}_error"] = str(e)
+        del a
+        mx.clear_cache()
     t0 = time.perf_counter()
-    placed = mx.array(blocks)
-    mx.eval(placed)
-    r["to_mlx_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    mx.eval(placed.sum())
-    r["to_mlx_first_gpu_pass_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    mx.eval(placed.sum())
-    r["gpu_pass_again_s"] = time.perf_counter() - t0
-    r["bytes"] = size
+    a = mx.array(host)
+    mx.eval(a)
+    r["from_numpy_s"] = time.perf_counter() - t0
+    r["from_numpy_first_gpu_pass_s"] = _timed(lambda: gpu_pass(a))
+    del a
+    pool.shutdown()
     return r
 
 
@@ -485,8 +504,9 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp")
     ap.add_argument("--cache-home", help="XDG_CACHE_HOME for the daemons [default: a new empty folder]")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", type=Path, default=c.OUT_DIR / f"{NAME}.json")
+    ap.add_argument("--out", type=Path, help="[default: benchmarks/out/gpu.json, gpu_probe.json, gpu_split.json]")
     args = ap.parse_args()
+    args.out = args.out or c.OUT_DIR / (f"{NAME}.json" if args.what == "bench" else f"{NAME}_{args.what}.json")
     args.contexts = [int(x) for x in args.contexts.split(",")]
     if args.what == "probe":
         probe_main(args)

@@ -388,6 +388,9 @@ def write_report(data: dict, runs_meta: dict, plots: dict, args, total_s: float 
     cpu = args.out_dir / "cpu_backend.json"
     if cpu.exists():
         L += cpu_backend_section(json.loads(cpu.read_text()))
+    few = args.out_dir / "few_rows.json"
+    if few.exists():
+        L += few_rows_section(json.loads(few.read_text()))
 
     http = args.out_dir / "http_endpoint.json"
     if http.exists():
@@ -396,6 +399,11 @@ def write_report(data: dict, runs_meta: dict, plots: dict, args, total_s: float 
     portable = args.out_dir / "portable.json"
     if portable.exists():
         L += portable_section(json.loads(portable.read_text()))
+
+    gpu = args.out_dir / "gpu.json"
+    if gpu.exists():
+        split = args.out_dir / "gpu_split.json"
+        L += gpu_section(json.loads(gpu.read_text()), json.loads(split.read_text()) if split.exists() else None)
 
     if args.notes:
         L += ["## Notes on this run", ""] + [f"- {n}" for n in args.notes] + [""]
@@ -450,6 +458,65 @@ def cpu_backend_section(d: dict) -> list[str]:
     return L
 
 
+def few_rows_section(d: dict) -> list[str]:
+    """Section 8, from benchmarks/few_rows.py's own JSON (a separate run: see `make bench`)."""
+    pr, fw, rs = d["products"], d["forward"], d["restart"]
+    load = d.get("machine", {}).get("load_avg")
+    L = ["## 8. Few-row products on the CPU", ""]
+    L.append(f"Measured {d['when'][:16].replace('T', ' ')}, one run of `benchmarks/few_rows.py` on the default model"
+             + (f"; load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min) on "
+                f"{d['machine'].get('cpus_usable')} CPUs shared with other work" if load else "")
+             + ". A decode step, a batched decode step of N agents and a resumed agent's short prefill are "
+             "products of 1 to a few dozen rows by the model's weights; agentd's forwarder "
+             f"(`daemon/gemv_forward.c`) runs those of up to {fw['max_rows']} rows in a kernel that reads each "
+             "weight once, and sends the rest to OpenBLAS.")
+    L.append("")
+    L.append(f"**Products** (`x @ W.T`, row-major, W transposed, as MLX issues them; {pr['threads']} threads; weights "
+             "cycled through 256 MiB of copies so each call reads them from memory; median of "
+             f"interleaved rounds). Memory copy on this machine in the same run: "
+             f"{pr['copy_gb_s_read_plus_write']:.1f} GB/s (read + write); numpy's sum reads "
+             f"{pr['read_gb_s_numpy_sum']:.1f} GB/s. GB/s below is weight bytes read per second.")
+    L.append("")
+    names = {"openblas": "OpenBLAS 0.3.21", "numpy_openblas": "numpy's OpenBLAS", "agentd": "agentd"}
+    impls = pr["impls"]
+    rows = []
+    for p in pr["products"]:
+        best = min(impls, key=lambda i: p[i]["us"])
+        rows.append((p["shape"], p["m"],
+                     *((f"**{p[i]['us']:,.0f}**" if i == best else f"{p[i]['us']:,.0f}") for i in impls),
+                     *(f"{p[i]['gbs']:.1f}" for i in impls), f"{p['agentd']['gflops']:.1f}"))
+    L.append(md_table(("product", "rows", *(f"{names.get(i, i)} µs" for i in impls),
+                       *(f"{names.get(i, i)} GB/s" for i in impls), "agentd GFLOP/s"), rows))
+    L.append("")
+    modes = fw["modes"]
+    ms_rows = list(modes["agentd"]["ms"])
+    L.append(f"**Forward pass** of the default model in-process (agentd's CPU path) with {fw['context']} tokens "
+             f"of context, m new tokens, median of {len(modes['agentd']['runs_ms']['1'])} rounds in one process "
+             "that alternates agentd's forwarder as shipped with the same forwarder taking one-row products only "
+             "(every product of two or more rows to OpenBLAS, as before).")
+    L.append("")
+    rows = []
+    labels = {"agentd": "agentd", "one_row_only": "rows ≥ 2 to OpenBLAS (before)"}
+    for mode, v in modes.items():
+        ms = v["ms"]
+        rows.append((labels.get(mode, mode), *(f"{ms[m]:.1f}" for m in ms_rows),
+                     f"**{ms['4'] / ms['1']:.2f}x**", f"{ms['16'] / ms['1']:.2f}x"))
+    L.append(md_table(("ms per forward pass", *(f"{m} tok" for m in ms_rows), "4 / 1", "16 / 1"), rows))
+    L.append("")
+    L.append(f"**After a restart** (the real daemon over its socket, {len(rs['first_turns'])} agents of "
+             f"~{rs['first_turn_prefilled']:.0f} tokens, {rs['blas']} BLAS; each turn the first in a freshly started "
+             f"daemon): the first turn (whole prompt prefilled) gets its first token in "
+             f"{rs['first_turn_client_ttft_ms']:,.0f} ms; the follow-up after a restart (cache from disk, restore "
+             f"{rs['follow_up_restore_ms']:.0f} ms, {rs['follow_up_prefilled']:.0f} new tokens on "
+             f"{rs['follow_up_cached']:.0f} cached) in {rs['follow_up_client_ttft_ms']:,.0f} ms: "
+             f"**{rs['ratio']:.1f}x sooner** (client-side medians; the daemon's own ttft_ms: "
+             f"{rs['first_turn_daemon_ttft_ms']:,.0f} and {rs['follow_up_daemon_ttft_ms']:,.0f} ms).")
+    L.append("")
+    L.append(f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/' + d['argv'][0], *map(shlex.quote, d['argv'][1:])])}`")
+    L.append("")
+    return L
+
+
 def portable_section(d: dict) -> list[str]:
     """Section 11, from benchmarks/portable.py's own JSON (a separate run: see `make bench`)."""
     L = ["## 11. Portable agents: export and import", ""]
@@ -479,6 +546,75 @@ def portable_section(d: dict) -> list[str]:
              f"**{big['build_s'] / big['import_s']:,.0f}x** the import.")
     L.append("")
     L.append(f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/' + d['argv'][0], *map(shlex.quote, d['argv'][1:])])}`")
+    L.append("")
+    return L
+
+
+def gpu_section(d: dict, split: dict | None = None) -> list[str]:
+    """Section 12, from benchmarks/gpu.py's JSON (a run on a machine with an NVIDIA GPU)."""
+    m = d["machine"]
+    L = ["## 12. NVIDIA GPU (MLX's CUDA backend)", ""]
+    L.append(f"Measured {d['when']} on {m.get('nvidia_smi') or 'an NVIDIA GPU'}, {m['cpus']} CPUs ({m['cpu']}), "
+             f"mlx {m['mlx']}, mlx-lm {m['mlx_lm']}, Python {m['python']}. Random-weight 4-bit models of real "
+             "shapes (benchmarks/gpu_models.py). agentd runs as a user starts it, with its kernel cache empty "
+             "at the first start (a fresh machine); time to first token (TTFT) as the daemon reports it "
+             "(restore + prefill + first token). Resumed: the agent's next turn after a restart (SIGTERM, new "
+             "process), its cache read from disk; rebuilt: a fork of it made before the restart, whose whole "
+             f"transcript is prefilled. Medians of {d['runs']} restarts (the first, with the cache files dropped "
+             "from the page cache, is shown apart).")
+    L.append("")
+    rows, starts = [], []
+    for name, r in d["models"].items():
+        if "error" in r:
+            rows.append((name, "-", f"failed: {r['error']}", *["-"] * 8))
+            continue
+        first = r["first_start"]
+        warm = first["model"].get("warmup") or {"seconds": 0.0}
+        starts.append(f"{name}: first start {first['start_s']:.1f} s (kernel warm-up {warm['seconds']:.1f} s"
+                      f" of it; backend {first['model'].get('backend')}, {first['model'].get('quantized_layers')} "
+                      "layers kept quantized), later starts "
+                      + ", ".join(f"{x:.1f}" for x in r["restart_start_s"]) + " s")
+        for n, x in r["contexts"].items():
+            ft, ip, s_ = x["first_turn"], x.get("inproc", {}), x["summary"]
+            compiled = sum(t.get("kernels_compiled") or 0 for t in [ft, *x["resumed"], *x["rebuilt"]])
+            rows.append((name, f"{int(n):,}", c.fmt(ip.get("prefill_tps"), 0),
+                         c.fmt(ft["prefilled_tokens"] / ft["ttft_ms"] * 1000, 0), c.fmt(ip.get("decode_tps")),
+                         c.fmt(ft["decode_tokens_per_s"]), c.fmt(s_["resumed_ttft_ms"], 0),
+                         c.fmt(s_["resumed_page_cache_dropped_ttft_ms"], 0), c.fmt(s_["rebuilt_ttft_ms"], 0),
+                         f"**{s_['speedup']:.1f}x**" if s_["speedup"] else "-", str(compiled)))
+    L.append(md_table(("model", "context", "prefill tok/s mlx-lm", "prefill tok/s agentd", "decode tok/s mlx-lm",
+                       "decode tok/s agentd", "resumed TTFT ms", "resumed, page cache dropped", "rebuilt TTFT ms",
+                       "rebuilt / resumed", "kernels compiled in turns"), rows))
+    L.append("")
+    L += [f"- {x}" for x in starts]
+    L.append("")
+    if split:
+        L.append("Where a restore's time goes, in-process (`gpu.py split`): one KV cache saved by mlx-lm, medians of "
+                 "3, page cache hot; GB/s over the file's bytes.")
+        L.append("")
+        disk = split.get("disk", {})
+        for sp in split.get("split", []):
+            med, gb = sp["median"], sp["bytes"] / 1e9
+
+            def rate(k):
+                return f"{gb / med[k]:.1f}" if med.get(k) else "-"
+            L.append(md_table(("context", "bytes", "mlx-lm load_prompt_cache", "parallel read", "sha256", "xxh3-128",
+                               "xxh3-128, 8 threads", "fill GPU-allocated + first GPU pass",
+                               "fill CPU-allocated + first GPU pass", "numpy, mx.array + first GPU pass"),
+                              [(f"{sp['tokens']:,}", f"{gb:.2f} GB", rate("mlxlm_load_prompt_cache_s"),
+                                rate("read_threads_s"), rate("sha256_s"), rate("xxh3_128_s"), rate("xxh3_128_8threads_s"),
+                                f"{gb / (med['gpu_zeros_fill_s'] + med['gpu_zeros_first_gpu_pass_s']):.1f}"
+                                if med.get("gpu_zeros_fill_s") else "-",
+                                f"{gb / (med['cpu_zeros_fill_s'] + med['cpu_zeros_first_gpu_pass_s']):.1f}"
+                                if med.get("cpu_zeros_fill_s") else "-",
+                                f"{gb / (med['from_numpy_s'] + med['from_numpy_first_gpu_pass_s']):.1f}")]))
+            L.append("")
+        if disk:
+            L.append(f"The disk, same machine: write + fsync {disk['write_fsync_gbps']:.1f} GB/s, read with the file "
+                     f"dropped from the page cache {disk['read_dropped_gbps']:.1f} GB/s, hot {disk['read_hot_gbps']:.1f} GB/s.")
+            L.append("")
+    L.append(f"Command: `python3 benchmarks/{' '.join(map(shlex.quote, d.get('argv', ['gpu.py'])))}` (and `gpu.py split`); "
+             "how to run it on a GPU machine without a registry is in its docstring.")
     L.append("")
     return L
 

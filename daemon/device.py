@@ -7,7 +7,7 @@ path, and a 4-bit model stays 4-bit. On MLX's CPU backend (Linux) its quantized 
 run at a few tokens/s, so `prepare_for_device` dequantizes every quantized layer to
 float32 -- the one dtype with a BLAS behind it on the CPU. A decode step is bound by
 reading the weights, and MLX issues every product as `sgemm`, few-row ones too, which Debian's OpenBLAS 0.3.21
-runs far below the memory bound. When `agentd.blas` preloaded its forwarder, MLX's 1-16-row
+runs far below the memory bound. When `agentd.blas` preloaded its forwarder, MLX's 1-32-row
 `sgemm` calls already reach its streaming kernel and the model stays pure MLX. Without it,
 one-row products leave MLX for numpy's bundled OpenBLAS `sgemv`: still 2x faster than the
 `sgemm`, but every round trip is an MLX evaluation (40 vs 30 ms a step on SmolLM2-135M).
@@ -48,7 +48,7 @@ class DevicePlan:
     gemv_rows: int  # products with at most this many rows go through numpy (0: never)
     blas: str  # the BLAS MLX's own matmuls reach, as `agentd.blas.mlx_blas()` names it
     prefill_chunk: int  # tokens per forward pass when prefilling a long prompt
-    # What runs one-row products: "forwarded" (MLX's 1-16-row sgemm taken by agentd.blas's
+    # What runs one-row products: "forwarded" (MLX's 1-32-row sgemm taken by agentd.blas's
     # forwarder), "numpy" (numpy's sgemv) or "sgemm" (MLX as is); "" on Metal.
     one_row: str = ""
     backend: str = ""  # "metal", "cuda" or "cpu" (`decide_backend`)

@@ -29,15 +29,23 @@ START_TIMEOUT_S = 900
 
 @pytest.fixture(scope="module")
 def tiny_4bit_dir(tmp_path_factory) -> Path:
-    out = tinymodels.make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama-4bit")
-    from mlx_lm import load
+    """Two llama layers with llama-8B's head width (128), so a kernel cache that a real
+    model filled serves it too (MLX compiles per head width, dtype and quantization)."""
+    from mlx_lm.models import llama
 
-    model, _ = load(str(out))
+    out = tmp_path_factory.mktemp("models") / "tiny-llama-4bit"
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = tinymodels._write_tokenizer(out, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_start|>",
+                                        "<|im_end|>", tinymodels.CHATML_TEMPLATE)
+    config = {"model_type": "llama", "hidden_size": 256, "num_hidden_layers": 2, "intermediate_size": 512,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "rms_norm_eps": 1e-5, "vocab_size": vocab,
+              "rope_theta": 10000.0, "tie_word_embeddings": True, "max_position_embeddings": 8192}
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
     model.set_dtype(mx.bfloat16)
     nn.quantize(model, group_size=64, bits=4)
     weights = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(out / "model.safetensors"), weights, {"format": "mlx"})
-    config = json.loads((out / "config.json").read_text())
     config["quantization"] = {"group_size": 64, "bits": 4}
     (out / "config.json").write_text(json.dumps(config))
     return out
