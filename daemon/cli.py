@@ -7,6 +7,7 @@ import faulthandler
 import logging
 import logging.handlers
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -15,6 +16,15 @@ import click
 from . import __version__, paths
 
 EX_CONFIG = 78  # sysexits.h: the configuration is wrong; see the systemd unit
+PRIVATE_UMASK = 0o077
+
+
+def _make_private_dir(path: Path) -> None:
+    """Create `path` (and missing parents) 0700. One that exists is left as it is."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError:
+        pass  # _run reports it in one line (the home must exist to take the lock)
 
 def _size(ctx, param, value):
     from .memory import parse_size
@@ -35,7 +45,7 @@ def _setup_logging(level: str, log_dir: Path) -> None:
     stderr.setFormatter(fmt)
     root.addHandler(stderr)
     try:
-        log_dir.mkdir(parents=True, exist_ok=True)
+        _make_private_dir(log_dir)
         # The daemon rotates its own log: launchd's StandardErrorPath would grow forever.
         rotating = logging.handlers.RotatingFileHandler(log_dir / "agentd.log", maxBytes=5 * 2**20, backupCount=3)
         rotating.setFormatter(fmt)
@@ -74,9 +84,13 @@ def main(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
     # Before anything imports mlx: on Linux, restart with a system OpenBLAS preloaded
     # (MLX's CPU wheel links a reference BLAS ~15x slower), or say in one line why not.
     blas.maybe_reexec_with_fast_blas()
+    # Before anything is created: every file and directory agentd makes (records, their
+    # -wal/-shm, caches, logs, the socket dir) is private to its user from its first instant.
+    os.umask(PRIVATE_UMASK)
     faulthandler.enable()
     home = (home or paths.default_home()).expanduser().resolve()
     socket_path = (socket_path or paths.default_socket()).expanduser().absolute()
+    _make_private_dir(home)
     _setup_logging(log_level, paths.default_log_dir(home))
     log = logging.getLogger("agentd")
     try:
@@ -105,6 +119,9 @@ def _run(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
 
     check_socket_path(socket_path)
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if stat.S_IMODE(home.stat().st_mode) & 0o077:
+        log.warning("%s can be entered by other users (mode %o); agentd keeps its own files in it 0600, "
+                    "but `chmod 700 %s` makes everything in it private", home, stat.S_IMODE(home.stat().st_mode), home)
     lock_fd = acquire_instance_lock(home)
     prepare_socket_dir(socket_path)
     claim_socket(socket_path)
@@ -129,8 +146,8 @@ def _run(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
         if preload:
             names = await daemon.preload(preload)
             log.info("preloaded %d agent(s)", len(names))
-        sock = bind_private_socket(socket_path)
-        return await Server(daemon, socket_path, idle_timeout=idle_timeout).serve(sock)
+        sock, bound = bind_private_socket(socket_path)
+        return await Server(daemon, socket_path, idle_timeout=idle_timeout, bound=bound).serve(sock)
 
     try:
         return asyncio.run(run())
