@@ -20,7 +20,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from .atomic import atomic_replace, fsync_dir, is_partial
+from .atomic import atomic_replace, fsync_dir, is_temp
 from .cachefile import (
     CacheFileError,
     Expectation,
@@ -31,7 +31,7 @@ from .cachefile import (
     read_verified_header,
     save_cache,
 )
-from .engine import Engine
+from .engine import ContextTooLong, Engine
 from .protocol import ProtocolError, validate_agent_name
 from .records import AgentRecord, NotFound, Records
 
@@ -101,7 +101,7 @@ class AgentStore:
         self._hot: OrderedDict[str, HotAgent] = OrderedDict()  # LRU order: oldest first
         self._lock = threading.Lock()  # guards _hot for readers on other threads
         self.problems: list[CacheProblem] = []
-        self._remove_partials()
+        self._remove_temp_files()
         self._recover_records()
 
     # ---- records ------------------------------------------------------------------
@@ -116,24 +116,32 @@ class AgentStore:
         return self.records.get(name, with_messages=False)
 
     def delete(self, name: str) -> None:
+        """Remove the agent. If the file or the record cannot be changed (a read-only home),
+        this raises and the agent stays usable, its hot cache included."""
         self.records.get(name, with_messages=False)  # NOT_FOUND before anything is touched
-        self._drop(name)
         # The file goes before the record: its copy of the record would bring the agent
         # back at the next start (see _recover_records) if a crash came between the two.
+        # The hot cache goes last, once nothing can fail.
         self._unlink_cache(name)
         self.records.delete(name)
+        self._drop(name)
 
     def reset(self, name: str) -> None:
-        """Forget the conversation, keep role and system prompt; the cache goes with it."""
+        """Forget the conversation, keep role and system prompt; the cache goes with it.
+        The same order and the same guarantee on failure as `delete`."""
         self.records.get(name, with_messages=False)
-        self._drop(name)
         self._unlink_cache(name)  # first, as in delete: the file's record copy holds the old turns
         self.records.reset(name)
+        self._drop(name)
 
     def _unlink_cache(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             self.cache_path(name).unlink()
-            fsync_dir(self.caches_dir)
+        except FileNotFoundError:
+            return
+        fsync_dir(self.caches_dir)
+        if (agent := self._hot.get(name)) is not None:
+            agent.dirty = True  # its file is gone: should the record change fail, memory is the only copy
 
     # ---- the cache lifecycle ------------------------------------------------------
 
@@ -182,12 +190,23 @@ class AgentStore:
         should_stop: Callable[[], bool] | None = None,
         on_progress: Callable[[int, int], None] | None = None,
     ) -> ChatResult:
-        """One turn. The turn is committed to the records before this returns."""
+        """One turn. The turn is committed to the records before this returns.
+
+        A prompt that leaves the model no room to reply raises ContextTooLong before the
+        cache is loaded or anything is prefilled; the reply is cut at the context's end
+        (finish_reason "length"). A cancelled turn is not recorded and does not make the
+        agent dirty: what it computed stays in memory for the next turn's prefix, but it
+        never makes a save (nor a file for an agent that has none).
+        """
         rec = self.records.get(name)
+        prompt = self.engine.render(rec.system, rec.messages + [{"role": "user", "content": message}])
+        limit = self.engine.context_length
+        if limit is not None:
+            self._check_context(name, rec, len(prompt), limit)
+            max_tokens = min(max_tokens, limit - len(prompt))
         agent, source, restore_ms = self.acquire(name)
         agent.busy += 1
         try:
-            prompt = self.engine.render(rec.system, rec.messages + [{"role": "user", "content": message}])
             cache, gen = self.engine.generate(
                 agent.cache,
                 agent.tokens,
@@ -199,11 +218,12 @@ class AgentStore:
                 should_stop=should_stop,
                 on_progress=on_progress,
             )
-            agent.cache, agent.tokens, agent.dirty = cache, gen.cache_tokens, True
+            agent.cache, agent.tokens = cache, gen.cache_tokens
             agent.nbytes = cache_nbytes(cache)
             agent.last_used = time.time()
             if gen.finish_reason != "cancelled":
                 self.records.append_turn(name, message, gen.text)
+                agent.dirty = True
         finally:
             agent.busy -= 1
         if gen.rebuilt:
@@ -220,6 +240,20 @@ class AgentStore:
             ttft_ms=round(gen.ttft_s * 1000 + restore_ms, 3),
             decode_tokens_per_s=round(decode_tps, 2),
             finish_reason=gen.finish_reason,
+        )
+
+    @staticmethod
+    def _check_context(name: str, rec: AgentRecord, prompt_tokens: int, limit: int) -> None:
+        if prompt_tokens < limit:
+            return
+        if rec.messages:
+            advice = (f"send a shorter message, or start the conversation over with `agentctl reset {name}` "
+                      "(role and system prompt are kept)")
+        else:
+            advice = "send a shorter message (or give the agent a shorter system prompt)"
+        raise ContextTooLong(
+            f"agent {name!r}: the conversation with this message is {prompt_tokens} tokens and the model's "
+            f"context is {limit}, which leaves no room for a reply; nothing was recorded: {advice}"
         )
 
     def warm(self, name: str) -> str:
@@ -371,10 +405,10 @@ class AgentStore:
         self.problems.append(CacheProblem(name, err.reason, str(err), str(dest), time.time()))
         del self.problems[:-20]
 
-    def _remove_partials(self) -> None:
+    def _remove_temp_files(self) -> None:
         """Temp files of writes a crash interrupted: never loaded, removed at start."""
         for p in self.caches_dir.iterdir():
-            if is_partial(p):
+            if is_temp(p):
                 with contextlib.suppress(OSError):
                     p.unlink()
                 log.info("removed an interrupted write: %s", p.name)
@@ -385,7 +419,7 @@ class AgentStore:
         conversation up to that save instead of being silently dropped."""
         for path in sorted(self.caches_dir.glob("*" + CACHE_SUFFIX)):
             name = path.name[: -len(CACHE_SUFFIX)]
-            if not path.is_file() or is_partial(path):
+            if not path.is_file() or is_temp(path):
                 continue
             try:
                 validate_agent_name(name)

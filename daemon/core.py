@@ -9,11 +9,13 @@ at the edge, so a bad request never takes the daemon down.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import sqlite3
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -24,9 +26,9 @@ from . import __version__
 from . import protocol as p
 from . import responses
 from .agents import AgentStore
-from .engine import Engine
+from .engine import ContextTooLong, Engine
 from .memory import HotFacts, Limits, MemoryProbe, choose_evictions
-from .records import AlreadyExists, NotFound, RecordError
+from .records import AlreadyExists, NotFound, RecordError, RecordsReplaced
 from .worker import Worker
 
 log = logging.getLogger("agentd.core")
@@ -76,6 +78,8 @@ class Daemon:
         self.stopping = False
         self.pressure = "normal"
         self._cancels: set[threading.Event] = set()
+        self._reads = ThreadPoolExecutor(1, thread_name_prefix="records-read")
+        self._writes = ThreadPoolExecutor(1, thread_name_prefix="records-write")
 
     # ---- dispatch -----------------------------------------------------------------
 
@@ -93,18 +97,45 @@ class Daemon:
             return responses.error(rid, p.ErrorCode.NOT_FOUND, str(e))
         except AlreadyExists as e:
             return responses.error(rid, p.ErrorCode.ALREADY_EXISTS, str(e))
+        except RecordsReplaced as e:
+            return responses.error(rid, p.ErrorCode.INTERNAL, str(e))  # logged once, loudly, by Records
+        except ContextTooLong as e:
+            return responses.error(rid, p.ErrorCode.CONTEXT_TOO_LONG, str(e))
         except sqlite3.Error as e:
             # e.g. a full disk: expected enough to deserve one line, not a traceback.
             log.error("request %s (%s): the records could not be updated: %s", rid, req.op, e)
+            if "locked" in str(e):  # another process holds the database's write lock
+                return responses.error(rid, p.ErrorCode.BUSY, f"the records are locked by another process ({e}); "
+                                                              "nothing was recorded; try again")
             return responses.error(rid, p.ErrorCode.INTERNAL, f"the records could not be updated ({e}); nothing was recorded")
         except ConnectionError:
             raise  # the client went away (emit saw it): no one to answer, nothing went wrong here
+        except OSError as e:
+            # e.g. a read-only home (delete and reset then change nothing: AgentStore.delete).
+            log.error("request %s (%s) failed: %s", rid, req.op, e)
+            where = f": {e.filename}" if e.filename else ""
+            return responses.error(rid, p.ErrorCode.INTERNAL, f"{req.op} failed ({e.strerror or e}{where})")
         except Exception as e:
             log.exception("request %s (%s) failed", rid, req.op)
             return responses.error(rid, p.ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
 
     async def _mlx(self, fn, *args, **kwargs):
         return await asyncio.wrap_future(self.worker.submit(fn, *args, **kwargs))
+
+    async def _io(self, fn, *args, **kwargs):
+        """Record reads and cache-file headers, off the event loop: a slow disk then holds
+        this request only, never ping or the other connections. (In WAL mode a read never
+        waits for a writer, so reads share one thread and one SQLite connection.)"""
+        return await self._off_loop(self._reads, fn, *args, **kwargs)
+
+    async def _io_write(self, fn, *args, **kwargs):
+        """Record writes on their own thread: one waiting out another process's write lock
+        (up to the busy timeout) holds back other writes, never reads or ping."""
+        return await self._off_loop(self._writes, fn, *args, **kwargs)
+
+    @staticmethod
+    async def _off_loop(executor: ThreadPoolExecutor, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(fn, *args, **kwargs))
 
     # ---- handlers -----------------------------------------------------------------
 
@@ -153,7 +184,7 @@ class Daemon:
                 "consecutive_failures": self.flush.consecutive_failures,
             },
             "problems": [pr.__dict__ for pr in self.store.problems],
-            "agents": self._infos(),
+            "agents": await self._io(self._infos),
         }
 
     def _infos(self) -> list[dict]:
@@ -165,22 +196,22 @@ class Daemon:
         return self.store.info(rec, self.store.snapshot().get(name))
 
     async def _op_create(self, req: p.Create, rid, emit) -> dict:
-        self.store.create(req.name, req.role, req.system)
-        return {"agent": self._info(req.name)}
+        await self._io_write(self.store.create, req.name, req.role, req.system)
+        return {"agent": await self._io(self._info, req.name)}
 
     async def _op_fork(self, req: p.Fork, rid, emit) -> dict:
-        self.store.fork(req.source, req.name)
-        return {"agent": self._info(req.name)}
+        await self._io_write(self.store.fork, req.source, req.name)
+        return {"agent": await self._io(self._info, req.name)}
 
     async def _op_list(self, req, rid, emit) -> dict:
-        return {"agents": self._infos()}
+        return {"agents": await self._io(self._infos)}
 
     async def _op_show(self, req: p.Show, rid, emit) -> dict:
-        rec = self.store.records.get(req.name, with_messages=False)
-        return {"agent": self._info(req.name), "system": rec.system}
+        rec = await self._io(self.store.records.get, req.name, with_messages=False)
+        return {"agent": await self._io(self._info, req.name), "system": rec.system}
 
     async def _op_history(self, req: p.History, rid, emit) -> dict:
-        return {"messages": self.store.records.get(req.name).messages}
+        return {"messages": (await self._io(self.store.records.get, req.name)).messages}
 
     async def _op_delete(self, req: p.Delete, rid, emit) -> dict:
         await self._mlx(self.store.delete, req.name)
@@ -188,18 +219,18 @@ class Daemon:
 
     async def _op_reset(self, req: p.Reset, rid, emit) -> dict:
         await self._mlx(self.store.reset, req.name)
-        return {"agent": self._info(req.name)}
+        return {"agent": await self._io(self._info, req.name)}
 
     async def _op_save(self, req: p.Save, rid, emit) -> dict:
         if req.name is not None:
-            self.store.records.get(req.name, with_messages=False)  # NOT_FOUND for unknown names
+            await self._io(self.store.records.get, req.name, with_messages=False)  # NOT_FOUND for unknown names
             saved = [req.name] if await self._mlx(self.store.save, req.name) else []
         else:
             saved = await self._mlx(self.store.save_all)
         return {"saved": saved}
 
     async def _op_evict(self, req: p.Evict, rid, emit) -> dict:
-        self.store.records.get(req.name, with_messages=False)
+        await self._io(self.store.records.get, req.name, with_messages=False)
         if self.store.snapshot().get(req.name, {}).get("busy"):
             raise p.ProtocolError(p.ErrorCode.BUSY, f"agent {req.name!r} has a request in flight")
         was_dirty = await self._mlx(self.store.evict, req.name)
@@ -210,7 +241,7 @@ class Daemon:
         return {"stopping": True}
 
     async def _op_chat(self, req: p.Chat, rid, emit) -> dict:
-        self.store.records.get(req.name, with_messages=False)
+        await self._io(self.store.records.get, req.name, with_messages=False)
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
@@ -260,7 +291,9 @@ class Daemon:
             self._cancels.discard(cancel)
         result = job.result()
         if result.finish_reason == "cancelled":
-            raise p.ProtocolError(p.ErrorCode.CANCELLED, "generation cancelled")
+            if self.stopping:
+                raise p.ProtocolError(p.ErrorCode.SHUTTING_DOWN, "agentd is shutting down; the turn was not recorded")
+            raise p.ProtocolError(p.ErrorCode.CANCELLED, "generation cancelled; the turn was not recorded")
         return result.to_dict()
 
     # ---- policies: flush and memory ----------------------------------------------
@@ -309,7 +342,7 @@ class Daemon:
         return saved
 
     async def preload(self, n: int) -> list[str]:
-        names = self.store.records.most_recent(n)
+        names = await self._io(self.store.records.most_recent, n)
         for name in names:
             await self._mlx(self.store.acquire, name)
         return names
@@ -337,3 +370,11 @@ class Daemon:
         await self._mlx(self.store.close)
         self.worker.drain(timeout=30)
         return saved
+
+    async def close_records(self) -> None:
+        """Last, once no request can come: close the record connections of the read and write
+        threads too. SQLite checkpoints the WAL into the database and removes the -wal and
+        -shm files when the last connection closes, so the next start finds no stale WAL."""
+        for executor in (self._reads, self._writes):
+            await self._off_loop(executor, self.store.records.close)
+            executor.shutdown(wait=False)

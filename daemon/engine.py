@@ -33,6 +33,29 @@ class ModelLoadError(Exception):
     """The model folder is missing or cannot be loaded; the message says which and why."""
 
 
+class ContextTooLong(ValueError):
+    """A prompt that leaves the model no room to reply; refused before any prefill."""
+
+
+# Tokenizers write "no limit" as a huge sentinel (1e30); anything above this is not a context.
+_PLAUSIBLE_CONTEXT = 10**8
+
+
+def context_length(model_dir: Path, tokenizer=None) -> int | None:
+    """The most tokens the model attends to: the smallest of its config's position limit
+    and the tokenizer's `model_max_length`; None when neither states one."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    limits = []
+    for cfg in (config, config.get("text_config") or {}):
+        for key in ("max_position_embeddings", "max_sequence_length", "n_positions", "seq_length"):
+            if isinstance(cfg.get(key), int) and cfg[key] > 0:
+                limits.append(cfg[key])
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < _PLAUSIBLE_CONTEXT:
+        limits.append(tok_max)
+    return min(limits) if limits else None
+
+
 @dataclass
 class Generation:
     """What one turn did to the cache, and how long it took."""
@@ -48,6 +71,22 @@ class Generation:
     decode_s: float
     prompt_tokens: int = 0
     timings: dict = field(default_factory=dict)
+
+
+def finish_text(detok, on_token: Callable[[str], None] | None = None) -> str:
+    """Flush a streaming detokenizer and return the whole reply text.
+
+    A reply cut (max_tokens, the end of the context) inside a multi-byte character leaves
+    that character's first bytes unflushed, and `finalize` decodes them as U+FFFD. They
+    are not text: the replacement characters at the very end are dropped, from what is
+    streamed and from what is stored alike.
+    """
+    detok.finalize()
+    tail = detok.last_segment
+    kept = tail.rstrip("\ufffd")
+    if on_token is not None and kept:
+        on_token(kept)
+    return detok.text[: len(detok.text) - (len(tail) - len(kept))]
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:
@@ -117,6 +156,7 @@ class Engine:
             self.model_dir, getattr(self.tokenizer, "chat_template", None)
         )
         self.eos_ids = set(self.tokenizer.eos_token_ids)
+        self.context_length = context_length(self.model_dir, getattr(self.tokenizer, "_tokenizer", None))
         self.model_bytes = sum(v.nbytes for _, v in _leaves(self.model.parameters()))
 
     def _compute_dtype(self) -> str:
@@ -212,13 +252,11 @@ class Engine:
                 finish = "cancelled"
                 break
             next_input = token
-        detok.finalize()
-        if on_token is not None and (segment := detok.last_segment):
-            on_token(segment)
+        text = finish_text(detok, on_token)
         decode_s = time.perf_counter() - t_decode
         return cache, Generation(
             tokens=generated,
-            text=detok.text,
+            text=text,
             finish_reason=finish,
             cache_tokens=fed,
             reused_tokens=reuse,
