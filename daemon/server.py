@@ -23,6 +23,7 @@ from . import framing
 from . import protocol as p
 from . import responses
 from .core import Daemon
+from .errors import StartupError  # noqa: F401 (cli.py imports it from here)
 from .notify import notify
 from .paths import MAX_SOCKET_PATH
 from .peercred import peer_uid
@@ -39,10 +40,6 @@ TICK_S = 1.0
 # flush ~50 s.
 DRAIN_TIMEOUT_S = 5.0
 CLOSE_TIMEOUT_S = 1.0
-
-
-class StartupError(Exception):
-    """A reason the daemon cannot start, worded for the person who started it."""
 
 
 def check_socket_path(path: Path) -> None:
