@@ -249,7 +249,7 @@ def test_issue16_item9_a_fifo_at_a_cache_path_freezes_nothing(home, tiny_llama_d
         assert [a["name"] for a in c.list()["agents"]] == ["a"]
         assert c.show("a")["agent"]["state"] == "cold"
         assert c.ping()["pong"]
-        assert chat(c, "a", "hello")["cache_source"] == "new"  # the FIFO was refused, moved aside
+        assert chat(c, "a", "hello")["cache_source"] == "rebuilt"  # the FIFO was refused, moved aside
         assert [pr["reason"] for pr in c.status()["problems"]] == ["unreadable"]
     assert d.stop(timeout=30) == 0
 
