@@ -17,6 +17,12 @@ $(STAMP): pyproject.toml
 	      || echo "note: could not install libopenblas0-pthread; agentd will use the slow reference BLAS"; \
 	  else echo "note: for fast prefill on Linux: sudo apt-get install libopenblas0-pthread"; fi; \
 	fi
+	@# Headless Chromium for the status page's browser test (skipped without it). Best effort.
+	@if [ "$$(uname -s)" = Linux ] && ! command -v chromium >/dev/null 2>&1 \
+	    && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get install -y -qq chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)) \
+	    || echo "note: could not install chromium; the status page's browser test will be skipped"; \
+	fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
@@ -46,6 +52,7 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	-@$(MAKE) --no-print-directory $(LLAMA_VENV)/.installed
 	$(PY) benchmarks/cpu_backend.py
+	$(PY) benchmarks/http_endpoint.py
 	$(PY) benchmarks/run_all.py
 
 clean:

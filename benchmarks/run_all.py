@@ -389,6 +389,10 @@ def write_report(data: dict, runs_meta: dict, plots: dict, args, total_s: float 
     if cpu.exists():
         L += cpu_backend_section(json.loads(cpu.read_text()))
 
+    http = args.out_dir / "http_endpoint.json"
+    if http.exists():
+        L += http_section(json.loads(http.read_text()))
+
     if args.notes:
         L += ["## Notes on this run", ""] + [f"- {n}" for n in args.notes] + [""]
     report.write_text("\n".join(L))
@@ -438,6 +442,54 @@ def cpu_backend_section(d: dict) -> list[str]:
                 f"weights, a fraction of those bytes." if weights_mib else ""))
     L.append("")
     L.append(f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/' + d['argv'][0], *map(shlex.quote, d['argv'][1:])]) if d.get('argv') else '.venv/bin/python benchmarks/cpu_backend.py'}`")
+    L.append("")
+    return L
+
+
+def http_section(d: dict) -> list[str]:
+    """Section 9, from benchmarks/http_endpoint.py's own JSON (a separate run: see `make bench`)."""
+    dec, summ, rs = d["decode"], d["summary"], d["restart"]
+    L = ["## 9. The OpenAI-compatible HTTP endpoint", ""]
+    L.append(f"Measured {d['when']} on {Path(d['model']).name}; load average {' '.join(d.get('loadavg_before') or [])} "
+             f"before, {' '.join(d.get('loadavg_after') or [])} after (a shared machine: ratios within the run "
+             "are what to read).")
+    L.append("")
+    L.append(f"**Decode through HTTP vs the socket**, one daemon, {len(dec['http'])} interleaved runs each of the same "
+             f"prompt to a fresh agent, {dec['max_tokens']} tokens at most: `agentctl`'s Client on the Unix socket vs "
+             "the official `openai` client streaming `/v1/chat/completions` (`model=\"agent:<name>\"`). Rates are "
+             "measured at the client, first piece to last.")
+    L.append("")
+    L.append(md_table(("", "median tok/s", "runs (tok/s)", "tokens per run"), [
+        (k, c.fmt(summ["decode"][f"{k.split()[0].lower()}_tok_s"]),
+         ", ".join(c.fmt(r["client_decode_tok_s"]) for r in dec[key]),
+         ", ".join(str(r["generated_tokens"]) for r in dec[key]))
+        for k, key in (("socket (msgpack)", "socket"), ("HTTP (SSE)", "http"))]))
+    L.append("")
+    ratio = summ["decode"]["http_over_socket"]
+    L.append(f"HTTP / socket: **{ratio:.3f}** (the goal: at least 0.95).")
+    L.append("")
+    a, m = rs["agentd"], rs["mlx_lm.server"]
+    L.append(f"**Time to first token of a follow-up after a restart**, same `openai` client (streaming, "
+             f"time to the first content chunk), a ~{d['context']}-token system prompt, the whole conversation "
+             f"sent each time. mlx_lm.server ran `{Path(m['model_dir']).name}` (the float32 weights agentd's CPU "
+             "path runs, when the folder is quantized).")
+    L.append("")
+    rows = []
+    for label, r in (("agentd over HTTP", a), ("mlx_lm.server", m)):
+        after = r["after_restart"]
+        rows.append((label, c.fmt(r["first"]["client_ttft_ms"], 0),
+                     ", ".join(c.fmt(x["client_ttft_ms"], 0) for x in after),
+                     ", ".join(f"{x['cached_tokens']}/{x['prompt_tokens']}" for x in after),
+                     c.fmt(c.med([x["restart_s"] for x in after]))))
+    L.append(md_table(("", "first request ms", "follow-up after restart ms", "cached/prompt tokens", "restart s"),
+                      rows))
+    L.append("")
+    L.append(f"**Headline:** after a restart agentd answers a follow-up over HTTP in "
+             f"{summ['agentd_after_restart_ms']:,.0f} ms (median), mlx_lm.server in "
+             f"{summ['mlx_server_after_restart_ms']:,.0f} ms: **{summ['mlx_over_agentd']:.1f}x** sooner, from the "
+             f"disk cache; decode through HTTP runs at {ratio:.1%} of the socket's.")
+    L.append("")
+    L.append(f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/' + d['argv'][0], *map(shlex.quote, d['argv'][1:])])}`")
     L.append("")
     return L
 

@@ -9,9 +9,10 @@ msgpack exception escapes.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +253,11 @@ class Client:
         assert self._sock is not None
         rid = self._next_id
         self._next_id += 1
+        self._send_frame(request, rid)
+        return rid
+
+    def _send_frame(self, request: p.Request, rid: int) -> None:
+        assert self._sock is not None
         try:
             send_frame(self._sock, request.to_wire(rid))
         except FrameError as exc:
@@ -262,7 +268,6 @@ class Client:
         except OSError as exc:
             self.close()
             raise ConnectionLost(f"lost the connection to agentd while sending {request.op}: {exc}") from None
-        return rid
 
     def _recv_response(self, rid: int) -> responses.Response:
         """The next frame for request `rid`; any transport failure closes the connection."""
@@ -300,9 +305,9 @@ class Client:
         frame = self._recv_response(rid)
         if isinstance(frame, responses.Error):
             raise AgentdError(frame.code, frame.message)
-        if isinstance(frame, (responses.Token, responses.Progress)):
+        if isinstance(frame, (responses.Token, responses.Progress, responses.Chunk)):
             self.close()
-            raise ConnectionLost(f"agentd streamed tokens for a {request.op} request")
+            raise ConnectionLost(f"agentd streamed frames for a {request.op} request")
         return frame.fields
 
     def request(self, request: p.Request) -> dict[str, Any]:
@@ -384,6 +389,58 @@ class Client:
     def evict(self, name: str) -> dict[str, Any]:
         """{evicted: name, was_dirty: bool}: saved first if dirty, then dropped from memory."""
         return self.request(_build(p.Evict, name))
+
+    def export(self, name: str, sink: Callable[[bytes], None]) -> dict[str, Any]:
+        """Stream agent NAME's bundle to `sink`, piece by piece, and return the result
+        {name, bytes, sha256, messages, cache_tokens, cache_reason}. The bytes `sink` got
+        are checked against the result's size and SHA-256 before this returns."""
+        request = _build(p.Export, name)
+        self.connect()
+        rid = self._send(request)
+        digest, size = hashlib.sha256(), 0
+        try:
+            while True:
+                frame = self._recv_response(rid)
+                if isinstance(frame, responses.Chunk):
+                    digest.update(frame.data)
+                    size += len(frame.data)
+                    sink(frame.data)
+                    continue
+                if isinstance(frame, responses.Error):
+                    raise AgentdError(frame.code, frame.message)
+                if isinstance(frame, responses.Result):
+                    break
+                raise ConnectionLost(f"agentd sent a {type(frame).__name__.lower()} frame during an export")
+        except BaseException:
+            self.close()  # unread chunks may follow: the connection is out of step
+            raise
+        result = frame.fields
+        if result.get("bytes") != size or result.get("sha256") != digest.hexdigest():
+            raise ConnectionLost(f"the export arrived damaged ({size} bytes received, {result.get('bytes')} sent)")
+        return result
+
+    def import_(self, chunks: Iterable[bytes], name: str | None = None) -> dict[str, Any]:
+        """Upload a bundle (an iterable of byte strings, e.g. a file read in pieces) and
+        return {agent, bytes, sha256, cache_imported, cache_tokens, cache_reason}. NAME
+        (default: the bundle's own) must not be taken."""
+        request = _build(p.Import, name)
+        self.connect()
+        rid = self._send(request)
+        try:
+            for data in chunks:
+                for lo in range(0, len(data), p.MAX_CHUNK_BYTES):
+                    self._send_frame(p.Chunk(bytes(data[lo:lo + p.MAX_CHUNK_BYTES])), rid)
+            self._send_frame(p.Chunk(b""), rid)
+        except BaseException:
+            self.close()  # the daemon sees the upload break off and forgets it
+            raise
+        frame = self._recv_response(rid)
+        if isinstance(frame, responses.Error):
+            raise AgentdError(frame.code, frame.message)
+        if not isinstance(frame, responses.Result):
+            self.close()
+            raise ConnectionLost(f"agentd sent a {type(frame).__name__.lower()} frame during an import")
+        return frame.fields
 
     def shutdown(self) -> dict[str, Any]:
         """{stopping: True}: the daemon flushes and exits; this connection is closed."""

@@ -182,6 +182,8 @@ def render_status(result: dict[str, Any], now: float | None = None) -> str:
         ("limits", f"max hot {_num(_get(limits, 'max_hot'))}, cache budget {human_bytes(_get(limits, 'cache_budget'))}, "
                    f"min available {human_bytes(_get(limits, 'min_available'))}"),
         ("flush", flush_line),
+        ("http", (f"{_get(result.get('http'), 'base_url')} (key in {_get(result.get('http'), 'token_file')})"
+                  if result.get("http") else "off")),
         ("agents", f"{len(agents)} ({hot} hot, {dirty} dirty)"),
     ]
     text = _kv(pairs)
@@ -220,3 +222,21 @@ def _fmt(v: Any, spec: str) -> str:
 
 def render_ping(result: dict[str, Any], rtt_s: float) -> str:
     return f"pong from agentd pid {_num(result.get('pid'))} in {human_duration(rtt_s)}"
+
+
+def render_export(result: dict[str, Any], where: str) -> str:
+    tokens = result.get("cache_tokens")
+    head = (f"Exported agent {result.get('name', DASH)} to {where} ({human_bytes(result.get('bytes'))}, "
+            f"{_num(result.get('messages'))} messages, ")
+    if isinstance(tokens, int) and tokens > 0:
+        return head + f"KV cache of {_num(tokens)} tokens)."
+    return head + f"no KV cache: {result.get('cache_reason') or 'none'}; an importer rebuilds it from the transcript)."
+
+
+def render_import(result: dict[str, Any]) -> str:
+    agent = result.get("agent") or {}
+    head = f"Imported agent {agent.get('name', DASH)} ({_num(agent.get('messages'))} messages) "
+    if result.get("cache_imported"):
+        return head + f"with its KV cache ({_num(result.get('cache_tokens'))} tokens): its next turn continues from it."
+    return (head + f"without its KV cache: {result.get('cache_reason') or 'none'}. "
+            "The cache is rebuilt from the transcript on first use.")

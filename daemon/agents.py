@@ -21,10 +21,10 @@ import mlx.core as mx
 from .atomic import atomic_replace
 from .cachefile import Expectation, cache_nbytes
 from .cacherepo import CACHE_SUFFIX, CacheProblem, CacheRepository, Refusal  # noqa: F401 (re-exported)
-from .engine import ContextTooLong, Engine
+from .engine import Engine
 from .hotset import HotAgent, HotSet
 from .protocol import Sampling, validate_agent_name
-from .records import AgentRecord, NotFound, Records
+from .records import AgentRecord, AlreadyExists, NotFound, Records
 from .responses import AgentInfo, CacheSource, ChatResult
 
 log = logging.getLogger("agentd.agents")
@@ -106,6 +106,25 @@ class AgentStore:
         if self.repo.delete(name) and (agent := self.hot.get(name)) is not None:
             agent.dirty = True  # its file is gone: should the record change fail, memory is the only copy
 
+    def adopt(self, rec: AgentRecord, cache: list | None, tokens: list[int]) -> None:
+        """Add a whole agent made elsewhere (an imported bundle): its record and, if given,
+        its cache, which holds exactly `tokens`. It is all there or none of it is.
+
+        The cache goes to the repository first, with a copy of the record: a crash before
+        its write completes leaves a temp file (removed at start), one after it a file
+        whose record copy `recover_records` restores at start. No crash leaves half an agent.
+        """
+        name = validate_agent_name(rec.name)
+        if self.records.name_taken(name):
+            raise AlreadyExists(f"agent {name!r} already exists")
+        saved = cache is not None and self.repo.save(name, cache, tokens, rec)
+        try:
+            self.records.add(rec)
+        except BaseException:
+            if saved:
+                self.repo.delete(name)  # a create() on the event-loop thread took the name meanwhile
+            raise
+
     # ---- the cache lifecycle ------------------------------------------------------
 
     def is_hot(self, name: str) -> bool:
@@ -157,10 +176,8 @@ class AgentStore:
         sampling = sampling or Sampling(max_tokens, temperature, seed=seed)
         rec = self.records.get(name)
         prompt = self.engine.render(rec.system, rec.messages + [{"role": "user", "content": message}])
-        max_tokens = sampling.max_tokens
-        if (limit := self.engine.context_length) is not None:
-            _check_context(name, rec, len(prompt), limit)
-            max_tokens = min(max_tokens, limit - len(prompt))
+        max_tokens = self.engine.room_for_reply(len(prompt), sampling.max_tokens, who=f"agent {name!r}: ",
+                                                advice=_context_advice(name, rec))
         agent, source, restore_ms = self.acquire(name)
         agent.busy += 1
         try:
@@ -293,16 +310,10 @@ class AgentStore:
         self.records.close()
 
 
-def _check_context(name: str, rec: AgentRecord, prompt_tokens: int, limit: int) -> None:
-    """Refuse a prompt that leaves no room for a reply, saying how to go on."""
-    if prompt_tokens < limit:
-        return
+
+def _context_advice(name: str, rec: AgentRecord) -> str:
+    """How to go on when a turn does not fit the context (see ARCHITECTURE.md, "Context length")."""
     if rec.messages:
-        advice = (f"send a shorter message, or start the conversation over with `agentctl reset {name}` "
-                  "(role and system prompt are kept)")
-    else:
-        advice = "send a shorter message (or give the agent a shorter system prompt)"
-    raise ContextTooLong(
-        f"agent {name!r}: the conversation with this message is {prompt_tokens} tokens and the model's "
-        f"context is {limit}, which leaves no room for a reply; nothing was recorded: {advice}"
-    )
+        return (f"send a shorter message, or start the conversation over with `agentctl reset {name}` "
+                "(role and system prompt are kept)")
+    return "send a shorter message (or give the agent a shorter system prompt)"

@@ -121,6 +121,18 @@ def _encode_layer(layer, prefix: str, tensors: dict[str, mx.array]) -> dict:
     return {"class": name, "empty": layer.empty(), "state": _encode(_compact_state(layer), prefix, tensors)}
 
 
+def encode_cache(cache: list) -> tuple[list[dict], dict[str, mx.array]]:
+    """The cache as a JSON-ready layer layout plus the (evaluated, contiguous) arrays it names.
+
+    The one encoder of cache objects: cache files and agent bundles (`agentd.bundle`) both
+    store this layout. Raises UnsupportedCache for a class outside REGISTRY.
+    """
+    tensors: dict[str, mx.array] = {}
+    layers = [_encode_layer(layer, f"L{i}", tensors) for i, layer in enumerate(cache)]
+    mx.eval(list(tensors.values()))
+    return layers, tensors
+
+
 def _digest(meta: dict[str, str], tensors: dict[str, Any]) -> str:
     """SHA-256 over metadata (sans checksum) and each tensor's name, dtype, shape and bytes."""
     h = hashlib.sha256()
@@ -143,8 +155,7 @@ def save_cache(
     replace: Callable[[Path, Callable[[Path], None]], None] = atomic_replace,
 ) -> int:
     """Write `cache` (holding exactly `tokens`) to `path` atomically. Returns the file size."""
-    tensors: dict[str, mx.array] = {}
-    layers = [_encode_layer(layer, f"L{i}", tensors) for i, layer in enumerate(cache)]
+    layers, tensors = encode_cache(cache)
     tensors["tokens"] = mx.array(tokens if tokens else [], dtype=mx.int32)
     mx.eval(list(tensors.values()))
     meta = {
@@ -234,6 +245,19 @@ def _decode_layer(spec: dict, tensors: dict[str, mx.array]):
     return make_empty(cls, state) if spec.get("empty") else cls.from_state(state)
 
 
+def decode_cache(layers: Any, tensors: dict[str, mx.array]) -> list:
+    """The inverse of encode_cache. Classes come only from REGISTRY; a layout that is not
+    well-formed (unknown class, missing tensor, wrong state arity) raises CacheFileError."""
+    try:
+        if not isinstance(layers, list):
+            raise TypeError("the layer layout is not a list")
+        return [_decode_layer(spec, tensors) for spec in layers]
+    except CacheFileError:
+        raise
+    except Exception as e:  # KeyError, TypeError, ValueError, RecursionError from a bad layout
+        raise CacheFileError("corrupt", f"layer layout unreadable ({type(e).__name__}: {e})") from e
+
+
 def make_empty(cls, state):
     """An empty layer cache of `cls`, rebuilt from the scalars its state kept."""
     if cls is C.RotatingKVCache:
@@ -256,11 +280,12 @@ def load_cache(path: Path, expect: Expectation) -> LoadedCache:
     tensors = _verified_tensors(path, meta)
     try:
         layers = json.loads(meta["agentd.layers"])
-        cache = [_decode_layer(spec, tensors) for spec in layers]
-    except CacheFileError:
-        raise
-    except Exception as e:
+    except (KeyError, ValueError) as e:
         raise CacheFileError("corrupt", f"{path.name}: layer layout unreadable ({e})") from e
+    try:
+        cache = decode_cache(layers, tensors)
+    except CacheFileError as e:
+        raise CacheFileError(e.reason, f"{path.name}: {e}") from e
     tokens = tensors["tokens"].tolist()
     if str(len(tokens)) != meta.get("agentd.n_tokens"):
         raise CacheFileError("corrupt", f"{path.name}: token count does not match")

@@ -36,7 +36,7 @@ from .cachefile import (
     save_cache,
 )
 from .protocol import ProtocolError, validate_agent_name
-from .records import AgentRecord, Records
+from .records import EXTRA_KEYS, AgentRecord, Records
 
 log = logging.getLogger("agentd.cacherepo")
 
@@ -212,7 +212,7 @@ def record_from_json(text: str | None, name: str) -> AgentRecord:
     d = json.loads(text)
     if d["name"] != name:
         raise ValueError(f"the record inside is agent {d['name']!r}'s")
-    messages = [{"role": m["role"], "content": m["content"]} for m in d["messages"]]
+    messages = [{k: m[k] for k in ("role", "content", *EXTRA_KEYS) if k in m} for m in d["messages"]]
     if not all(isinstance(m["role"], str) and isinstance(m["content"], str) for m in messages):
         raise TypeError("messages must be role and content strings")
     if not isinstance(d["role"], str) or not isinstance(d["system"], str):

@@ -73,11 +73,16 @@ def _setup_logging(level: str, log_dir: Path) -> None:
               help="Load the N most recently used agents at start.")
 @click.option("--idle-timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True,
               envvar="AGENTD_IDLE_TIMEOUT", help="Close connections silent for this many seconds.")
+@click.option("--http", "http", default=None, envvar="AGENTD_HTTP", metavar="ADDR",
+              help="OpenAI-compatible HTTP on HOST:PORT (:0 picks a free port), or off. "
+                   "[default: 127.0.0.1:8731; skipped with a warning if that port is taken]")
+@click.option("--http-allow-remote", is_flag=True, envvar="AGENTD_HTTP_ALLOW_REMOTE",
+              help="Allow --http on a non-loopback address (the key is then the only guard).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
               default="info", show_default=True, envvar="AGENTD_LOG_LEVEL")
 @click.version_option(__version__, prog_name="agentd")
 def main(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, min_available, preload,
-         idle_timeout, log_level):
+         idle_timeout, http, http_allow_remote, log_level):
     """Keep LLM agents' KV caches in memory and on disk; serve them on a Unix socket."""
     from . import blas
 
@@ -93,9 +98,16 @@ def main(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
     _make_private_dir(home)
     _setup_logging(log_level, paths.default_log_dir(home))
     log = logging.getLogger("agentd")
+    from .http_server import DEFAULT_HTTP, HttpConfigError, parse_address
+
+    try:
+        http_address = parse_address(http or DEFAULT_HTTP, http_allow_remote)
+    except HttpConfigError as e:
+        click.echo(f"agentd: {e}", err=True)
+        sys.exit(EX_CONFIG)
     try:
         code = _run(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, min_available, preload,
-                    idle_timeout, log)
+                    idle_timeout, log, http_address, http_explicit=http is not None)
     except Exception as e:
         from .server import StartupError
 
@@ -113,7 +125,7 @@ def main(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
 
 
 def _run(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, min_available, preload, idle_timeout,
-         log) -> int:
+         log, http_address=None, http_explicit=False) -> int:
     from .server import Server, StartupError, acquire_instance_lock, bind_private_socket, check_socket_path, \
         claim_socket, prepare_socket_dir
 
@@ -146,8 +158,24 @@ def _run(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
         if preload:
             names = await daemon.preload(preload)
             log.info("preloaded %d agent(s)", len(names))
+        front_ends = []
+        if http_address is not None:
+            from .http_server import HttpFrontEnd
+
+            front = HttpFrontEnd(daemon, home, http_address)
+            try:
+                await front.start()
+                front_ends.append(front)
+            except OSError as e:
+                where = "%s:%d" % http_address
+                if http_explicit:
+                    raise StartupError(f"cannot serve HTTP on {where}: {e.strerror or e}") from None
+                # The default port is a convenience; the socket is the primary protocol.
+                log.warning("HTTP: %s is taken (%s); serving the Unix socket only. Choose another port with "
+                            "--http 127.0.0.1:PORT, or --http off to silence this", where, e.strerror or e)
         sock, bound = bind_private_socket(socket_path)
-        return await Server(daemon, socket_path, idle_timeout=idle_timeout, bound=bound).serve(sock)
+        return await Server(daemon, socket_path, idle_timeout=idle_timeout, front_ends=front_ends,
+                            bound=bound).serve(sock)
 
     try:
         return asyncio.run(run())

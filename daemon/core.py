@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import os
 import sqlite3
@@ -25,11 +26,14 @@ import mlx.core as mx
 from . import __version__
 from . import protocol as p
 from . import responses
+from . import transfer
 from .agents import AgentStore
+from .bundle import BundleError
 from .engine import ContextTooLong, Engine
 from .errors import StartupError
 from .memory import Limits, MemoryProbe
 from .records import AlreadyExists, NotFound, RecordError, RecordsReplaced
+from .turns import Turns
 from .upkeep import FlushPolicy, MemoryPolicy
 from .worker import Worker
 
@@ -37,6 +41,8 @@ log = logging.getLogger("agentd.core")
 
 # Sends a streamed frame; called with None it only checks the client is still there.
 Emit = Callable[[dict | None], Awaitable[None]]
+# Reads the next frame of the same connection (an upload); raises ConnectionError if it broke.
+Receive = Callable[[], Awaitable[dict]]
 
 
 @dataclass
@@ -67,19 +73,30 @@ class Daemon:
         self._cancels: set[threading.Event] = set()
         self._reads = ThreadPoolExecutor(1, thread_name_prefix="records-read")
         self._writes = ThreadPoolExecutor(1, thread_name_prefix="records-write")
+        self._turning: set[str] = set()  # agents with a `turn` in flight
+        self.turns = Turns(self.store)
+        self.http: dict | None = None  # {address, base_url, token_file} once the HTTP front end listens
 
     # ---- dispatch -----------------------------------------------------------------
 
-    async def handle(self, rid: int, req: p.Request, emit: Emit) -> dict:
-        """Answer one request. Returns the terminal frame; `emit` sends streamed ones."""
+    async def handle(self, rid: int, req: p.Request, emit: Emit, receive: Receive | None = None) -> dict:
+        """Answer one request. Returns the terminal frame; `emit` sends streamed ones and
+        `receive` reads an upload's frames (import)."""
         handler = getattr(self, "_op_" + req.op)  # req.op comes from our own REQUEST_TYPES
         try:
             if self.stopping and req.op not in ("ping", "status", "hello"):
+                if req.op == "import" and receive is not None:
+                    await transfer.drain_upload(rid, receive, emit)
                 raise p.ProtocolError(p.ErrorCode.SHUTTING_DOWN, "agentd is shutting down")
-            fields = await handler(req, rid, emit)
+            if req.op == "import":
+                fields = await transfer.import_op(self, req, rid, emit, receive)
+            else:
+                fields = await handler(req, rid, emit)
             return responses.result(rid, **fields)
         except p.ProtocolError as e:
             return responses.error(rid, e.code, e.message)
+        except BundleError as e:
+            return responses.error(rid, p.ErrorCode.BAD_BUNDLE, e.message)
         except NotFound as e:
             return responses.error(rid, p.ErrorCode.NOT_FOUND, str(e))
         except AlreadyExists as e:
@@ -156,7 +173,7 @@ class Daemon:
                       "dtype": self.engine.dtype, "device": self.engine.plan.device, "blas": self.engine.plan.blas},
             "memory": {
                 "model_bytes": self.engine.model_bytes,
-                "cache_bytes": self.store.hot.total_bytes(),
+                "cache_bytes": self.store.hot.total_bytes() + self.turns.scratch_bytes(),
                 "active_bytes": mx.get_active_memory(),
                 "system_available": reading.available,
                 "system_total": reading.total,
@@ -165,6 +182,7 @@ class Daemon:
             "limits": self.memory.status(),
             "flush": self.flush.status(),
             "problems": [pr.__dict__ for pr in self.store.problems],
+            "http": self.http,
             "agents": await self._io(self._infos),
         }
 
@@ -216,12 +234,61 @@ class Daemon:
         was_dirty = await self._mlx(self.store.evict, req.name)
         return {"evicted": req.name, "was_dirty": was_dirty}
 
+    async def _op_export(self, req: p.Export, rid, emit) -> dict:
+        return await transfer.export_op(self, req, rid, emit)
+
+    async def _op_import(self, req, rid, emit) -> dict:
+        raise AssertionError("handle() routes import with its upload")
+
+    async def _op_chunk(self, req, rid, emit) -> dict:
+        raise p.ProtocolError(p.ErrorCode.BAD_REQUEST, "a chunk outside an import upload")
+
     async def _op_shutdown(self, req, rid, emit) -> dict:
         self.request_shutdown("requested by a client")
         return {"stopping": True}
 
     async def _op_chat(self, req: p.Chat, rid, emit) -> dict:
         await self._io(self.store.records.get, req.name, with_messages=False)
+
+        def run(on_token, should_stop, on_progress):
+            return self.store.chat(
+                req.name,
+                req.message,
+                sampling=req.sampling,
+                on_token=on_token,
+                should_stop=should_stop,
+                on_progress=on_progress,
+            ).to_wire()
+
+        return await self._streamed(rid, emit, run)
+
+    async def _op_turn(self, req: p.Turn, rid, emit) -> dict:
+        await self._io(self.store.records.get, req.name, with_messages=False)
+        # A turn that follows a resent conversation decides what to keep from the transcript
+        # it reads; a second one in flight for the same agent would read a stale one.
+        if req.name in self._turning:
+            raise p.ProtocolError(p.ErrorCode.BUSY, f"agent {req.name!r} has a turn in flight")
+        self._turning.add(req.name)
+        try:
+            return await self._streamed(rid, emit, lambda on_token, should_stop, on_progress: self.turns.turn(
+                req.name, req.messages, follow=req.follow, system=req.system, tools=req.tools, response=req.response,
+                sampling=_sampling(req), on_token=on_token, should_stop=should_stop, on_progress=on_progress))
+        finally:
+            self._turning.discard(req.name)
+
+    async def _op_complete(self, req: p.Complete, rid, emit) -> dict:
+        return await self._streamed(rid, emit, lambda on_token, should_stop, on_progress: self.turns.complete(
+            req.system, req.messages, tools=req.tools, response=req.response, sampling=_sampling(req),
+            on_token=on_token, should_stop=should_stop, on_progress=on_progress))
+
+    async def _op_response(self, req: p.GetResponse, rid, emit) -> dict:
+        row = await self._io(self.store.records.get_response, req.response_id)
+        return {"response_id": row["id"], "agent": row["agent"], "created_at": row["created_at"],
+                "n_messages": row["n_messages"], "body": json.loads(row["body"])}
+
+    async def _streamed(self, rid: int, emit: Emit, fn: Callable) -> dict:
+        """Run `fn(on_token, should_stop, on_progress)` on the worker, streaming its token
+        and progress frames through `emit`; a client that goes away cancels it."""
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
@@ -235,14 +302,7 @@ class Daemon:
 
         def run():
             try:
-                return self.store.chat(
-                    req.name,
-                    req.message,
-                    sampling=req.sampling,
-                    on_token=on_token,
-                    should_stop=cancel.is_set,
-                    on_progress=on_progress,
-                )
+                return fn(on_token, cancel.is_set, on_progress)
             finally:
                 self.memory.enforce(self.store)
 
@@ -268,11 +328,11 @@ class Daemon:
         finally:
             self._cancels.discard(cancel)
         result = job.result()
-        if result.finish_reason == "cancelled":
+        if result["finish_reason"] == "cancelled":
             if self.stopping:
                 raise p.ProtocolError(p.ErrorCode.SHUTTING_DOWN, "agentd is shutting down; the turn was not recorded")
             raise p.ProtocolError(p.ErrorCode.CANCELLED, "generation cancelled; the turn was not recorded")
-        return result.to_wire()
+        return result
 
     # ---- policies: flush and memory ----------------------------------------------
 
@@ -328,3 +388,9 @@ class Daemon:
         for executor in (self._reads, self._writes):
             await self._off_loop(executor, self.store.records.close)
             executor.shutdown(wait=False)
+
+
+def _sampling(req: p.Turn | p.Complete) -> dict:
+    """The engine's sampling arguments (it takes no `Sampling` value yet)."""
+    s = req.sampling
+    return {"max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed}

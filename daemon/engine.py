@@ -159,6 +159,19 @@ class Engine:
         self.context_length = context_length(self.model_dir, getattr(self.tokenizer, "_tokenizer", None))
         self.model_bytes = sum(v.nbytes for _, v in _leaves(self.model.parameters()))
 
+    def room_for_reply(self, prompt_tokens: int, max_tokens: int, *, who: str = "", advice: str = "") -> int:
+        """`max_tokens` cut to what the context leaves after the prompt. A prompt that leaves
+        nothing raises ContextTooLong, meant to be called before anything is prefilled."""
+        if self.context_length is None:
+            return max_tokens
+        if prompt_tokens >= self.context_length:
+            raise ContextTooLong(
+                f"{who}the conversation with this message is {prompt_tokens} tokens and the model's context is "
+                f"{self.context_length}, which leaves no room for a reply; nothing was recorded: "
+                f"{advice or 'send a shorter message'}"
+            )
+        return min(max_tokens, self.context_length - prompt_tokens)
+
     def _compute_dtype(self) -> str:
         """The dtype keys and values are cached in, read off a one-token forward pass.
 
@@ -173,13 +186,17 @@ class Engine:
     def new_cache(self) -> list:
         return make_prompt_cache(self.model)
 
-    def render(self, system: str, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """The conversation as the model's chat template writes it, in token ids."""
-        convo = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": m["role"], "content": m["content"]} for m in messages
-        ]
+    def render(self, system: str, messages: list[dict], add_generation_prompt: bool = True,
+               tools: list[dict] | None = None) -> list[int]:
+        """The conversation as the model's chat template writes it, in token ids.
+
+        Messages may carry tool calls and tool results (see `agentd.protocol`); `tools` are
+        handed to the template, which decides how (and whether) the model sees them.
+        """
+        convo = ([{"role": "system", "content": system}] if system else []) + [_template_message(m) for m in messages]
+        extra = {"tools": tools} if tools else {}
         return list(
-            self.tokenizer.apply_chat_template(convo, add_generation_prompt=add_generation_prompt, tokenize=True)
+            self.tokenizer.apply_chat_template(convo, add_generation_prompt=add_generation_prompt, tokenize=True, **extra)
         )
 
     def generate(
@@ -190,6 +207,7 @@ class Engine:
         *,
         max_tokens: int,
         temperature: float = 0.0,
+        top_p: float = 1.0,
         seed: int | None = None,
         on_token: Callable[[str], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
@@ -223,7 +241,7 @@ class Engine:
 
         if seed is not None:
             mx.random.seed(seed)
-        sampler = make_sampler(temp=temperature)
+        sampler = make_sampler(temp=temperature, top_p=top_p)
         detok = self.tokenizer.detokenizer
         detok.reset()
         fed = list(prompt[:-1])
@@ -295,6 +313,26 @@ class Engine:
             self.model(mx.array(tokens[lo:hi])[None], cache=cache)
             mx.eval([c.state for c in cache])
             yield hi
+
+
+def _template_message(m: dict) -> dict:
+    """A stored message as chat templates expect it: tool-call arguments as a mapping
+    (they travel as JSON text, as in OpenAI's API; templates index into them)."""
+    out = {"role": m["role"], "content": m["content"]}
+    for key in ("tool_call_id", "name"):
+        if m.get(key) is not None:
+            out[key] = m[key]
+    if m.get("tool_calls"):
+        calls = []
+        for call in m["tool_calls"]:
+            fn = dict(call["function"])
+            try:
+                fn["arguments"] = json.loads(fn["arguments"])
+            except (TypeError, ValueError):
+                pass  # not JSON: the template gets the text as it came
+            calls.append({**call, "function": fn})
+        out["tool_calls"] = calls
+    return out
 
 
 def _leaves(tree):

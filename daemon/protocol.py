@@ -24,7 +24,31 @@ sends `hello` first on every connection. Ops and fields (defaults in brackets):
               temperature: float [0.0] (0..5), seed: int | None [None] (0..2**63-1)
     save      name: str | None [None]  (None: every dirty agent)
     evict     name
+    export    name   (answered by `chunk` frames carrying the bundle's bytes, then a result;
+                      see `agentd.bundle` for the file format)
+    import    name: str | None [None]  (None: the bundle's own name). An upload: after the
+              request the client sends the bundle as `chunk` requests with the import's
+              id, then one chunk with empty data; only then does the daemon answer (a
+              refusal found early is reported after the upload has been read)
+    chunk     data: bytes (<= MAX_CHUNK_BYTES), only as part of an import upload
     shutdown  -
+    turn      name, messages: [Message] (1..), follow: bool [False], system: str | None [None],
+              tools: [Tool] | None [None], response: ResponseRef | None [None],
+              max_tokens, temperature, seed (as chat), top_p: float [1.0] (0 < top_p <= 1)
+              (one turn of several new messages; with follow the messages are the whole
+               conversation after the system prompt and the agent follows it, keeping a
+               replaced transcript as a branch: see `agentd.transcripts`)
+    complete  messages: [Message] (1..), system: str [""], tools, response, sampling as turn
+              (a stateless completion with the base model; no agent is read or written)
+    response  response_id: str   (a Responses API object stored by turn or complete)
+
+    Message   {role: "user"|"assistant"|"tool", content: str, tool_calls: [ToolCall]?,
+               tool_call_id: str?, name: str?}; ToolCall {id, type: "function",
+               function: {name, arguments: str}}. At most MAX_TURN_BYTES of text in all.
+    Tool      {type: "function", function: {name, description?, parameters?}} (as OpenAI's;
+              handed to the model's chat template)
+    ResponseRef {id: str (<= 100 chars), meta: map}: store the turn's result as a Responses
+              API object under `id`, with `meta` (how the front end built the request)
 
 An agent name is 1..64 of letters, digits, "-", "_", "." and does not start with "." (no
 hidden files, and none of agentd's temp files) nor "-" (it would read as an option to
@@ -51,6 +75,11 @@ MAX_CLIENT_CHARS = 200
 MAX_TOKENS_LIMIT = 8192
 MAX_TEMPERATURE = 5.0
 MAX_SEED = 2**63 - 1
+MAX_CHUNK_BYTES = 4 * 1024 * 1024  # bundle bytes per chunk frame, either way
+MAX_TURN_BYTES = 8 * 1024 * 1024  # all text of one turn's messages and tools
+MAX_TURN_MESSAGES = 10_000
+MAX_RESPONSE_ID_CHARS = 100
+MESSAGE_ROLES = ("user", "assistant", "tool")
 
 
 class ErrorCode(str, Enum):
@@ -68,6 +97,7 @@ class ErrorCode(str, Enum):
     SHUTTING_DOWN = "SHUTTING_DOWN"
     INTERNAL = "INTERNAL"
     MODEL_ERROR = "MODEL_ERROR"
+    BAD_BUNDLE = "BAD_BUNDLE"  # an imported agent bundle that is refused (truncated, corrupt, ...)
     PERMISSION_DENIED = "PERMISSION_DENIED"  # the peer is another user (agentd serves only its own)
     CONTEXT_TOO_LONG = "CONTEXT_TOO_LONG"  # the conversation no longer fits the model's context
 
@@ -339,13 +369,180 @@ class Evict(_Named):
 
 
 @dataclass(frozen=True)
+class Export(_Named):
+    op: ClassVar[str] = "export"
+
+
+@dataclass(frozen=True)
+class Import(Request):
+    op: ClassVar[str] = "import"
+    name: str | None = None
+
+    def _validate(self) -> None:
+        if self.name is not None:
+            validate_agent_name(self.name)
+
+
+@dataclass(frozen=True)
+class Chunk(Request):
+    """A piece of an upload (import); empty `data` ends it."""
+
+    op: ClassVar[str] = "chunk"
+    data: bytes
+
+    def _validate(self) -> None:
+        if not isinstance(self.data, bytes):
+            raise _bad(f"data must be bytes, not {type(self.data).__name__}")
+        if len(self.data) > MAX_CHUNK_BYTES:
+            raise _bad(f"a chunk is {len(self.data)} bytes; the limit is {MAX_CHUNK_BYTES}")
+
+
+@dataclass(frozen=True)
 class Shutdown(Request):
     op: ClassVar[str] = "shutdown"
 
 
+def _check_tool_calls(field: str, calls: Any) -> None:
+    if not isinstance(calls, list):
+        raise _bad(f"{field} must be a list")
+    for i, call in enumerate(calls):
+        where = f"{field}[{i}]"
+        if not isinstance(call, dict) or set(call) - {"id", "type", "function"}:
+            raise _bad(f"{where} must be a map of id, type and function")
+        _check_str(f"{where}.id", call.get("id"), max_chars=200)
+        if call.get("type", "function") != "function":
+            raise _bad(f"{where}.type must be 'function'")
+        fn = call.get("function")
+        if not isinstance(fn, dict) or set(fn) != {"name", "arguments"}:
+            raise _bad(f"{where}.function must be a map of name and arguments")
+        _check_str(f"{where}.function.name", fn["name"], max_chars=200)
+        _check_str(f"{where}.function.arguments", fn["arguments"], max_bytes=MAX_TEXT_BYTES)
+
+
+def check_messages(messages: Any) -> int:
+    """Validate a turn's messages (see Message above); returns the bytes of text they hold."""
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages must be a non-empty list")
+    if len(messages) > MAX_TURN_MESSAGES:
+        raise _bad(f"{len(messages)} messages; the limit is {MAX_TURN_MESSAGES}")
+    total = 0
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise _bad(f"{where} must be a map")
+        extra = set(m) - {"role", "content", "tool_calls", "tool_call_id", "name"}
+        if extra:
+            raise _bad(f"{where} has unknown field(s): {', '.join(sorted(map(repr, extra)))}")
+        if m.get("role") not in MESSAGE_ROLES:
+            raise _bad(f"{where}.role must be one of {', '.join(MESSAGE_ROLES)}, not {m.get('role')!r}")
+        total += len(_check_str(f"{where}.content", m.get("content"), max_bytes=MAX_TEXT_BYTES).encode())
+        if m.get("tool_calls") is not None:
+            if m["role"] != "assistant":
+                raise _bad(f"{where}: only assistant messages carry tool_calls")
+            _check_tool_calls(f"{where}.tool_calls", m["tool_calls"])
+            total += sum(len(c["function"]["arguments"]) for c in m["tool_calls"])
+        if m.get("tool_call_id") is not None:
+            _check_str(f"{where}.tool_call_id", m["tool_call_id"], max_chars=200)
+        if m.get("name") is not None:
+            _check_str(f"{where}.name", m["name"], max_chars=200)
+    if total > MAX_TURN_BYTES:
+        raise _bad(f"the messages hold {total} bytes of text; the limit is {MAX_TURN_BYTES}")
+    return total
+
+
+def _check_tools(tools: Any) -> None:
+    if not isinstance(tools, list):
+        raise _bad("tools must be a list")
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
+            raise _bad(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}")
+        _check_str(f"tools[{i}].function.name", fn.get("name"), max_chars=200)
+
+
+def _check_response_ref(ref: Any) -> None:
+    if not isinstance(ref, dict) or set(ref) != {"id", "meta"} or not isinstance(ref["meta"], dict):
+        raise _bad("response must be a map of id and meta")
+    _check_str("response.id", ref["id"], max_chars=MAX_RESPONSE_ID_CHARS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _TurnBase(Request):
+    """Fields shared by turn and complete: the messages, tools and how to sample."""
+
+    messages: list
+    tools: list | None = None
+    response: dict | None = None
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def _validate(self) -> None:
+        check_messages(self.messages)
+        if self.tools is not None:
+            _check_tools(self.tools)
+        if self.response is not None:
+            _check_response_ref(self.response)
+        _check_int("max_tokens", self.max_tokens, 1, MAX_TOKENS_LIMIT)
+        self._set("temperature", _check_float("temperature", self.temperature, 0.0, MAX_TEMPERATURE))
+        self._set("top_p", _check_float("top_p", self.top_p, 0.0, 1.0))
+        if self.top_p == 0.0:
+            raise _bad("top_p must be greater than 0")
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, MAX_SEED)
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.max_tokens, self.temperature, top_p=self.top_p, seed=self.seed)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Turn(_TurnBase):
+    """One turn of an agent made of several new messages (or, with `follow`, the whole
+    conversation the agent is to follow). `system` replaces the system prompt (follow only)."""
+
+    op: ClassVar[str] = "turn"
+    name: str
+    follow: bool = False
+    system: str | None = None
+
+    def _validate(self) -> None:
+        validate_agent_name(self.name)
+        super()._validate()
+        if not isinstance(self.follow, bool):
+            raise _bad("follow must be true or false")
+        if self.system is not None:
+            _check_str("system", self.system, max_bytes=MAX_TEXT_BYTES)
+            if not self.follow:
+                raise _bad("system may only be given with follow (a turn that replaces the conversation)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Complete(_TurnBase):
+    """A stateless completion of `messages` after `system` with the base model."""
+
+    op: ClassVar[str] = "complete"
+    system: str = ""
+
+    def _validate(self) -> None:
+        super()._validate()
+        _check_str("system", self.system, max_bytes=MAX_TEXT_BYTES)
+
+
+@dataclass(frozen=True)
+class GetResponse(Request):
+    op: ClassVar[str] = "response"
+    response_id: str
+
+    def _validate(self) -> None:
+        _check_str("response_id", self.response_id, max_chars=MAX_RESPONSE_ID_CHARS)
+
+
 REQUEST_TYPES: dict[str, type[Request]] = {
     cls.op: cls
-    for cls in (Hello, Ping, Status, Create, Fork, List, Show, History, Delete, Reset, Chat, Save, Evict, Shutdown)
+    for cls in (Hello, Ping, Status, Create, Fork, List, Show, History, Delete, Reset, Chat, Save, Evict, Shutdown,
+                Turn, Complete, GetResponse, Export, Import, Chunk)
 }
 
 _MAX_ID = 2**63 - 1

@@ -3,10 +3,16 @@
 This is the source of truth for what users said; KV cache files are derived from it and
 may lag behind. A turn is committed (synchronous=FULL) before its reply is acknowledged.
 Each thread gets its own connection, so readers never wait on the MLX worker.
+
+A message is `{"role", "content"}` plus, where present, the tool-call fields `tool_calls`,
+`tool_call_id` and `name` (kept as JSON in the `extra` column, schema 2). Schema 2 also
+adds `responses`: what the HTTP front end's Responses API needs to answer
+`GET /v1/responses/{id}` and `previous_response_id` after a restart.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
@@ -18,7 +24,10 @@ from typing import Callable
 
 log = logging.getLogger("agentd.records")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# Message keys besides role and content that are kept (in `extra`), in this order.
+EXTRA_KEYS = ("tool_calls", "tool_call_id", "name")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -42,6 +51,20 @@ CREATE TABLE IF NOT EXISTS messages (
     PRIMARY KEY (agent, seq)
 );
 """
+
+# Each step takes a database of version N-1 to N, inside the opening transaction.
+_MIGRATIONS = {
+    2: """
+ALTER TABLE messages ADD COLUMN extra TEXT;
+CREATE TABLE IF NOT EXISTS responses (
+    id TEXT PRIMARY KEY,
+    agent TEXT,
+    created_at REAL NOT NULL,
+    n_messages INTEGER NOT NULL,
+    body TEXT NOT NULL
+);
+""",
+}
 
 
 class RecordError(Exception):
@@ -100,10 +123,14 @@ class Records:
         self._db().executescript(_SCHEMA)
         with self._write() as db:
             row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if row is None:
-                db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) > SCHEMA_VERSION:
-                raise RecordError(f"{self.path} has schema {row[0]}, newer than this agentd ({SCHEMA_VERSION})")
+            # A database without a version was just created from schema 1 above.
+            version = 1 if row is None else int(row[0])
+            if version > SCHEMA_VERSION:
+                raise RecordError(f"{self.path} has schema {version}, newer than this agentd ({SCHEMA_VERSION})")
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in filter(str.strip, _MIGRATIONS[step].split(";")):
+                    db.execute(statement)
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     def _set_aside_orphaned_wal(self) -> None:
         """A -wal or -shm without its database belongs to a deleted one (SQLite never removes
@@ -159,18 +186,9 @@ class Records:
 
     def fork(self, source: str, name: str) -> None:
         """Copy `source`'s role, system prompt and messages to a new agent, in one transaction."""
-        now = time.time()
         try:
             with self._write() as db:
-                if db.execute(
-                    "INSERT INTO agents SELECT ?, role, system, ?, ?, ? FROM agents WHERE name=?",
-                    (name, now, now, now, source),
-                ).rowcount != 1:
-                    raise NotFound(f"no agent named {source!r}")
-                db.execute(
-                    "INSERT INTO messages SELECT ?, seq, role, content, created_at FROM messages WHERE agent=?",
-                    (name, source),
-                )
+                self._copy(db, source, name, time.time())
         except sqlite3.IntegrityError:
             raise AlreadyExists(f"agent {name!r} already exists") from None
 
@@ -186,8 +204,8 @@ class Records:
             rec = _record(row)
             if with_messages:
                 rec.messages = [
-                    {"role": r["role"], "content": r["content"]}
-                    for r in db.execute("SELECT role, content FROM messages WHERE agent=? ORDER BY seq", (name,))
+                    _message(r)
+                    for r in db.execute("SELECT role, content, extra FROM messages WHERE agent=? ORDER BY seq", (name,))
                 ]
         return rec
 
@@ -209,15 +227,88 @@ class Records:
 
     def append_turn(self, name: str, user: str, assistant: str) -> None:
         """Both messages of a turn, in one transaction: a turn is recorded whole or not at all."""
+        self.commit_turn(name, [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}])
+
+    def commit_turn(
+        self,
+        name: str,
+        messages: list[dict],
+        *,
+        keep: int | None = None,
+        system: str | None = None,
+        branch: str | None = None,
+        response: tuple[str, str] | None = None,
+    ) -> int:
+        """Record one turn in one transaction; returns the transcript's length after it.
+
+        `messages` are appended after the first `keep` stored messages (None: after all of
+        them); with `system` the system prompt is replaced too. When that drops or changes
+        anything, `branch` must name a new agent that receives the transcript as it was
+        first, so a replaced conversation is never lost. `response` is `(id, body JSON)`
+        of a Responses API object to store with the transcript length it ends at.
+        """
         now = time.time()
+        try:
+            with self._write() as db:
+                if branch is not None:
+                    self._copy(db, name, branch, now)
+                if keep is not None:
+                    db.execute("DELETE FROM messages WHERE agent=? AND seq>=?", (name, keep))
+                if system is not None:
+                    db.execute("UPDATE agents SET system=? WHERE name=?", (system, name))
+                (seq,) = db.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM messages WHERE agent=?", (name,)).fetchone()
+                db.executemany(
+                    "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)",
+                    [(name, seq + i, m["role"], m["content"], now, _extra(m)) for i, m in enumerate(messages)],
+                )
+                if db.execute("UPDATE agents SET updated_at=?, last_used_at=? WHERE name=?", (now, now, name)).rowcount != 1:
+                    raise NotFound(f"no agent named {name!r}")
+                length = seq + len(messages)
+                if response is not None:
+                    db.execute("INSERT INTO responses VALUES (?, ?, ?, ?, ?)", (response[0], name, now, length, response[1]))
+        except sqlite3.IntegrityError:
+            raise AlreadyExists(f"agent {branch!r} already exists") from None
+        return length
+
+    def _copy(self, db: sqlite3.Connection, source: str, name: str, now: float) -> None:
+        if db.execute(
+            "INSERT INTO agents SELECT ?, role, system, ?, ?, ? FROM agents WHERE name=?", (name, now, now, now, source)
+        ).rowcount != 1:
+            raise NotFound(f"no agent named {source!r}")
+        db.execute(
+            "INSERT INTO messages SELECT ?, seq, role, content, created_at, extra FROM messages WHERE agent=?",
+            (name, source),
+        )
+
+    def free_branch_name(self, name: str) -> str:
+        """The first of `<name>.b1`, `<name>.b2`, ... no agent has (case-insensitively).
+
+        A name near the length limit is shortened first, so the branch name stays valid.
+        """
+        from .protocol import MAX_NAME_CHARS
+
+        with self._read() as db:
+            taken = {r[0].lower() for r in db.execute("SELECT name FROM agents")}
+        n = 1
+        while True:
+            suffix = f".b{n}"
+            candidate = name[: MAX_NAME_CHARS - len(suffix)] + suffix
+            if candidate.lower() not in taken:
+                return candidate
+            n += 1
+
+    def put_response(self, response_id: str, agent: str | None, n_messages: int, body: str) -> None:
+        """Store a Responses API object that did not come with a turn commit (stateless)."""
         with self._write() as db:
-            (seq,) = db.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM messages WHERE agent=?", (name,)).fetchone()
-            db.executemany(
-                "INSERT INTO messages VALUES (?, ?, ?, ?, ?)",
-                [(name, seq, "user", user, now), (name, seq + 1, "assistant", assistant, now)],
-            )
-            if db.execute("UPDATE agents SET updated_at=?, last_used_at=? WHERE name=?", (now, now, name)).rowcount != 1:
-                raise NotFound(f"no agent named {name!r}")
+            db.execute("INSERT INTO responses VALUES (?, ?, ?, ?, ?)", (response_id, agent, time.time(), n_messages, body))
+
+    def get_response(self, response_id: str) -> dict:
+        """`{id, agent, created_at, n_messages, body}` of a stored response, or NotFound."""
+        with self._read() as db:
+            row = db.execute("SELECT * FROM responses WHERE id=?", (response_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no response with id {response_id!r}")
+        return dict(row)
 
     def touch(self, name: str) -> None:
         with self._write() as db:
@@ -245,9 +336,29 @@ class Records:
                 (rec.name, rec.role, rec.system, rec.created_at, rec.updated_at, rec.last_used_at),
             )
             db.executemany(
-                "INSERT INTO messages VALUES (?, ?, ?, ?, ?)",
-                [(rec.name, i, m["role"], m["content"], rec.updated_at) for i, m in enumerate(rec.messages)],
+                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)",
+                [(rec.name, i, m["role"], m["content"], rec.updated_at, _extra(m)) for i, m in enumerate(rec.messages)],
             )
+
+    def name_taken(self, name: str) -> bool:
+        """Whether `name`, or a name differing from it only in case, is an agent's."""
+        with self._read() as db:
+            return db.execute("SELECT 1 FROM agents WHERE name=? COLLATE NOCASE", (name,)).fetchone() is not None
+
+    def add(self, rec: AgentRecord) -> None:
+        """Insert a whole agent (record and messages) in one transaction; AlreadyExists if taken."""
+        try:
+            with self._write() as db:
+                db.execute(
+                    "INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?)",
+                    (rec.name, rec.role, rec.system, rec.created_at, rec.updated_at, rec.last_used_at),
+                )
+                db.executemany(
+                    "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)",
+                    [(rec.name, i, m["role"], m["content"], rec.updated_at, _extra(m)) for i, m in enumerate(rec.messages)],
+                )
+        except sqlite3.IntegrityError:
+            raise AlreadyExists(f"agent {rec.name!r} already exists") from None
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
@@ -277,6 +388,18 @@ class _Tx:
         self.db.execute("COMMIT")
         if self.check:
             self.check()  # the file may have gone during the transaction
+
+
+def _extra(message: dict) -> str | None:
+    extra = {k: message[k] for k in EXTRA_KEYS if message.get(k) is not None}
+    return json.dumps(extra) if extra else None
+
+
+def _message(row) -> dict:
+    message = {"role": row["role"], "content": row["content"]}
+    if row["extra"]:
+        message.update(json.loads(row["extra"]))
+    return message
 
 
 def _record(row) -> AgentRecord:

@@ -10,6 +10,8 @@ Responses (daemon -> client) are maps carrying the request's "id" and a "type":
     {"id", "type": "token", "text": str}          chat only, zero or more before the result
     {"id", "type": "progress", "done": int, "total": int}
                                                   chat only: prompt tokens prefilled so far
+    {"id", "type": "chunk", "data": bytes}        export only: the bundle's next bytes
+                                                  (at most MAX_CHUNK_BYTES each), in order
     {"id", "type": "error", "code": str, "message": str}   terminal; code is an ErrorCode
 
 A frame the daemon could not parse, or whose id it could not read, gets an error with
@@ -27,6 +29,8 @@ Result fields per op:
               limits {max_hot, cache_budget, min_available},
               flush  {interval_s, last_flush_at, last_result, last_error,
                       consecutive_failures},
+              problems [{agent, reason, message, moved_to, at}]   (refused cache files)
+              http   {address, base_url, token_file} | None   (the HTTP front end)
               agents [AgentInfo]
     create    agent: AgentInfo
     fork      agent: AgentInfo
@@ -38,8 +42,17 @@ Result fields per op:
     chat      text, cached_tokens, prefilled_tokens, generated_tokens, prompt_tokens,
               cache_source ("memory"|"disk"|"rebuilt"|"new"), restore_ms, ttft_ms,
               decode_tokens_per_s, finish_reason ("stop"|"length")
+    turn      as chat, finish_reason also "tool_calls", plus tool_calls: [ToolCall] | None,
+              branch: str | None (the agent a replaced transcript was kept as),
+              n_messages (the transcript's length after the turn)
+    complete  as chat (cache_source "memory"|"new"), plus tool_calls
+    response  response_id, agent: str | None, created_at, n_messages, body: {meta, result, ...}
     save      saved: [name]
     evict     evicted: name, was_dirty: bool
+    export    name, bytes (the bundle's size), sha256 (of the whole bundle, hex),
+              messages, cache_tokens (0: no cache inside), cache_reason (why not, or None)
+    import    agent: AgentInfo, bytes, sha256, cache_imported: bool, cache_tokens,
+              cache_reason (why the cache was not imported, or None)
     shutdown  stopping: True
 
     AgentInfo {name, role, state ("hot"|"cold"), tokens, bytes, dirty: bool,
@@ -58,6 +71,7 @@ RESULT = "result"
 TOKEN = "token"
 ERROR = "error"
 PROGRESS = "progress"
+CHUNK = "chunk"
 
 
 def result(request_id: int, **fields: Any) -> dict[str, Any]:
@@ -75,6 +89,11 @@ def token(request_id: int, text: str) -> dict[str, Any]:
 def progress(request_id: int, done: int, total: int) -> dict[str, Any]:
     """A non-terminal chat frame: `done` of `total` prompt tokens prefilled."""
     return {"id": request_id, "type": PROGRESS, "done": done, "total": total}
+
+
+def chunk(request_id: int, data: bytes | memoryview) -> dict[str, Any]:
+    """A non-terminal export frame carrying the next bytes of the bundle."""
+    return {"id": request_id, "type": CHUNK, "data": data}
 
 
 def error(request_id: int | None, code: ErrorCode | str, message: str) -> dict[str, Any]:
@@ -102,13 +121,19 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class Chunk:
+    id: int | None
+    data: bytes
+
+
+@dataclass(frozen=True)
 class Error:
     id: int | None
     code: str  # an ErrorCode value, or an unknown code from a newer daemon
     message: str
 
 
-Response = Result | Token | Progress | Error
+Response = Result | Token | Progress | Chunk | Error
 
 
 def response_from_wire(wire: Any) -> Response:
@@ -131,6 +156,11 @@ def response_from_wire(wire: Any) -> Response:
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in (done, total)):
             raise ProtocolError(ErrorCode.BAD_FRAME, "progress frame without done and total integers")
         return Progress(rid, done, total)
+    if kind == CHUNK:
+        data = wire.get("data")
+        if not isinstance(data, bytes):
+            raise ProtocolError(ErrorCode.BAD_FRAME, "chunk frame without data bytes")
+        return Chunk(rid, data)
     if kind == ERROR:
         code, message = wire.get("code"), wire.get("message")
         if not isinstance(code, str) or not isinstance(message, str):

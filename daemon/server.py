@@ -167,9 +167,10 @@ class _Connection:
 
 
 class Server:
-    def __init__(self, daemon: Daemon, socket_path: Path, idle_timeout: float = 300.0,
+    def __init__(self, daemon: Daemon, socket_path: Path, idle_timeout: float = 300.0, front_ends: list = (),
                  bound: tuple[int, int] | None = None):
         self.daemon = daemon
+        self.front_ends = list(front_ends)  # other listeners (HTTP), each with `async stop()`
         self.socket_path = Path(socket_path)
         self.idle_timeout = idle_timeout
         self.bound = bound
@@ -189,6 +190,8 @@ class Server:
         notify("STOPPING=1")
         t0 = loop.time()
         server.close()
+        for front in self.front_ends:
+            await front.stop()  # in-flight turns were told to stop; their handlers answer first
         ticker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await ticker
@@ -313,9 +316,21 @@ class Server:
                 if frame is not None:
                     await self._send(writer, frame)
 
+            async def receive() -> dict:
+                try:
+                    wire = await asyncio.wait_for(framing.read_frame(reader), timeout=self.idle_timeout)
+                except asyncio.TimeoutError:
+                    raise ConnectionResetError("the client stalled in the middle of an upload") from None
+                except framing.FrameError as e:
+                    await self._send(writer, responses.error(None, p.ErrorCode.BAD_FRAME, str(e)))
+                    raise ConnectionResetError("a bad frame in the middle of an upload") from None
+                if wire is None:
+                    raise ConnectionResetError("the client went away in the middle of an upload")
+                return wire
+
             conn.busy = True
             try:
-                reply = await self.daemon.handle(rid, req, emit)
+                reply = await self.daemon.handle(rid, req, emit, receive)
                 await self._send(writer, reply)
             finally:
                 conn.busy = False

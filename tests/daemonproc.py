@@ -29,7 +29,8 @@ class DaemonProc:
         self.socket = self.home / "run" / "agentd.sock"
         self.model = Path(model)
         self.args = list(args)
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # HTTP off unless a test asks (--http): parallel test daemons would race for the default port.
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "AGENTD_HTTP": "off", **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.log = self.home / "daemon-stderr.log"
 

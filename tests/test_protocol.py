@@ -28,7 +28,21 @@ EXAMPLES: list[p.Request] = [
     p.Save(),
     p.Save("alice"),
     p.Evict("alice"),
+    p.Export("alice"),
+    p.Import(),
+    p.Import("alice-2"),
+    p.Chunk(b"\x89agentd\n"),
+    p.Chunk(b""),
     p.Shutdown(),
+    p.Turn(name="alice", messages=[{"role": "user", "content": "hi"}]),
+    p.Turn(name="alice", follow=True, system="S", top_p=0.5, tools=[{"type": "function", "function": {"name": "f"}}],
+           response={"id": "resp_1", "meta": {"model": "agent:alice"}},
+           messages=[{"role": "user", "content": "hi"},
+                     {"role": "assistant", "content": "", "tool_calls": [
+                         {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                     {"role": "tool", "content": "42", "tool_call_id": "c"}]),
+    p.Complete(messages=[{"role": "user", "content": "hi"}], system="S"),
+    p.GetResponse("resp_1"),
 ]
 
 
@@ -118,6 +132,16 @@ def _chat(**fields):
         {"id": 9, "op": "hello", "protocol": True},
         {"id": 9, "op": "hello"},
         {"id": 9, "op": "ping", "name": "a"},
+        {"id": 9, "op": "turn", "messages": [{"role": "user", "content": "x"}]},  # name missing
+        {"id": 9, "op": "turn", "name": "a", "messages": []},
+        {"id": 9, "op": "turn", "name": "a", "messages": [{"role": "system", "content": "x"}]},
+        {"id": 9, "op": "turn", "name": "a", "messages": [{"role": "user", "content": "x", "extra": 1}]},
+        {"id": 9, "op": "turn", "name": "a", "messages": [{"role": "user", "content": None}]},
+        {"id": 9, "op": "turn", "name": "a", "messages": [{"role": "user", "content": "x", "tool_calls": []}]},
+        {"id": 9, "op": "turn", "name": "a", "messages": [{"role": "user", "content": "x"}], "system": "s"},
+        {"id": 9, "op": "turn", "name": "a", "messages": [{"role": "user", "content": "x"}], "top_p": 0},
+        {"id": 9, "op": "turn", "name": "a", "messages": [{"role": "user", "content": "x"}], "tools": [{}]},
+        {"id": 9, "op": "complete", "messages": [{"role": "user", "content": "x" * (p.MAX_TEXT_BYTES + 1)}]},
         {"id": 9, "op": None},
         {"id": 9},
     ],
@@ -218,7 +242,7 @@ def test_bad_responses_are_bad_frame(wire):
 def test_error_codes_are_their_names():
     assert {c.name for c in ErrorCode} == {
         "BAD_FRAME", "BAD_REQUEST", "UNKNOWN_OP", "PROTOCOL_MISMATCH", "INVALID_NAME", "NOT_FOUND",
-        "ALREADY_EXISTS", "BUSY", "CANCELLED", "SHUTTING_DOWN", "INTERNAL", "MODEL_ERROR",
+        "ALREADY_EXISTS", "BUSY", "CANCELLED", "SHUTTING_DOWN", "INTERNAL", "MODEL_ERROR", "BAD_BUNDLE",
         "PERMISSION_DENIED", "CONTEXT_TOO_LONG",
     }  # fmt: skip
     assert all(c.value == c.name for c in ErrorCode)
@@ -278,3 +302,22 @@ def test_property_name_validation_matches_the_rule(name):
         assert not ok and exc.code is ErrorCode.INVALID_NAME
     else:
         assert ok
+
+
+def test_chunks_are_bytes_within_the_limit():
+    assert p.Chunk(b"x" * p.MAX_CHUNK_BYTES).data
+    for data in ("text", b"x" * (p.MAX_CHUNK_BYTES + 1), None):
+        with pytest.raises(ProtocolError) as info:
+            p.request_from_wire({"id": 1, "op": "chunk", "data": data})
+        assert info.value.code is ErrorCode.BAD_REQUEST
+    with pytest.raises(ProtocolError) as info:
+        p.request_from_wire({"id": 1, "op": "import", "name": "../x"})
+    assert info.value.code is ErrorCode.INVALID_NAME
+
+
+def test_chunk_frames_parse_and_bad_ones_are_bad_frames():
+    wire = msgpack.unpackb(msgpack.packb(responses.chunk(3, memoryview(b"abc")), use_bin_type=True), raw=False)
+    assert responses.response_from_wire(wire) == responses.Chunk(3, b"abc")
+    with pytest.raises(ProtocolError) as info:
+        responses.response_from_wire({"id": 3, "type": "chunk", "data": "abc"})
+    assert info.value.code is ErrorCode.BAD_FRAME
