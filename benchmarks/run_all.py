@@ -388,10 +388,17 @@ def write_report(data: dict, runs_meta: dict, plots: dict, args, total_s: float 
     cpu = args.out_dir / "cpu_backend.json"
     if cpu.exists():
         L += cpu_backend_section(json.loads(cpu.read_text()))
+    few = args.out_dir / "few_rows.json"
+    if few.exists():
+        L += few_rows_section(json.loads(few.read_text()))
 
     http = args.out_dir / "http_endpoint.json"
     if http.exists():
         L += http_section(json.loads(http.read_text()))
+
+    portable = args.out_dir / "portable.json"
+    if portable.exists():
+        L += portable_section(json.loads(portable.read_text()))
 
     if args.notes:
         L += ["## Notes on this run", ""] + [f"- {n}" for n in args.notes] + [""]
@@ -446,6 +453,96 @@ def cpu_backend_section(d: dict) -> list[str]:
     return L
 
 
+def few_rows_section(d: dict) -> list[str]:
+    """Section 8, from benchmarks/few_rows.py's own JSON (a separate run: see `make bench`)."""
+    pr, fw, rs = d["products"], d["forward"], d["restart"]
+    load = d.get("machine", {}).get("load_avg")
+    L = ["## 8. Few-row products on the CPU", ""]
+    L.append(f"Measured {d['when'][:16].replace('T', ' ')}, one run of `benchmarks/few_rows.py` on the default model"
+             + (f"; load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min) on "
+                f"{d['machine'].get('cpus_usable')} CPUs shared with other work" if load else "")
+             + ". A decode step, a batched decode step of N agents and a resumed agent's short prefill are "
+             "products of 1 to a few dozen rows by the model's weights; agentd's forwarder "
+             f"(`daemon/gemv_forward.c`) runs those of up to {fw['max_rows']} rows in a kernel that reads each "
+             "weight once, and sends the rest to OpenBLAS.")
+    L.append("")
+    L.append(f"**Products** (`x @ W.T`, row-major, W transposed, as MLX issues them; {pr['threads']} threads; weights "
+             "cycled through 256 MiB of copies so each call reads them from memory; median of "
+             f"interleaved rounds). Memory copy on this machine in the same run: "
+             f"{pr['copy_gb_s_read_plus_write']:.1f} GB/s (read + write); numpy's sum reads "
+             f"{pr['read_gb_s_numpy_sum']:.1f} GB/s. GB/s below is weight bytes read per second.")
+    L.append("")
+    names = {"openblas": "OpenBLAS 0.3.21", "numpy_openblas": "numpy's OpenBLAS", "agentd": "agentd"}
+    impls = pr["impls"]
+    rows = []
+    for p in pr["products"]:
+        best = min(impls, key=lambda i: p[i]["us"])
+        rows.append((p["shape"], p["m"],
+                     *((f"**{p[i]['us']:,.0f}**" if i == best else f"{p[i]['us']:,.0f}") for i in impls),
+                     *(f"{p[i]['gbs']:.1f}" for i in impls), f"{p['agentd']['gflops']:.1f}"))
+    L.append(md_table(("product", "rows", *(f"{names.get(i, i)} µs" for i in impls),
+                       *(f"{names.get(i, i)} GB/s" for i in impls), "agentd GFLOP/s"), rows))
+    L.append("")
+    modes = fw["modes"]
+    ms_rows = list(modes["agentd"]["ms"])
+    L.append(f"**Forward pass** of the default model in-process (agentd's CPU path) with {fw['context']} tokens "
+             f"of context, m new tokens, median of {len(modes['agentd']['runs_ms']['1'])} rounds in one process "
+             "that alternates agentd's forwarder as shipped with the same forwarder taking one-row products only "
+             "(every product of two or more rows to OpenBLAS, as before).")
+    L.append("")
+    rows = []
+    labels = {"agentd": "agentd", "one_row_only": "rows ≥ 2 to OpenBLAS (before)"}
+    for mode, v in modes.items():
+        ms = v["ms"]
+        rows.append((labels.get(mode, mode), *(f"{ms[m]:.1f}" for m in ms_rows),
+                     f"**{ms['4'] / ms['1']:.2f}x**", f"{ms['16'] / ms['1']:.2f}x"))
+    L.append(md_table(("ms per forward pass", *(f"{m} tok" for m in ms_rows), "4 / 1", "16 / 1"), rows))
+    L.append("")
+    L.append(f"**After a restart** (the real daemon over its socket, {len(rs['first_turns'])} agents of "
+             f"~{rs['first_turn_prefilled']:.0f} tokens, {rs['blas']} BLAS; each turn the first in a freshly started "
+             f"daemon): the first turn (whole prompt prefilled) gets its first token in "
+             f"{rs['first_turn_client_ttft_ms']:,.0f} ms; the follow-up after a restart (cache from disk, restore "
+             f"{rs['follow_up_restore_ms']:.0f} ms, {rs['follow_up_prefilled']:.0f} new tokens on "
+             f"{rs['follow_up_cached']:.0f} cached) in {rs['follow_up_client_ttft_ms']:,.0f} ms: "
+             f"**{rs['ratio']:.1f}x sooner** (client-side medians; the daemon's own ttft_ms: "
+             f"{rs['first_turn_daemon_ttft_ms']:,.0f} and {rs['follow_up_daemon_ttft_ms']:,.0f} ms).")
+    L.append("")
+    L.append(f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/' + d['argv'][0], *map(shlex.quote, d['argv'][1:])])}`")
+    L.append("")
+    return L
+
+
+def portable_section(d: dict) -> list[str]:
+    """Section 11, from benchmarks/portable.py's own JSON (a separate run: see `make bench`)."""
+    L = ["## 11. Portable agents: export and import", ""]
+    L.append(f"Measured {d['when']} on {Path(d['model']).name}; load average {' '.join(d.get('loadavg_before') or [])} "
+             f"before, {' '.join(d.get('loadavg_after') or [])} after (a shared machine). Two daemons on one model; "
+             f"at each size {d['runs']} interleaved pairs: `Client.export` from home A to a file (what `agentctl export "
+             "-o FILE` does), then `Client.import_` of that file into home B under a new name (upload, every check, "
+             "the cache decoded and saved to B's disk). The first export finds the agent cold (its cache is loaded "
+             "from disk first), later ones hot. Times are at the client, medians.")
+    L.append("")
+    L.append(md_table(("context", "tokens", "bundle", "bytes/token (bundle)", "bytes/token (cache file)",
+                       "export, cold", "export, hot", "import", "import MB/s", "next turn after import"), [
+        (f"{r['size']:,}", f"{r['tokens']:,}", f"{r['bundle_bytes'] / 1e6:,.1f} MB", f"{r['bundle_bytes_per_token']:,.0f}",
+         f"{r['cache_file_bytes_per_token']:,.0f}", f"{r['export_cold_s'] * 1000:,.0f} ms",
+         f"{r['export_hot_s'] * 1000:,.0f} ms", f"{r['import_s'] * 1000:,.0f} ms", f"{r['import_mb_per_s']:,.0f}",
+         f"{r['first_turn']['cache_source']}, {r['first_turn']['cached_tokens']:,} cached, "
+         f"{r['first_turn']['prefilled_tokens']} prefilled")
+        for r in d["rows"]]))
+    L.append("")
+    big = max(d["rows"], key=lambda r: r["tokens"])
+    L.append(f"**Headline:** an agent of {big['tokens']:,} tokens travels as a {big['bundle_bytes'] / 1e6:,.0f} MB file "
+             f"({big['bundle_bytes_per_token'] / big['cache_file_bytes_per_token']:.3f}x the bytes per token of its "
+             f"cache file: the same tensors plus the transcript); exporting it takes "
+             f"{big['export_hot_s'] * 1000:,.0f} ms hot, importing {big['import_s'] * 1000:,.0f} ms, and the imported "
+             f"agent's next turn reuses all {big['first_turn']['cached_tokens']:,} tokens.")
+    L.append("")
+    L.append(f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/' + d['argv'][0], *map(shlex.quote, d['argv'][1:])])}`")
+    L.append("")
+    return L
+
+
 def http_section(d: dict) -> list[str]:
     """Section 9, from benchmarks/http_endpoint.py's own JSON (a separate run: see `make bench`)."""
     dec, summ, rs = d["decode"], d["summary"], d["restart"]
@@ -454,7 +551,8 @@ def http_section(d: dict) -> list[str]:
              f"before, {' '.join(d.get('loadavg_after') or [])} after (a shared machine: ratios within the run "
              "are what to read).")
     L.append("")
-    L.append(f"**Decode through HTTP vs the socket**, one daemon, {len(dec['http'])} interleaved runs each of the same "
+    L.append(f"**Decode through HTTP vs the socket**, one daemon, {len(dec['http'])} interleaved runs each (order "
+             "alternating) of the same "
              f"prompt to a fresh agent, {dec['max_tokens']} tokens at most: `agentctl`'s Client on the Unix socket vs "
              "the official `openai` client streaming `/v1/chat/completions` (`model=\"agent:<name>\"`). Rates are "
              "measured at the client, first piece to last.")

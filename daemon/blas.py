@@ -11,7 +11,7 @@ PyPI offers no drop-in: `scipy-openblas32` and numpy's bundled OpenBLAS export o
 see `agentd.device`.)
 
 In front of OpenBLAS goes `gemv_forward.c`, compiled once per version and CPU into the user
-cache directory: it runs MLX's 1-16-row `cblas_sgemm` calls (decode steps, batched decode,
+cache directory: it runs MLX's 1-32-row `cblas_sgemm` calls (decode steps, batched decode,
 short prefills) in a kernel that reads the weights once, where Debian's OpenBLAS 0.3.21
 runs them far below the memory bound. Without a C compiler the daemon still runs;
 `agentd.device` then routes one-row products through numpy.

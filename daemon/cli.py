@@ -84,11 +84,19 @@ def _setup_logging(level: str, log_dir: Path) -> None:
 def main(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, min_available, preload,
          idle_timeout, http, http_allow_remote, log_level):
     """Keep LLM agents' KV caches in memory and on disk; serve them on a Unix socket."""
-    from . import blas
+    from . import backend, blas
 
-    # Before anything imports mlx: on Linux, restart with a system OpenBLAS preloaded
-    # (MLX's CPU wheel links a reference BLAS ~15x slower), or say in one line why not.
-    blas.maybe_reexec_with_fast_blas()
+    # On MLX's CPU backend (Linux) only: restart with a system OpenBLAS preloaded (MLX's CPU
+    # wheel links a reference BLAS ~15x slower), or say in one line why not. Asking which
+    # backend imports mlx.core (0.1 s); the re-executed process imports it afresh.
+    try:
+        which = backend.backend()
+    except ImportError as e:  # Linux: the plain mlx wheel carries no backend library
+        click.echo(f"agentd: MLX cannot load ({e}); install agentd[cpu], or agentd[cuda] with an NVIDIA GPU",
+                   err=True)
+        sys.exit(EX_CONFIG)
+    if which == backend.CPU:
+        blas.maybe_reexec_with_fast_blas()
     # Before anything is created: every file and directory agentd makes (records, their
     # -wal/-shm, caches, logs, the socket dir) is private to its user from its first instant.
     os.umask(PRIVATE_UMASK)
@@ -142,14 +150,24 @@ def _run(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
     from .core import Daemon, Settings
     from .device import describe
     from .engine import Engine
+    from .notify import notify
+    from .warmup import PTX_ENV, should_warm, use_persistent_ptx_cache, warm_up
 
     if model_dir is None:
         model_dir = ensure_default_model(paths.default_model_dir(home), progress=lambda m: log.info("%s", m))
     log.info("agentd %s (pid %d) loading %s", __version__, os.getpid(), model_dir)
+    use_persistent_ptx_cache()  # before the first GPU kernel: compiled ones survive a reboot
     engine = Engine(Path(model_dir).expanduser())
     log.info("model %s loaded in %.2fs (%s, %d MB)", engine.model_id, engine.load_s, engine.dtype,
              engine.model_bytes // 2**20)
     log.info("%s", describe(engine.plan))
+    if should_warm(engine.plan.backend, os.environ):
+        # Before the socket exists: no turn may wait for a kernel compile (minutes on a
+        # machine that never ran this model; under a second once they are cached).
+        notify("STATUS=compiling GPU kernels")
+        log.info("warming up GPU kernels (kernel cache %s)", os.environ.get(PTX_ENV, "MLX's default"))
+        engine.warmup = warm_up(engine)
+        log.info("GPU kernels warm in %.2fs (%d forward passes)", engine.warmup.seconds, engine.warmup.passes)
     settings = Settings(home=home, model_dir=Path(model_dir), flush_interval=flush_interval, max_hot=max_hot,
                         cache_budget=cache_budget, min_available=min_available, preload=preload)
     daemon = Daemon(settings, engine)

@@ -170,7 +170,9 @@ class Daemon:
             "uptime_s": round(time.time() - self.started, 3),
             "daemon_version": __version__,
             "model": {"id": self.engine.model_id, "path": str(self.engine.model_dir), "bytes": self.engine.model_bytes,
-                      "dtype": self.engine.dtype, "device": self.engine.plan.device, "blas": self.engine.plan.blas},
+                      "dtype": self.engine.dtype, "device": self.engine.plan.device, "blas": self.engine.plan.blas,
+                      "backend": self.engine.plan.backend, "quantized_layers": self.engine.plan.quantized,
+                      "warmup": self.engine.warmup.to_dict() if self.engine.warmup else None},
             "memory": {
                 "model_bytes": self.engine.model_bytes,
                 "cache_bytes": self.store.hot.total_bytes() + self.turns.scratch_bytes(),

@@ -1,11 +1,13 @@
 """Adapt a loaded mlx-lm model to the device it runs on.
 
-On Apple Silicon (Metal) the quantized weights stay as they are: MLX's Metal kernels for
-them are the fast path. On MLX's CPU backend (Linux) its quantized kernels run at a few
-tokens/s, so `prepare_for_device` dequantizes every quantized layer to float32 -- the one
-dtype with a BLAS behind it on the CPU. A decode step is bound by reading the weights,
-and MLX issues every product as `sgemm`, few-row ones too, which Debian's OpenBLAS 0.3.21
-runs far below the memory bound. When `agentd.blas` preloaded its forwarder, MLX's 1-16-row
+`agentd.backend` is the one place that says which MLX backend computes: "metal" (Apple
+Silicon), "cuda" (an NVIDIA GPU through the `mlx[cuda13]` wheels) or "cpu". On Metal and
+CUDA the quantized weights stay as they are: MLX's GPU kernels for them are the fast
+path, and a 4-bit model stays 4-bit. On MLX's CPU backend (Linux) its quantized kernels
+run at a few tokens/s, so `prepare_for_device` dequantizes every quantized layer to
+float32 -- the one dtype with a BLAS behind it on the CPU. A decode step is bound by
+reading the weights, and MLX issues every product as `sgemm`, few-row ones too, which Debian's OpenBLAS 0.3.21
+runs far below the memory bound. When `agentd.blas` preloaded its forwarder, MLX's 1-32-row
 `sgemm` calls already reach its streaming kernel and the model stays pure MLX. Without it,
 one-row products leave MLX for numpy's bundled OpenBLAS `sgemv`: still 2x faster than the
 `sgemm`, but every round trip is an MLX evaluation (40 vs 30 ms a step on SmolLM2-135M).
@@ -22,39 +24,43 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .backend import CPU, CUDA, METAL, backend, decide_backend  # noqa: F401  (decide_backend: re-exported)
+
 # On the CPU only float32 reaches a BLAS; MLX's own float16/bfloat16 matmuls measured 5-15x
 # slower there (benchmarks/cpu_backend.py prints the comparison).
 CPU_COMPUTE_DTYPE = "float32"
 # A 2,048-token prompt prefilled at 190 tok/s in chunks of 256, 173 in 512, 67 in one pass
 # (the CPU attention materialises the full score matrix); mlx-lm's default is 2,048.
 CPU_PREFILL_CHUNK = 256
-METAL_PREFILL_CHUNK = 2048
+GPU_PREFILL_CHUNK = 2048
+METAL_PREFILL_CHUNK = GPU_PREFILL_CHUNK  # the name older callers import
+
+_DESCRIBED = {METAL: "Metal", CUDA: "CUDA"}
 
 
 @dataclass(frozen=True)
 class DevicePlan:
     """What `prepare_for_device` did; `compute_dtype` is the dtype of activations and KV."""
 
-    device: str  # "gpu" or "cpu"
+    device: str  # "gpu" or "cpu"; `backend` says which GPU
     compute_dtype: str  # e.g. "float32"; recorded in cache files
     dequantized: int  # number of layers dequantized (0 on Metal)
     gemv_rows: int  # products with at most this many rows go through numpy (0: never)
     blas: str  # the BLAS MLX's own matmuls reach, as `agentd.blas.mlx_blas()` names it
     prefill_chunk: int  # tokens per forward pass when prefilling a long prompt
-    # What runs one-row products: "forwarded" (MLX's 1-16-row sgemm taken by agentd.blas's
+    # What runs one-row products: "forwarded" (MLX's 1-32-row sgemm taken by agentd.blas's
     # forwarder), "numpy" (numpy's sgemv) or "sgemm" (MLX as is); "" on Metal.
     one_row: str = ""
+    backend: str = ""  # "metal", "cuda" or "cpu" (`decide_backend`)
+    quantized: int = 0  # layers left quantized, as loaded (0 on the CPU, which dequantizes them)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
 def on_cpu() -> bool:
-    """True when MLX runs on its CPU backend: CPU as default device, or no Metal at all."""
-    if mx.default_device() == mx.cpu:
-        return True
-    metal = getattr(mx, "metal", None)
-    return metal is None or not metal.is_available()
+    """True when MLX runs on its CPU backend (`backend()` is "cpu")."""
+    return backend() == CPU
 
 
 class CpuLinear(nn.Module):
@@ -233,20 +239,29 @@ def prepare_for_device(
     *,
     gemv_rows: int | None = None,
     force_cpu: bool | None = None,
+    device_backend: str | None = None,
 ) -> DevicePlan:
     """Make `model` (as `mlx_lm.load` returns it) fast on the device MLX uses; mutates it.
 
-    Call once, after loading and before the first forward pass or cache is made. On the CPU
-    every quantized layer becomes float32 (`compute_dtype`), which also changes the dtype
-    of new KV caches; on Metal nothing changes. `config` is accepted for future per-model
-    choices and is not read yet. `force_cpu` overrides the backend detection (tests).
+    Call once, after loading and before the first forward pass or cache is made. Only on
+    the CPU backend is the model rewritten: every quantized layer becomes float32
+    (`compute_dtype`), which also changes the dtype of new KV caches. On Metal and CUDA
+    nothing changes (`quantized` counts the layers that stay quantized). `config` is
+    accepted for future per-model choices and is not read yet. `device_backend` ("metal",
+    "cuda", "cpu") overrides `backend()`, and `force_cpu=True` means "cpu" (tests).
     `gemv_rows` defaults to 0 when the sgemm forwarder is loaded, else 1.
     """
     from . import blas
 
-    cpu = on_cpu() if force_cpu is None else force_cpu
-    if not cpu:
-        return DevicePlan("gpu", _model_dtype(model), 0, 0, "metal", METAL_PREFILL_CHUNK)
+    chosen = device_backend or (CPU if force_cpu else backend())
+    if chosen not in (METAL, CUDA, CPU):
+        raise ValueError(f"unknown backend {chosen!r}")
+    if chosen != CPU:
+        quantized = sum(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+        # "blas" names what runs the matrix products: MLX's own Metal kernels, or cuBLAS
+        # (and MLX's quantized kernels) on CUDA.
+        return DevicePlan("gpu", _model_dtype(model), 0, 0, "metal" if chosen == METAL else "cublas",
+                          GPU_PREFILL_CHUNK, backend=chosen, quantized=quantized)
     forwarded = blas.gemv_forward_active()
     if gemv_rows is None:
         gemv_rows = 0 if forwarded else 1
@@ -255,14 +270,16 @@ def prepare_for_device(
         _limit_numpy_blas_threads(1)
     one_row = "numpy" if gemv_rows else ("forwarded" if forwarded else "sgemm")
     return DevicePlan(
-        "cpu", CPU_COMPUTE_DTYPE, n, gemv_rows, blas.mlx_blas(), CPU_PREFILL_CHUNK, one_row
+        "cpu", CPU_COMPUTE_DTYPE, n, gemv_rows, blas.mlx_blas(), CPU_PREFILL_CHUNK, one_row, backend=CPU
     )
 
 
 def describe(plan: DevicePlan) -> str:
     """One line for the start-up log."""
     if plan.device == "gpu":
-        return f"device: Metal, weights as loaded, compute {plan.compute_dtype}"
+        name = _DESCRIBED.get(plan.backend, plan.backend or "GPU")
+        kept = f" ({plan.quantized} layers quantized)" if plan.quantized else ""
+        return f"device: {name}, weights as loaded{kept}, compute {plan.compute_dtype}"
     return (
         f"device: CPU, {plan.dequantized} layers dequantized to {plan.compute_dtype}, "
         f"MLX BLAS {plan.blas}, few-row products via {_ONE_ROW[plan.one_row]}"

@@ -148,6 +148,7 @@ class Engine:
         # for float32 ones (the only dtype with a BLAS there); on Metal it changes nothing.
         self.plan = prepare_for_device(self.model)
         self.prefill_chunk = self.plan.prefill_chunk
+        self.warmup = None  # agentd.warmup.WarmupReport once the daemon has warmed the GPU kernels
         self.load_s = time.perf_counter() - t0
         self.model_id = self.model_dir.name
         self.dtype = self._compute_dtype()

@@ -1,4 +1,4 @@
-/* Run MLX's few-row cblas_sgemm calls (1 <= m <= 16 rows) in a kernel that reads the weights once.
+/* Run MLX's few-row cblas_sgemm calls (1 <= m <= 32 rows) in a kernel that reads the weights once.
  *
  * MLX's CPU backend issues every float32 product as cblas_sgemm, including the few-row products
  * of a decode step or a short prefill (x @ W.T with x of shape m x K). OpenBLAS 0.3.21 (Debian
@@ -27,7 +27,7 @@
 #include <string.h>
 
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112, CONJ_TRANS = 113 };
-enum { MAX_ROWS = 16 };       /* products with more rows go to OpenBLAS (prefill) */
+enum { MAX_ROWS = 32 };        /* products with more rows go to OpenBLAS (prefill chunks) */
 enum { MAX_PACKED = 1 << 22 }; /* floats of A this file repacks at most (16 MiB) */
 enum { MAX_THREADS = 8 };
 /* Below this many floats of B a second thread's wake-up costs more than it saves. */
@@ -388,13 +388,24 @@ static const float *pack_a(int m, int k, int kp, const float *a, int lda, int tr
 
 static int transposed(int t) { return t == TRANS || t == CONJ_TRANS; }
 
+static int max_rows = MAX_ROWS;
+
+/* The most rows this file takes (the rest go to OpenBLAS); a value >= 0 sets it first, up to
+ * 64. For benchmarks/few_rows.py, which compares the kernel with OpenBLAS in one process. */
+int agentd_few_rows_max(int rows) {
+    int previous = __atomic_load_n(&max_rows, __ATOMIC_RELAXED);
+    if (rows >= 0) __atomic_store_n(&max_rows, rows < 64 ? rows : 64, __ATOMIC_RELAXED);
+    return previous;
+}
+
 void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
                  const float *a, int lda, const float *b, int ldb, float beta, float *c,
                  int ldc) {
     pthread_once(&resolved, resolve);
     int kp = (k + VEC - 1) / VEC * VEC;
     /* alpha == 0 and k == 0 mean C = beta C without reading A or B: OpenBLAS's business. */
-    int ours = order == ROW_MAJOR && m >= 1 && m <= MAX_ROWS && n >= 1 && k >= 1 &&
+    int ours = order == ROW_MAJOR && m >= 1 && m <= __atomic_load_n(&max_rows, __ATOMIC_RELAXED) &&
+               n >= 1 && k >= 1 &&
                alpha != 0.0f && (trans_a == NO_TRANS || transposed(trans_a)) &&
                (trans_b == NO_TRANS || transposed(trans_b)) && (size_t)m * kp <= MAX_PACKED;
     const float *a_packed = ours ? pack_a(m, k, kp, a, lda, trans_a) : NULL;

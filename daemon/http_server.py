@@ -107,6 +107,8 @@ class HttpFrontEnd:
         self.app.router.add_post("/v1/chat/completions", self.chat_completions)
         self.app.router.add_post("/v1/responses", self.create_response)
         self.app.router.add_get("/v1/responses/{response_id}", self.get_response)
+        self.app.router.add_get("/v1/agents/{name}/export", self.export_agent)
+        self.app.router.add_post("/v1/agents/import", self.import_agent)
 
     async def start(self) -> str:
         """Bind and serve; returns 'host:port' as bound (port 0 picks a free one)."""
@@ -342,6 +344,51 @@ class HttpFrontEnd:
                                                     body["result"]))
 
     # ---- the status page --------------------------------------------------------------
+
+    async def export_agent(self, request: web.Request) -> web.StreamResponse:
+        """The agent's bundle (`agentctl export`) as the body, streamed as the export op
+        produces it. Errors found before the first byte are JSON errors; the bundle's own
+        checksum covers the rest (an import refuses a cut-off body)."""
+        name = request.match_info["name"]
+        req = await self._build(p.Export, name=name)
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
+                                               "Content-Disposition": f'attachment; filename="{name}.agent"'})
+
+        async def on_frame(frame: dict) -> None:
+            if frame.get("type") == "chunk":
+                if not response.prepared:
+                    await response.prepare(request)
+                await response.write(frame["data"])
+
+        try:
+            await self._call(request, req, on_frame)
+        except oc.ApiError:
+            if response.prepared:
+                raise ConnectionResetError("the export failed after its first bytes") from None
+            raise
+        if not response.prepared:
+            await response.prepare(request)
+        await response.write_eof()
+        return response
+
+    async def import_agent(self, request: web.Request) -> web.Response:
+        """Recreate an agent from a bundle sent as the body (`?name=NEW` renames it): the
+        import op's upload, fed from the body as it arrives. Answers the import's result."""
+        req = await self._build(p.Import, name=request.query.get("name"))
+        rid = next(self._ids)
+
+        async def receive() -> dict:
+            # Straight from the stream: the body may be far larger than client_max_size.
+            return {"id": rid, "op": "chunk", "data": await request.content.read(p.MAX_CHUNK_BYTES)}
+
+        async def emit(frame: dict | None) -> None:
+            if request.transport is None or request.transport.is_closing():
+                raise ConnectionResetError("the HTTP client went away")
+
+        reply = await self.daemon.handle(rid, req, emit, receive)
+        if reply["type"] == "error":
+            raise oc.api_error(reply["code"], reply["message"])
+        return web.json_response({k: v for k, v in reply.items() if k not in ("id", "type")})
 
     async def login(self, request: web.Request) -> web.Response:
         """`/login?key=...` (what `agentctl open` opens): a cookie for the status page,

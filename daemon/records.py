@@ -302,6 +302,10 @@ class Records:
         with self._write() as db:
             db.execute("INSERT INTO responses VALUES (?, ?, ?, ?, ?)", (response_id, agent, time.time(), n_messages, body))
 
+    def has_response(self, response_id: str) -> bool:
+        with self._conn() as db:
+            return db.execute("SELECT 1 FROM responses WHERE id=?", (response_id,)).fetchone() is not None
+
     def get_response(self, response_id: str) -> dict:
         """`{id, agent, created_at, n_messages, body}` of a stored response, or NotFound."""
         with self._read() as db:

@@ -73,7 +73,7 @@ def render_status_page(status: dict, now: float | None = None) -> str:
     hot = sum(1 for a in status["agents"] if a["state"] == "hot")
     http = status.get("http") or {}
     flush_line = (f'{_e(flush["last_result"])}, {_e(_ago(flush["last_flush_at"], now))}' if flush["last_flush_at"]
-                  else "not yet (nothing to save)")
+                  else "not yet")
     if flush.get("last_error"):
         flush_line += f' <span class="critical">({_e(flush["last_error"])})</span>'
     body = f"""

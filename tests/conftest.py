@@ -16,6 +16,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tinymodels  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need MLX's CUDA backend: skipped on any other machine."""
+    cuda_tests = [item for item in items if item.get_closest_marker("cuda")]
+    if not cuda_tests:
+        return
+    from agentd.backend import CUDA, backend
+
+    if backend() != CUDA:
+        skip = pytest.mark.skip(reason="needs MLX's CUDA backend and an NVIDIA GPU")
+        for item in cuda_tests:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return tinymodels.make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")

@@ -1,6 +1,7 @@
 """The benchmarks cannot rot: `run_all.py --quick` runs every issue-5 script end to end on a
 tiny model (real daemon, real mlx_lm.server, plots and report) into a temp dir, and
-`cpu_backend.py --quick` runs on the default model (both paths, its report section)."""
+`cpu_backend.py --quick` runs on the default model (both paths, its report section), and
+`few_rows.py --quick` on a tiny model (products, forward passes, restart follow-up, section 8)."""
 
 from __future__ import annotations
 
@@ -71,3 +72,56 @@ def test_cpu_backend_quick_and_its_report_section(home):
 
     section = "\n".join(run_all.cpu_backend_section(d))
     assert "## 6." in section and "agentd / plain" in section and "benchmarks/cpu_backend.py" in section
+
+
+def test_few_rows_quick_and_its_report_section(tiny_llama_dir, home):
+    """benchmarks/few_rows.py end to end: products through three BLAS entry points, forward
+    passes alternating the forwarder's row limit in one process, a restart follow-up over the
+    socket, and the section run_all renders from its JSON."""
+    from agentd import blas
+
+    if not (blas.find_openblas() and blas.build_gemv_forward()):
+        pytest.skip("needs a system OpenBLAS and a C compiler")
+    out = home / "few_rows.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "few_rows.py"), "--quick", "--model", str(tiny_llama_dir),
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=str(ROOT),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert {"openblas", "agentd"} <= set(d["products"]["impls"])
+    assert all(p["agentd"]["us"] > 0 for p in d["products"]["products"])
+    modes = d["forward"]["modes"]
+    assert set(modes) == {"agentd", "one_row_only"} and d["forward"]["max_rows"] >= 16
+    assert all(t > 0 for mode in modes.values() for t in mode["ms"].values())
+    r = d["restart"]
+    assert [t["cache_source"] for t in r["follow_ups"]] == ["disk"]
+    assert r["follow_up_cached"] > 0 and r["ratio"] > 0
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run_all
+
+    section = "\n".join(run_all.few_rows_section(d))
+    assert "## 8." in section and "benchmarks/few_rows.py" in section and "sooner" in section
+
+
+def test_portable_quick_and_its_report_section(tiny_llama_dir, home):
+    """benchmarks/portable.py end to end on a tiny model: two daemons, export, import, a turn."""
+    out = home / "portable.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "portable.py"), "--quick", "--model", str(tiny_llama_dir),
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=str(ROOT),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    d = json.loads(out.read_text())
+    for row in d["rows"]:
+        assert row["cache_imported"] and row["first_turn"]["cache_source"] == "disk"
+        assert row["first_turn"]["cached_tokens"] == row["tokens"] and row["bundle_bytes"] > 0
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run_all
+
+    section = "\n".join(run_all.portable_section(d))
+    assert section.startswith("## 11.") and "**Headline:**" in section and "benchmarks/portable.py" in section

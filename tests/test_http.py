@@ -38,6 +38,11 @@ def _history(d: DaemonProc, name: str) -> list[dict]:
         return c.history(name)["messages"]
 
 
+def _names(d: DaemonProc) -> list[str]:
+    with d.client() as c:
+        return [a["name"] for a in c.list()["agents"]]
+
+
 @pytest.fixture(scope="module")
 def daemon(tiny_llama_dir):
     home = Path(tempfile.mkdtemp(prefix="ad-", dir="/tmp"))
@@ -73,6 +78,15 @@ def test_chat_completions_plain_then_streamed_record_each_turn_once(daemon):
         assert c.show("chat")["system"] == "You are terse."
     models = [m.id for m in client.models.list().data]
     assert "agent:chat" in models and "tiny-llama" in models
+
+    # The base model's id: stateless, nothing recorded, but a resent prefix is reused in memory.
+    before = _names(daemon)
+    s1 = client.chat.completions.create(model="tiny-llama", messages=convo, max_tokens=3)
+    s2 = client.chat.completions.create(model="tiny-llama", messages=convo + [
+        {"role": "assistant", "content": s1.choices[0].message.content}, {"role": "user", "content": "More."}],
+        max_tokens=3)
+    assert s2.usage.prompt_tokens_details.cached_tokens >= s1.usage.prompt_tokens - 1
+    assert _names(daemon) == before
 
 
 def test_a_diverging_conversation_keeps_the_old_one_as_a_branch(daemon):
@@ -127,6 +141,12 @@ def test_responses_api_appends_follows_previous_ids_and_is_retrievable(daemon):
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert events[0].type == "response.created" and events[-1].response.output_text == deltas
     assert _history(daemon, "resp")[-1]["content"] == deltas
+
+    # A conversation may name the agent instead of the model.
+    r5 = client.responses.create(model="tiny-llama", conversation="agent:resp", input="Via the conversation",
+                                 max_output_tokens=5)
+    assert _history(daemon, "resp")[-2:] == [{"role": "user", "content": "Via the conversation"},
+                                              {"role": "assistant", "content": r5.output_text}]
 
     # The base model's id is a stateless chain; previous_response_id carries its context.
     s1 = client.responses.create(model="tiny-llama", input="Hello!", max_output_tokens=4)
@@ -258,13 +278,13 @@ def test_status_page_in_headless_chromium(daemon, tmp_path):
     url = f"http://{http['address']}/login?key={key}"
     flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'p'}"]
-    dom = subprocess.run(flags + ["--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-    assert 'id="agent-page"' in dom and "memory pressure" in dom and "Quarantined cache files" in dom
     shot = tmp_path / "status.png"
-    subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1100,800", url], capture_output=True, timeout=120)
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    keep = Path(tempfile.gettempdir()) / "agentd-status-page.png"  # for a person to look at
-    shutil.copy(shot, keep)
+    # One launch: the key-bearing URL sets the cookie and redirects to /, whose DOM and
+    # screenshot are what a person would see.
+    dom = subprocess.run(flags + ["--dump-dom", f"--screenshot={shot}", "--window-size=1100,800", url],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert 'id="agent-page"' in dom and "memory pressure" in dom and "Quarantined cache files" in dom
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000  # a rendered page
 
 
 def test_a_turn_after_a_restart_is_served_from_the_disk_cache(tiny_llama_dir, home):
@@ -301,3 +321,62 @@ def test_an_explicit_port_that_is_taken_is_a_configuration_error(tiny_llama_dir,
     with pytest.raises(RuntimeError, match="exited with 78"):
         d.start()
     assert "not a loopback address" in d.stderr()
+
+
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t.function.name }}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}"
+    "{% for tool_call in message.tool_calls or [] %}<tool_call>{{ tool_call.name or tool_call.function.name }}"
+    "{{ tool_call.function.arguments | tojson }}</tool_call>{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_tools_reach_the_chat_template_of_a_model_that_calls_tools(tiny_llama_dir, home):
+    model = home / "tool-llama"
+    shutil.copytree(tiny_llama_dir, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TOOLS_TEMPLATE}))
+    d = DaemonProc(home, model, "--http", "127.0.0.1:0").start()
+    try:
+        client = _openai(d)
+        tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+        ask = [{"role": "user", "content": "Weather?"}]
+        plain = client.chat.completions.create(model="tool-llama", messages=ask, max_tokens=2)
+        with_tools = client.chat.completions.create(model="tool-llama", messages=ask, tools=tools, max_tokens=2)
+        assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens  # the template rendered them
+        none = client.chat.completions.create(model="tool-llama", messages=ask, tools=tools, tool_choice="none",
+                                              max_tokens=2)
+        assert none.usage.prompt_tokens == plain.usage.prompt_tokens
+        # The stored call renders with its arguments as a mapping (as mlx_lm.server does).
+        call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+        convo = ask + [{"role": "assistant", "content": "", "tool_calls": [call]},
+                       {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+        client.chat.completions.create(model="agent:w", messages=convo, tools=tools, max_tokens=2)
+        assert _history(d, "w")[1]["tool_calls"] == [call]
+    finally:
+        d.kill()
+
+
+def test_the_default_port_taken_means_socket_only_with_a_warning(tiny_llama_dir, home):
+    from agentd.http_server import DEFAULT_HTTP
+
+    host, port = DEFAULT_HTTP.rsplit(":", 1)
+    holder = socket.socket()
+    try:
+        holder.bind((host, int(port)))  # if something else holds it already, it is taken all the same
+        holder.listen()
+    except OSError:
+        pass
+    try:
+        d = DaemonProc(home, tiny_llama_dir, env={"AGENTD_HTTP": ""}).start()  # no --http: the default
+        try:
+            assert _http(d) is None
+            assert f"HTTP: {DEFAULT_HTTP} is taken" in d.stderr()
+            off = subprocess.run([AGENTCTL, "--socket", str(d.socket), "--json", "http-env"], capture_output=True,
+                                 text=True)
+            assert off.returncode == 1 and json.loads(off.stdout)["error"]["code"] == "HTTP_OFF"
+        finally:
+            d.kill()
+    finally:
+        holder.close()

@@ -372,3 +372,49 @@ def test_the_reader_gives_the_same_bundle_whatever_the_pieces(victim):
         assert (got.record, got.model, got.sha256, got.cache.tokens) == (whole.record, whole.model, whole.sha256,
                                                                          whole.cache.tokens)
         assert bytes(got.cache.data) == bytes(whole.cache.data)
+
+
+# ---- over HTTP --------------------------------------------------------------------------
+
+
+def test_export_and_import_over_http(tmp_path, tiny_llama_dir):
+    import httpx
+
+    def base_and_key(d: DaemonProc) -> tuple[str, dict]:
+        with d.client() as c:
+            http = c.status()["http"]
+        return http["base_url"], {"Authorization": f"Bearer {Path(http['token_file']).read_text().strip()}"}
+
+    with DaemonProc(tmp_path / "a", tiny_llama_dir, "--http", "127.0.0.1:0") as a, \
+            DaemonProc(tmp_path / "b", tiny_llama_dir, "--http", "127.0.0.1:0") as b:
+        with a.client() as c:
+            c.create("x", system=SYSTEM)
+            chat(c, "x", TURNS[0])
+        url, auth = base_and_key(a)
+        assert httpx.get(f"{url}/agents/x/export").status_code == 401  # the key is needed
+        missing = httpx.get(f"{url}/agents/ghost/export", headers=auth)
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+        with httpx.stream("GET", f"{url}/agents/x/export", headers=auth, timeout=60) as r:
+            assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+            blob = b"".join(r.iter_bytes())
+        with a.client() as c:
+            original = chat(c, "x", NEXT)
+        url, auth = base_and_key(b)
+        bad = httpx.post(f"{url}/agents/import", headers=auth, content=blob[:-5], timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_bundle"
+        assert "truncated" in bad.json()["error"]["message"]
+
+        def pieces():
+            for lo in range(0, len(blob), 100_000):
+                yield blob[lo:lo + 100_000]
+
+        r = httpx.post(f"{url}/agents/import", params={"name": "y"}, headers=auth, content=pieces(), timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["cache_imported"] is True and r.json()["agent"]["name"] == "y"
+        again = httpx.post(f"{url}/agents/import", params={"name": "y"}, headers=auth, content=blob, timeout=60)
+        assert again.status_code == 409 and again.json()["error"]["code"] == "already_exists"
+        with b.client() as c:
+            assert [x["name"] for x in c.list()["agents"]] == ["y"]
+            imported = chat(c, "y", NEXT)
+    assert imported["cache_source"] == "disk" and imported["text"] == original["text"]
+    assert imported["cached_tokens"] == original["cached_tokens"]

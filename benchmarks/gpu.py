@@ -1,0 +1,500 @@
+"""agentd on an NVIDIA GPU (MLX's CUDA backend): speed in-process vs through agentd, restore
+vs re-prefill after a restart, save/load against the disk and the host-to-device copy.
+
+    python benchmarks/gpu.py [--models llama-8b,gemma3-12b] [--contexts 8192,32768]
+                             [--runs 3] [--models-dir DIR] [--out FILE] [--quick]
+    python benchmarks/gpu.py probe [--model llama-8b] [--out FILE]   (kernel-compile probe)
+
+Models are random-weight, 4-bit, of real shapes (benchmarks/gpu_models.py), since no
+weights can be downloaded on the GPU machine. For each model and context:
+
+- in-process: mlx-lm's own prefill (2,048-token chunks) and greedy decode, no agentd;
+- through agentd: the daemon as a user starts it (`python -m agentd`, fresh home), its
+  start-up time to ready (kernel warm-up included) and the first turn's prefill and decode;
+- after a restart (SIGTERM flushes, a new process starts): the agent's next turn restored
+  from its cache file ("resumed") against a fork of it made before the restart, whose
+  whole transcript is re-prefilled ("rebuilt"); time to first token as the daemon reports
+  it (restore + prefill + first token) and as the client sees it;
+- a warm restore: the agent evicted and reloaded in the same process;
+- save/load GB/s of agentd's cache file against the disk (write+fsync; read with the page
+  cache dropped and hot) and the host-to-device copy of the same bytes.
+
+Running it on the lent H200 (what was learned; keep it here):
+- The machine reaches no registry. Bring wheels: `pip download --no-deps --only-binary=:all:
+  --python-version 3.12 --platform manylinux_2_35_x86_64 mlx==0.32.4 mlx-cuda-13==0.32.4
+  mlx-lm==0.32.2 platformdirs`; the image has numpy, safetensors, tokenizers, transformers,
+  msgpack, psutil, click, rich, jinja2 and the CUDA 13 libraries mlx-cuda-13 needs.
+  The ~90 MB mlx-cuda-13 wheel exceeds one call's 64 MiB: `split -b 46m`, carry part one
+  and copy it to /tmp in one call, carry part two in the next (within the 30 s the machine
+  stays warm), `cat` them, `pip install --no-index --no-deps --target /tmp/site *.whl` and
+  put /tmp/site and the tree on PYTHONPATH.
+- MLX's CUDA backend compiles kernels with NVRTC the first time a shape needs them and
+  keeps the PTX in MLX_PTX_CACHE_DIR (default /tmp/mlx/<version>/ptx); agentd points it at
+  its own cache dir and compiles its shapes before it reports ready (agentd.warmup).
+  A "fresh machine" is simulated with empty PTX and CUDA driver caches (CUDA_CACHE_PATH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as c  # noqa: E402
+import gpu_models  # noqa: E402
+
+NAME = "gpu"
+CHUNK = 2048
+
+
+def gpu_info() -> dict:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    return {"nvidia_smi": out}
+
+
+# ---- in-process pieces -------------------------------------------------------------------
+
+
+def _sync_forward(model, tokens, cache):
+    import mlx.core as mx
+
+    t0 = time.perf_counter()
+    model(mx.array(tokens)[None], cache=cache)
+    mx.eval([x.state for x in cache])
+    return time.perf_counter() - t0
+
+
+def probe_kernels(model_dir: Path, lengths_at: list[tuple[int, int]], ptx_dir: Path) -> list[dict]:
+    """Time forward passes of `q` tokens over a cache already holding `offset` tokens, and
+    count the PTX files MLX wrote for each: a new file is a kernel compiled for that shape."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    t0 = time.perf_counter()
+    model, _ = load(str(model_dir))
+    rows = [{"what": "load", "s": round(time.perf_counter() - t0, 3), "ptx": _count(ptx_dir)}]
+    vocab = min(1000, model.args.vocab_size)
+    rng = __import__("random").Random(0)
+    cache, held = make_prompt_cache(model), 0
+    for q, offset in lengths_at:
+        if offset < held:
+            cache, held = make_prompt_cache(model), 0
+        while held < offset:  # fill up to the offset (its own shapes are recorded too)
+            n = min(CHUNK, offset - held)
+            before = _count(ptx_dir)
+            s = _sync_forward(model, [rng.randrange(vocab) for _ in range(n)], cache)
+            rows.append({"what": "fill", "q": n, "offset": held, "s": round(s, 3), "new_ptx": _count(ptx_dir) - before})
+            held += n
+        before = _count(ptx_dir)
+        s = _sync_forward(model, [rng.randrange(vocab) for _ in range(q)], cache)
+        rows.append({"what": "step", "q": q, "offset": held, "s": round(s, 3), "new_ptx": _count(ptx_dir) - before})
+        held += q
+        mx.clear_cache()
+    return rows
+
+
+def _count(d: Path) -> int:
+    try:
+        return sum(1 for _ in Path(d).rglob("*") if _.is_file())
+    except OSError:
+        return -1
+
+
+def probe_main(args) -> None:
+    """Kernel-compile probe: the same sequence in a cold process (empty caches), then a warm one."""
+    models_dir = Path(args.models_dir)
+    model_dir = gpu_models.build(args.model, models_dir / args.model)
+    steps = [(2048, 0), (2048, 2048), (1, 4096), (1, 4097), (32, 4098), (1, 4130), (2, 4131), (3, 4133), (5, 4136),
+             (8, 4141), (13, 4149), (16, 4162), (31, 4178), (64, 4209), (100, 4273), (128, 4373), (257, 4501),
+             (512, 4758), (1000, 5270), (1, 6270), (2048, 6271), (1, 8319), (32, 8320), (1, 16384), (32, 16385),
+             (1, 32768), (32, 32769)]
+    if args.quick:
+        steps = [(s, o) for s, o in steps if o <= 4500]
+    ptx = Path(tempfile.mkdtemp(prefix="ptx-"))
+    cuda_cache = Path(tempfile.mkdtemp(prefix="nvcache-"))
+    env = {**os.environ, "MLX_PTX_CACHE_DIR": str(ptx), "CUDA_CACHE_PATH": str(cuda_cache)}
+    results = {}
+    for label in ("cold", "warm"):
+        proc = subprocess.run(
+            [sys.executable, __file__, "_probe_child", str(model_dir), json.dumps(steps), str(ptx)],
+            env=env, capture_output=True, text=True, timeout=900,
+        )
+        if proc.returncode:
+            raise SystemExit(f"probe child failed:\n{proc.stderr[-4000:]}")
+        results[label] = json.loads(proc.stdout.strip().splitlines()[-1])
+        c.log(f"{label}: " + " ".join(f"{r.get('q', '')}@{r.get('offset', '')}={r['s']}s"
+                                       f"{'+' + str(r['new_ptx']) if r.get('new_ptx') else ''}"
+                                       for r in results[label]))
+    results["ptx_files"] = sorted(p.name for p in ptx.rglob("*") if p.is_file())[:400]
+    c.write_json(Path(args.out), {"machine": {**c.machine_info(), **gpu_info()}, "probe": results})
+
+
+def restore_split(model_dir: Path, n_tokens: int, work: Path, runs: int = 3) -> dict:
+    """Where a restore's time goes, with agentd's own cache file and mlx-lm's, in-process."""
+    import numpy as np
+
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
+
+    from agentd import cachefile
+
+    model, _ = load(str(model_dir))
+    cache = make_prompt_cache(model)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 1000, n_tokens).tolist()
+    for lo in range(0, n_tokens, CHUNK):
+        _sync_forward(model, tokens[lo:lo + CHUNK], cache)
+    expect = cachefile.Expectation("m", "t", "bfloat16")
+    path, mlx_path = work / "agent.safetensors", work / "mlxlm.safetensors"
+    out: dict = {"tokens": n_tokens}
+    t0 = time.perf_counter()
+    size = cachefile.save_cache(path, cache, tokens, expect)
+    out["agentd_save_s"], out["bytes"] = time.perf_counter() - t0, size
+    t0 = time.perf_counter()
+    save_prompt_cache(str(mlx_path), cache)
+    out["mlxlm_save_s"] = time.perf_counter() - t0
+    del cache
+    mx.clear_cache()
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    rows = []
+    for _ in range(runs):
+        r = {}
+        r["read_hot_s"] = timed(lambda: path.read_bytes())
+        loaded = {}
+        r["mx_load_eval_s"] = timed(lambda: loaded.update(_load_eval(path)))
+        meta = cachefile.read_header(path)
+        r["digest_s"] = timed(lambda: cachefile._digest(meta, loaded))
+        loaded.clear()
+        r["agentd_load_cache_s"] = timed(lambda: mx.eval([x.state for x in cachefile.load_cache(path, expect).cache]))
+        held = cachefile.load_cache(path, expect).cache
+        mx.eval([x.state for x in held])
+        # Placement: the first GPU pass over the restored arrays (managed memory migrates then).
+        r["first_gpu_pass_s"] = timed(lambda: mx.eval([mx.sum(a) for x in held for a in x.state if isinstance(a, mx.array)]))
+        del held
+        r["mlxlm_load_prompt_cache_s"] = timed(lambda: mx.eval([x.state for x in load_prompt_cache(str(mlx_path))]))
+        raw = path.read_bytes()
+        host = np.frombuffer(raw, dtype=np.uint8)[: len(raw) // 2**20 * 2**20].reshape(-1, 2**20)
+        r["h2d_copy_s"] = timed(lambda: mx.eval(mx.array(host)))
+        r["h2d_first_use_s"] = timed(lambda: mx.eval(mx.array(host).sum()))
+        r["memcpy_hot_s"] = timed(lambda: host.copy())
+        del raw, host
+        r.update(_read_hash_place(path))
+        mx.clear_cache()
+        rows.append(r)
+    out["runs"] = rows
+    out["median"] = {k: c.med([r[k] for r in rows]) for k in rows[0]}
+    return out
+
+
+def _read_hash_place(path: Path, threads: int = 8) -> dict:
+    """The pieces of a restore one by one: read the file with `threads` parallel preads into
+    one host buffer, hash it (each algorithm at hand), copy it to the device."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    import mlx.core as mx
+
+    size = path.stat().st_size
+    buf = np.empty(size, dtype=np.uint8)
+    step = -(-size // threads)
+    fd = os.open(path, os.O_RDONLY)
+
+    def read(i: int) -> None:
+        lo = i * step
+        view = memoryview(buf)[lo:min(size, lo + step)]
+        done = 0
+        while done < len(view):
+            done += os.preadv(fd, [view[done:]], lo + done)
+
+    r = {}
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(read, range(threads)))
+    r["read_threads_s"] = time.perf_counter() - t0
+    os.close(fd)
+    t0 = time.perf_counter()
+    hashlib.sha256(buf).digest()
+    r["sha256_s"] = time.perf_counter() - t0
+    for mod, fn in (("xxhash", "xxh3_128"), ("blake3", "blake3")):
+        try:
+            h = getattr(__import__(mod), fn)
+        except (ImportError, AttributeError):
+            continue
+        t0 = time.perf_counter()
+        h(buf).digest()
+        r[f"{fn}_s"] = time.perf_counter() - t0
+    blocks = buf[: size // 2**20 * 2**20].reshape(-1, 2**20)
+    t0 = time.perf_counter()
+    placed = mx.array(blocks)
+    mx.eval(placed)
+    r["to_mlx_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mx.eval(placed.sum())
+    r["to_mlx_first_gpu_pass_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mx.eval(placed.sum())
+    r["gpu_pass_again_s"] = time.perf_counter() - t0
+    r["bytes"] = size
+    return r
+
+
+def _load_eval(path: Path) -> dict:
+    import mlx.core as mx
+
+    t = mx.load(str(path))
+    mx.eval(list(t.values()))
+    return t
+
+
+def disk_bandwidth(work: Path, nbytes: int = 2 * 2**30) -> dict:
+    """Write+fsync, read with the file dropped from the page cache, and read hot: GB/s."""
+    path = work / "disk.bin"
+    block = os.urandom(64 * 2**20)
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(nbytes // len(block)):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    write_s = time.perf_counter() - t0
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    t0 = time.perf_counter()
+    path.read_bytes()
+    cold_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    path.read_bytes()
+    hot_s = time.perf_counter() - t0
+    path.unlink()
+    gb = nbytes / 1e9
+    return {"bytes": nbytes, "write_fsync_gbps": gb / write_s, "read_dropped_gbps": gb / cold_s, "read_hot_gbps": gb / hot_s}
+
+
+def split_main(args) -> None:
+    models_dir = Path(args.models_dir)
+    model_dir = gpu_models.build(args.model, models_dir / args.model)
+    work = Path(tempfile.mkdtemp(prefix="split-", dir=args.work))
+    import mlx.core as mx
+
+    info = {"device_info": {k: str(v) for k, v in mx.device_info().items()}, "default_device": str(mx.default_device()),
+            "cuda": bool(getattr(mx, "cuda", None) and mx.cuda.is_available())}
+    data = {"machine": {**c.machine_info(), **gpu_info()}, "mlx": info, "disk": disk_bandwidth(work),
+            "split": [restore_split(model_dir, n, work) for n in args.contexts]}
+    c.write_json(Path(args.out), data)
+    print(json.dumps(data["split"], indent=1)[:6000])
+
+
+# ---- through agentd ----------------------------------------------------------------------
+
+
+def inproc_main(model_dir: Path, n_tokens: int, decode: int) -> dict:
+    """mlx-lm alone: prefill `n_tokens` (2,048 at a time) and `decode` greedy tokens."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, _ = load(str(model_dir))
+    rng = __import__("random").Random(1)
+    for _ in range(2):  # kernels loaded and every shape seen once, off the clock
+        warm = [rng.randrange(1000) for _ in range(CHUNK + 40)]
+        for _tok in zip(range(3), generate_step(mx.array(warm), model, prompt_cache=make_prompt_cache(model))):
+            pass
+    prompt = mx.array([rng.randrange(1000) for _ in range(n_tokens)])
+    cache = make_prompt_cache(model)
+    t0 = time.perf_counter()
+    times = []
+    for _i, (tok, _lp) in zip(range(decode + 1), generate_step(prompt, model, prompt_cache=cache,
+                                                                prefill_step_size=CHUNK)):
+        times.append(time.perf_counter() - t0)
+    return {"tokens": n_tokens, "ttft_s": times[0], "prefill_tps": n_tokens / times[0],
+            "decode_tps": decode / (times[-1] - times[0])}
+
+
+def _files_under(d: Path) -> list[Path]:
+    return [p for p in Path(d).rglob("*") if p.is_file()] if Path(d).exists() else []
+
+
+def drop_page_cache(d: Path) -> int:
+    """Evict a folder's files from the page cache (as after a reboot); returns bytes dropped."""
+    total = 0
+    for path in _files_under(d):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            total += os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+    return total
+
+
+def _turn(d: "c.Daemon", name: str, message: str, max_tokens: int, ptx: Path) -> dict:
+    before = len(_files_under(ptx))
+    with d.client() as cl:
+        r = c.timed_chat(cl, name, message, max_tokens=max_tokens)
+    r["kernels_compiled"] = (len(_files_under(ptx)) - before) // 3  # .cu, .ptx, .txt per kernel
+    keep = ("cache_source", "cached_tokens", "prefilled_tokens", "generated_tokens", "prompt_tokens", "restore_ms",
+            "ttft_ms", "decode_tokens_per_s", "client_ttft_ms", "client_total_ms", "kernels_compiled")
+    return {k: r.get(k) for k in keep}
+
+
+def bench_model(name: str, args, cache_home: Path) -> dict:
+    models_dir = Path(args.models_dir)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, str(Path(__file__).with_name("gpu_models.py")), name, str(models_dir / name)],
+                   check=True, timeout=600)
+    model_dir = models_dir / name
+    out: dict = {"model": name, "config": gpu_models.CONFIGS[name], "build_s": time.perf_counter() - t0,
+                 "weights_bytes": (model_dir / "model.safetensors").stat().st_size}
+    # A fresh machine: agentd's kernel cache (under XDG_CACHE_HOME) and the driver's are empty.
+    os.environ["XDG_CACHE_HOME"] = str(cache_home)
+    os.environ["CUDA_CACHE_PATH"] = str(cache_home / "nv")
+    ptx = cache_home / "agentd" / "mlx-ptx"
+    home = c.short_tmp("agpu-")
+    flags = ["--log-level", "info", "--cache-budget", "200GB", "--max-hot", "32", "--min-available", "1GB",
+             "--flush-interval", "3600"]
+    d = c.Daemon(home, model_dir, *flags)
+    tok = c.Tok(model_dir)
+    starts = []
+    fresh = not _files_under(ptx)
+    d.start(timeout=900)
+    with d.client() as cl:
+        status = cl.status()
+    out["first_start"] = {"start_s": d.start_s, "fresh_caches": fresh,
+                          "model": status["model"], "kernels_cached": len(_files_under(ptx)) // 3}
+    c.log(f"{name}: first start {d.start_s:.1f}s, {status['model']}")
+    contexts = {}
+    for n in args.contexts:
+        agent = f"a{n}"
+        with d.client() as cl:
+            cl.create(agent, system=tok.text_of_length(n - 40))
+        first = _turn(d, agent, "Here is the incident log. Acknowledge briefly.", 64, ptx)
+        contexts[n] = {"first_turn": first, "resumed": [], "rebuilt": []}
+        c.log(f"{name} {n}: first turn {first}")
+    # In-process mlx-lm on the same machine, kernels already compiled (same cache).
+    os.environ["MLX_PTX_CACHE_DIR"] = str(next(iter(ptx.iterdir()), ptx) if ptx.is_dir() else ptx)
+    for n in args.contexts:
+        proc = subprocess.run([sys.executable, __file__, "_inproc", str(model_dir), str(n), "64"],
+                              capture_output=True, text=True, timeout=600)
+        contexts[n]["inproc"] = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else \
+            {"error": proc.stderr[-2000:]}
+        c.log(f"{name} {n}: in-process {contexts[n]['inproc']}")
+    os.environ.pop("MLX_PTX_CACHE_DIR")
+    for run in range(args.runs):
+        with d.client() as cl:
+            for n in args.contexts:
+                cl.fork(f"a{n}", f"r{n}-{run}")
+        d.stop()
+        dropped = drop_page_cache(home / "data") if run == 0 else 0
+        d.start(timeout=900)
+        starts.append(d.start_s)
+        for n in args.contexts:
+            q = FOLLOW_UPS[run % len(FOLLOW_UPS)]
+            res = _turn(d, f"a{n}", q, 8, ptx)
+            res["page_cache_dropped_bytes"] = dropped
+            reb = _turn(d, f"r{n}-{run}", q, 8, ptx)
+            contexts[n]["resumed"].append(res)
+            contexts[n]["rebuilt"].append(reb)
+            c.log(f"{name} {n} run {run}: resumed {res['ttft_ms']} ms ({res['restore_ms']} restore), "
+                  f"rebuilt {reb['ttft_ms']} ms")
+    for n in args.contexts:  # warm restore: evicted and reloaded in the same process
+        with d.client() as cl:
+            cl.evict(f"a{n}")
+        contexts[n]["warm_restore"] = _turn(d, f"a{n}", "One more thing: who owns the fix?", 8, ptx)
+    d.stop()
+    out["restart_start_s"] = starts
+    out["daemon_log_tail"] = d.stderr()[-6000:]
+    for n, r in contexts.items():
+        res = c.med([x["ttft_ms"] for x in r["resumed"][1:]] or [x["ttft_ms"] for x in r["resumed"]])
+        reb = c.med([x["ttft_ms"] for x in r["rebuilt"]])
+        r["summary"] = {"resumed_ttft_ms": res, "rebuilt_ttft_ms": reb, "speedup": reb / res if res else None,
+                        "resumed_page_cache_dropped_ttft_ms": r["resumed"][0]["ttft_ms"]}
+    out["contexts"] = {str(k): v for k, v in contexts.items()}
+    return out
+
+
+FOLLOW_UPS = ["In one sentence: what should we check first?", "Which team owns the fix?",
+              "What is the single biggest risk now?", "Name one metric to watch."]
+
+
+def bench_main(args) -> None:
+    data = {"machine": {**c.machine_info(), **gpu_info()}, "contexts": args.contexts, "runs": args.runs, "models": {}}
+    # agentd's kernel cache, empty at first (a fresh machine), then shared by the models in order.
+    cache_home = Path(args.cache_home or tempfile.mkdtemp(prefix="xdg-", dir=args.work))
+    for name in args.models.split(","):
+        t0 = time.perf_counter()
+        try:
+            data["models"][name] = bench_model(name, args, cache_home)
+        except Exception as e:  # keep what the other models measured
+            data["models"][name] = {"error": f"{type(e).__name__}: {e}"}
+        data["models"][name]["wall_s"] = time.perf_counter() - t0
+        c.write_json(Path(args.out), data)
+    print(summary(data))
+
+
+def summary(data: dict) -> str:
+    rows = []
+    for name, m in data["models"].items():
+        for n, r in (m.get("contexts") or {}).items():
+            s, ip, ft = r["summary"], r.get("inproc", {}), r["first_turn"]
+            rows.append((name, n, c.fmt(ip.get("prefill_tps"), 0), c.fmt(ft["prefilled_tokens"] / ft["ttft_ms"] * 1000, 0),
+                         c.fmt(ip.get("decode_tps")), c.fmt(ft["decode_tokens_per_s"]), c.fmt(s["resumed_ttft_ms"], 0),
+                         c.fmt(s["rebuilt_ttft_ms"], 0), c.fmt(s["speedup"])))
+    return c.table(rows, ("model", "ctx", "prefill mlx-lm", "prefill agentd", "decode mlx-lm", "decode agentd",
+                          "resumed ms", "rebuilt ms", "x"))
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_probe_child":
+        model_dir, steps, ptx = Path(sys.argv[2]), json.loads(sys.argv[3]), Path(sys.argv[4])
+        print(json.dumps(probe_kernels(model_dir, [tuple(s) for s in steps], ptx)))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "_inproc":
+        print(json.dumps(inproc_main(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", nargs="?", default="bench", choices=["bench", "probe", "split"])
+    ap.add_argument("--model", default="llama-8b", help="for probe/split: one of " + ", ".join(gpu_models.CONFIGS))
+    ap.add_argument("--models", default="llama-8b,gemma3-12b")
+    ap.add_argument("--contexts", default="8192,32768")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--models-dir", default="/tmp/agentd-gpu-models")
+    ap.add_argument("--work", default="/tmp")
+    ap.add_argument("--cache-home", help="XDG_CACHE_HOME for the daemons [default: a new empty folder]")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path, default=c.OUT_DIR / f"{NAME}.json")
+    args = ap.parse_args()
+    args.contexts = [int(x) for x in args.contexts.split(",")]
+    if args.what == "probe":
+        probe_main(args)
+    elif args.what == "split":
+        split_main(args)
+    else:
+        bench_main(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""agentd on MLX's CUDA backend (an NVIDIA GPU): marked `cuda`, skipped without one.
+
+Run on the GPU machine with `python -m pytest -q -m cuda` (benchmarks/gpu.py's docstring
+says how to install the wheels there). A tiny llama in the dtype and quantization of
+real checkpoints (bfloat16, 4-bit, groups of 64), so it needs the same GPU kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from daemonproc import DaemonProc
+from mlx.utils import tree_flatten
+
+import tinymodels
+from agentd import warmup
+from agentd.backend import CUDA
+
+pytestmark = pytest.mark.cuda
+
+# A cold kernel cache compiles for minutes before the daemon is ready (agentd.warmup).
+START_TIMEOUT_S = 900
+
+
+@pytest.fixture(scope="module")
+def tiny_4bit_dir(tmp_path_factory) -> Path:
+    out = tinymodels.make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama-4bit")
+    from mlx_lm import load
+
+    model, _ = load(str(out))
+    model.set_dtype(mx.bfloat16)
+    nn.quantize(model, group_size=64, bits=4)
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(out / "model.safetensors"), weights, {"format": "mlx"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization"] = {"group_size": 64, "bits": 4}
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def kernel_files(cache_home: Path) -> set[str]:
+    return {str(p) for p in (cache_home / "agentd" / "mlx-ptx").rglob("*") if p.is_file()}
+
+
+def test_cuda_backend_is_not_taken_for_the_cpu():
+    from agentd import device
+
+    assert device.backend() == CUDA and not device.on_cpu()
+
+
+def test_a_4bit_model_loads_as_4bit(tiny_4bit_dir):
+    from agentd.device import describe
+    from agentd.engine import Engine
+
+    engine = Engine(tiny_4bit_dir)
+    assert engine.plan.backend == CUDA and engine.plan.device == "gpu"
+    assert engine.plan.dequantized == 0 and engine.plan.quantized == 2 * 7 + 1
+    assert isinstance(engine.model.model.layers[0].mlp.down_proj, nn.QuantizedLinear)
+    assert engine.dtype == "bfloat16"
+    assert describe(engine.plan).startswith("device: CUDA, weights as loaded (15 layers quantized)")
+
+
+def test_no_kernel_is_compiled_inside_a_turn_and_restore_works(tiny_4bit_dir, home, monkeypatch):
+    """The daemon compiles before it answers; turns of any prompt length then compile
+    nothing; after a restart the agent's cache comes from disk."""
+    # agentd's kernel cache: fresh, unless the caller shares one (a cold one takes minutes).
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or home / "cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
+    monkeypatch.delenv(warmup.PTX_ENV, raising=False)
+    d = DaemonProc(home, tiny_4bit_dir, "--log-level", "info").start(timeout=START_TIMEOUT_S)
+    try:
+        with d.client() as c:
+            status = c.status()["model"]
+        assert status["backend"] == CUDA and status["quantized_layers"] == 15
+        assert status["warmup"]["passes"] >= 10 and status["warmup"]["seconds"] > 0
+        compiled = kernel_files(cache_home)
+        assert compiled, "the warm-up compiled nothing into agentd's kernel cache"
+        with d.client() as c:
+            c.create("a", system="You are a technical specialist.")
+            for words in (1, 7, 30, 120, 700):
+                c.chat("a", " ".join(["checkout"] * words), max_tokens=12).wait()
+            c.chat("a", "Again, with sampling.", max_tokens=8, temperature=0.8, seed=3).wait()
+            before = c.show("a")["agent"]
+        assert kernel_files(cache_home) == compiled
+        assert "GPU kernels warm in" in d.stderr()
+        d.stop()
+        d.start(timeout=START_TIMEOUT_S)
+        with d.client() as c:
+            r = c.chat("a", "And now?", max_tokens=4).wait()
+        assert r["cache_source"] == "disk"
+        assert r["cached_tokens"] > 0 and r["prefilled_tokens"] < 20
+        assert before["messages"] == 12
+    finally:
+        d.kill()
