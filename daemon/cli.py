@@ -162,7 +162,7 @@ def _run(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
              engine.model_bytes // 2**20)
     log.info("%s", describe(engine.plan))
     if should_warm(engine.plan.backend, os.environ):
-        # Before the socket exists: no turn may wait for a kernel compile (minutes on a
+        # Before the socket exists: no turn may wait while kernels are built (minutes on a
         # machine that never ran this model; under a second once they are cached).
         notify("STATUS=compiling GPU kernels")
         log.info("warming up GPU kernels (kernel cache %s)", os.environ.get(PTX_ENV, "MLX's default"))

@@ -303,7 +303,7 @@ class Records:
             db.execute("INSERT INTO responses VALUES (?, ?, ?, ?, ?)", (response_id, agent, time.time(), n_messages, body))
 
     def has_response(self, response_id: str) -> bool:
-        with self._conn() as db:
+        with self._read() as db:
             return db.execute("SELECT 1 FROM responses WHERE id=?", (response_id,)).fetchone() is not None
 
     def get_response(self, response_id: str) -> dict:
