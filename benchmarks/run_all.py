@@ -400,6 +400,11 @@ def write_report(data: dict, runs_meta: dict, plots: dict, args, total_s: float 
     if portable.exists():
         L += portable_section(json.loads(portable.read_text()))
 
+    gpu = args.out_dir / "gpu.json"
+    if gpu.exists():
+        split = args.out_dir / "gpu_split.json"
+        L += gpu_section(json.loads(gpu.read_text()), json.loads(split.read_text()) if split.exists() else None)
+
     if args.notes:
         L += ["## Notes on this run", ""] + [f"- {n}" for n in args.notes] + [""]
     report.write_text("\n".join(L))
@@ -539,6 +544,75 @@ def portable_section(d: dict) -> list[str]:
              f"agent's next turn reuses all {big['first_turn']['cached_tokens']:,} tokens.")
     L.append("")
     L.append(f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/' + d['argv'][0], *map(shlex.quote, d['argv'][1:])])}`")
+    L.append("")
+    return L
+
+
+def gpu_section(d: dict, split: dict | None = None) -> list[str]:
+    """Section 12, from benchmarks/gpu.py's JSON (a run on a machine with an NVIDIA GPU)."""
+    m = d["machine"]
+    L = ["## 12. NVIDIA GPU (MLX's CUDA backend)", ""]
+    L.append(f"Measured {d['when']} on {m.get('nvidia_smi') or 'an NVIDIA GPU'}, {m['cpus']} CPUs ({m['cpu']}), "
+             f"mlx {m['mlx']}, mlx-lm {m['mlx_lm']}, Python {m['python']}. Random-weight 4-bit models of real "
+             "shapes (benchmarks/gpu_models.py). agentd runs as a user starts it, with its kernel cache empty "
+             "at the first start (a fresh machine); time to first token (TTFT) as the daemon reports it "
+             "(restore + prefill + first token). Resumed: the agent's next turn after a restart (SIGTERM, new "
+             "process), its cache read from disk; rebuilt: a fork of it made before the restart, whose whole "
+             f"transcript is prefilled. Medians of {d['runs']} restarts (the first, with the cache files dropped "
+             "from the page cache, is shown apart).")
+    L.append("")
+    rows, starts = [], []
+    for name, r in d["models"].items():
+        if "first_start" not in r:
+            rows.append((name, "-", f"failed: {r.get('error', 'no result')}", *["-"] * 8))
+            continue
+        first = r["first_start"]
+        warm = first["model"].get("warmup") or {"seconds": 0.0}
+        starts.append(f"{name}: first start {first['start_s']:.1f} s (kernel warm-up {warm['seconds']:.1f} s"
+                      f" of it; backend {first['model'].get('backend')}, {first['model'].get('quantized_layers')} "
+                      "layers kept quantized), later starts "
+                      + ", ".join(f"{x:.1f}" for x in r["restart_start_s"]) + " s")
+        for n, x in r["contexts"].items():
+            ft, ip, s_ = x["first_turn"], x.get("inproc", {}), x.get("summary", {})
+            compiled = sum(t.get("kernels_compiled") or 0 for t in [ft, *x["resumed"], *x["rebuilt"]])
+            rows.append((name, f"{int(n):,}", c.fmt(ip.get("prefill_tps"), 0),
+                         c.fmt(ft["prefilled_tokens"] / ft["ttft_ms"] * 1000, 0), c.fmt(ip.get("decode_tps")),
+                         c.fmt(ft["decode_tokens_per_s"]), c.fmt(s_.get("resumed_ttft_ms"), 0),
+                         c.fmt(s_.get("resumed_page_cache_dropped_ttft_ms"), 0), c.fmt(s_.get("rebuilt_ttft_ms"), 0),
+                         f"**{s_['speedup']:.1f}x**" if s_.get("speedup") else "-", str(compiled)))
+    L.append(md_table(("model", "context", "prefill tok/s mlx-lm", "prefill tok/s agentd", "decode tok/s mlx-lm",
+                       "decode tok/s agentd", "resumed TTFT ms", "resumed, page cache dropped", "rebuilt TTFT ms",
+                       "rebuilt / resumed", "kernels compiled in turns"), rows))
+    L.append("")
+    L += [f"- {x}" for x in starts]
+    L.append("")
+    if split:
+        L.append("Where a restore's time goes, in-process (`gpu.py split`): one KV cache saved by mlx-lm, medians of "
+                 "3, page cache hot; GB/s over the file's bytes.")
+        L.append("")
+        disk = split.get("disk", {})
+        for sp in split.get("split", []):
+            med, gb = sp["median"], sp["bytes"] / 1e9
+
+            def rate(k):
+                return f"{gb / med[k]:.1f}" if med.get(k) else "-"
+            L.append(md_table(("context", "bytes", "mlx-lm load_prompt_cache", "parallel read", "sha256", "xxh3-128",
+                               "xxh3-128, 8 threads", "fill GPU-allocated + first GPU pass",
+                               "fill CPU-allocated + first GPU pass", "numpy, mx.array + first GPU pass"),
+                              [(f"{sp['tokens']:,}", f"{gb:.2f} GB", rate("mlxlm_load_prompt_cache_s"),
+                                rate("read_threads_s"), rate("sha256_s"), rate("xxh3_128_s"), rate("xxh3_128_8threads_s"),
+                                f"{gb / (med['gpu_zeros_fill_s'] + med['gpu_zeros_first_gpu_pass_s']):.1f}"
+                                if med.get("gpu_zeros_fill_s") else "-",
+                                f"{gb / (med['cpu_zeros_fill_s'] + med['cpu_zeros_first_gpu_pass_s']):.1f}"
+                                if med.get("cpu_zeros_fill_s") else "-",
+                                f"{gb / (med['from_numpy_s'] + med['from_numpy_first_gpu_pass_s']):.1f}")]))
+            L.append("")
+        if disk:
+            L.append(f"The disk, same machine: write + fsync {disk['write_fsync_gbps']:.1f} GB/s, read with the file "
+                     f"dropped from the page cache {disk['read_dropped_gbps']:.1f} GB/s, hot {disk['read_hot_gbps']:.1f} GB/s.")
+            L.append("")
+    L.append(f"Command: `python3 benchmarks/{' '.join(map(shlex.quote, d.get('argv', ['gpu.py'])))}` (and `gpu.py split`); "
+             "how to run it on a GPU machine without a registry is in its docstring.")
     L.append("")
     return L
 

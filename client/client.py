@@ -370,12 +370,16 @@ class Client:
         temperature: float = 0.0,
         seed: int | None = None,
         on_progress: Callable[[int, int], None] | None = None,
+        top_p: float = 1.0,
+        stop: list[str] | tuple[str, ...] = (),
     ) -> ChatStream:
         """Send a message; iterate the returned stream for text, then read `.result`.
 
-        `on_progress(done, total)` is called as the daemon prefills the prompt.
+        `on_progress(done, total)` is called as the daemon prefills the prompt. `stop`
+        ends the reply before the first occurrence of any of its strings.
         """
-        request = _build(p.Chat, name, message, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        request = _build(p.Chat, name, message, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                         top_p=top_p, stop=list(stop))
         self.connect()
         rid = self._send(request)
         self._stream = ChatStream(self, rid)

@@ -10,9 +10,10 @@ safe from any thread.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -26,8 +27,44 @@ from .hotset import HotAgent, HotSet
 from .protocol import Sampling, validate_agent_name
 from .records import AgentRecord, AlreadyExists, NotFound, Records
 from .responses import AgentInfo, CacheSource, ChatResult
+from .sequence import Generation, Sequence
+from .stepper import Stepper
 
 log = logging.getLogger("agentd.agents")
+
+
+@dataclass
+class Turn:
+    """A turn from admission to retirement: the agent it belongs to and its sequence."""
+
+    agent: HotAgent
+    seq: Sequence
+    new_messages: list[dict]
+    source: CacheSource
+    restore_ms: float
+
+    @property
+    def name(self) -> str:
+        return self.agent.name
+
+
+class ChatPlan:
+    """The chat op as the scheduler runs it: `begin` on admission, `end` on retirement
+    (plans for the other turn ops are in turns.py). `agent` orders turns of one agent."""
+
+    def __init__(self, name: str, new_messages: list[dict], sampling: Sampling, *, on_token=None, on_progress=None,
+                 should_stop=None):
+        self.agent, self.new_messages, self.sampling = name, new_messages, sampling
+        self.callbacks = {"on_token": on_token, "on_progress": on_progress, "should_stop": should_stop}
+
+    def begin(self, store: "AgentStore") -> Turn:
+        return store.begin_turn(self.agent, self.new_messages, self.sampling, **self.callbacks)
+
+    def end(self, store: "AgentStore", turn: Turn) -> dict:
+        return store.end_turn(turn).to_wire()
+
+    def abort(self, store: "AgentStore", turn: Turn) -> None:
+        store.abort_turn(turn)
 
 
 class AgentStore:
@@ -47,6 +84,7 @@ class AgentStore:
         )
         self.hot = HotSet()
         self.repo.recover_records(self.records)
+        self._stepper = Stepper(engine)  # for chat(), the library's one-turn-at-a-time path
 
     # The names tests and benchmarks have used; the parts above are the real owners.
     @property
@@ -152,6 +190,96 @@ class AgentStore:
         self.hot.put(agent)
         return agent, source, (time.perf_counter() - t0) * 1000
 
+    # ---- turns: begin (on admission), driven by a Stepper, end (on retirement) ---------
+
+    def open_turn(
+        self,
+        agent: HotAgent,
+        source: CacheSource,
+        restore_ms: float,
+        prompt: list[int],
+        sampling: Sampling,
+        new_messages: list[dict],
+        *,
+        on_token: Callable[[str], None] | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Turn:
+        """Start a sequence from `agent`'s cache towards `prompt`. The agent is busy (never
+        evicted, saved or dropped) and its cache belongs to the sequence until close_turn."""
+        seq = Sequence(self.engine, agent.cache, agent.tokens, prompt, sampling,
+                       on_token=on_token, on_progress=on_progress, should_stop=should_stop)
+        agent.busy += 1
+        agent.cache = None  # one copy, not two (a batch holds the rows merged)
+        return Turn(agent, seq, [dict(m) for m in new_messages], source, restore_ms)
+
+    def close_turn(self, turn: Turn) -> Generation:
+        """The finished sequence's cache and tokens back to its agent (released from any batch
+        first: Stepper.release). The agent is no longer busy; nothing is recorded here."""
+        agent, gen = turn.agent, turn.seq.result()
+        agent.cache, agent.tokens = turn.seq.cache, gen.cache_tokens
+        # The `complete` op's scratch is never saved; a cancelled turn is not recorded and makes
+        # nothing to save either: what it computed stays for the next turn's prefix, but it never
+        # causes a write (nor a file for an agent that has none).
+        agent.dirty = agent.dirty or (bool(agent.name) and gen.finish_reason != "cancelled")
+        agent.nbytes = cache_nbytes(agent.cache)
+        agent.last_used = time.time()
+        agent.busy -= 1
+        return gen
+
+    def begin_turn(
+        self,
+        name: str,
+        new_messages: list[dict],
+        sampling: Sampling,
+        *,
+        on_token: Callable[[str], None] | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Turn:
+        """A chat turn: render the agent's transcript plus `new_messages`, make it hot, prepare.
+
+        A prompt that leaves the model no room to reply raises ContextTooLong before the cache
+        is loaded or anything is prefilled; the reply is cut at the context's end ("length").
+        """
+        rec = self.records.get(name)
+        prompt = self.engine.render(rec.system, rec.messages + new_messages)
+        room = self.engine.room_for_reply(len(prompt), sampling.max_tokens, who=f"agent {name!r}: ",
+                                          advice=_context_advice(name, rec))
+        if room < sampling.max_tokens:
+            sampling = dataclasses.replace(sampling, max_tokens=room)
+        agent, source, restore_ms = self.acquire(name)
+        return self.open_turn(agent, source, restore_ms, prompt, sampling, new_messages,
+                              on_token=on_token, on_progress=on_progress, should_stop=should_stop)
+
+    def end_turn(self, turn: Turn) -> ChatResult:
+        """Give the cache back and commit the turn (unless cancelled) before the result exists."""
+        gen = self.close_turn(turn)
+        if gen.finish_reason != "cancelled":
+            self.records.commit_turn(turn.name, turn.new_messages + [{"role": "assistant", "content": gen.text}])
+        source: CacheSource = "rebuilt" if gen.rebuilt else turn.source
+        decode_tps = (len(gen.tokens) - 1) / gen.decode_s if len(gen.tokens) > 1 and gen.decode_s > 0 else 0.0
+        return ChatResult(
+            text=gen.text,
+            cache_source=source,
+            cached_tokens=gen.reused_tokens,
+            prefilled_tokens=gen.prefilled_tokens,
+            generated_tokens=len(gen.tokens),
+            prompt_tokens=gen.prompt_tokens,
+            restore_ms=round(turn.restore_ms, 3),
+            ttft_ms=round(gen.ttft_s * 1000 + turn.restore_ms, 3),
+            decode_tokens_per_s=round(decode_tps, 2),
+            finish_reason=gen.finish_reason,
+        )
+
+    def abort_turn(self, turn: Turn) -> None:
+        """A step failed mid-turn: the cache's state is unknown, so it is dropped (the next
+        turn restores from disk or the transcript); nothing is recorded."""
+        turn.agent.busy -= 1
+        turn.seq.cache = None
+        if self.hot.get(turn.agent.name) is turn.agent:
+            self._drop(turn.agent.name)
+
     def chat(
         self,
         name: str,
@@ -165,56 +293,16 @@ class AgentStore:
         should_stop: Callable[[], bool] | None = None,
         on_progress: Callable[[int, int], None] | None = None,
     ) -> ChatResult:
-        """One turn. The turn is committed to the records before this returns.
-
-        A prompt that leaves the model no room to reply raises ContextTooLong before the
-        cache is loaded or anything is prefilled; the reply is cut at the context's end
-        (finish_reason "length"). A cancelled turn is not recorded and does not make the
-        agent dirty: what it computed stays in memory for the next turn's prefix, but it
-        never makes a save (nor a file for an agent that has none).
-        """
-        sampling = sampling or Sampling(max_tokens, temperature, seed=seed)
-        rec = self.records.get(name)
-        prompt = self.engine.render(rec.system, rec.messages + [{"role": "user", "content": message}])
-        max_tokens = self.engine.room_for_reply(len(prompt), sampling.max_tokens, who=f"agent {name!r}: ",
-                                                advice=_context_advice(name, rec))
-        agent, source, restore_ms = self.acquire(name)
-        agent.busy += 1
+        """One turn, run alone on the calling thread. Committed to the records before it returns."""
+        turn = self.begin_turn(name, [{"role": "user", "content": message}],
+                               sampling or Sampling(max_tokens, temperature, seed=seed),
+                               on_token=on_token, on_progress=on_progress, should_stop=should_stop)
         try:
-            cache, gen = self.engine.generate(
-                agent.cache,
-                agent.tokens,
-                prompt,
-                max_tokens=max_tokens,
-                temperature=sampling.temperature,
-                seed=sampling.seed,
-                on_token=on_token,
-                should_stop=should_stop,
-                on_progress=on_progress,
-            )
-            agent.cache, agent.tokens = cache, gen.cache_tokens
-            agent.nbytes = cache_nbytes(cache)
-            agent.last_used = time.time()
-            if gen.finish_reason != "cancelled":
-                self.records.append_turn(name, message, gen.text)
-                agent.dirty = True
-        finally:
-            agent.busy -= 1
-        if gen.rebuilt:
-            source = "rebuilt"
-        decode_tps = (len(gen.tokens) - 1) / gen.decode_s if len(gen.tokens) > 1 and gen.decode_s > 0 else 0.0
-        return ChatResult(
-            text=gen.text,
-            cache_source=source,
-            cached_tokens=gen.reused_tokens,
-            prefilled_tokens=gen.prefilled_tokens,
-            generated_tokens=len(gen.tokens),
-            prompt_tokens=gen.prompt_tokens,
-            restore_ms=round(restore_ms, 3),
-            ttft_ms=round(gen.ttft_s * 1000 + restore_ms, 3),
-            decode_tokens_per_s=round(decode_tps, 2),
-            finish_reason=gen.finish_reason,
-        )
+            self._stepper.run_alone(turn.seq)
+        except BaseException:
+            self.abort_turn(turn)
+            raise
+        return self.end_turn(turn)
 
     def warm(self, name: str) -> CacheSource:
         """Make the agent hot and its cache current with its records, without replying."""
@@ -231,8 +319,8 @@ class AgentStore:
     def save(self, name: str) -> bool:
         """Write a dirty hot agent's cache to disk. Returns whether a file was written."""
         agent = self.hot.get(name)
-        if agent is None or not agent.dirty:
-            return False
+        if agent is None or not agent.dirty or agent.busy:
+            return False  # a busy agent's cache belongs to its turn; it is saved after it
         written = self.repo.save(name, agent.cache, agent.tokens, self.records.get(name))
         # Not written (a cache class the format cannot store) is not a failure to retry:
         # nothing is lost, the transcript in the records rebuilds the cache.
@@ -242,7 +330,8 @@ class AgentStore:
         return written
 
     def save_all(self) -> list[str]:
-        """Save every dirty agent; the first failure is raised after the rest were tried."""
+        """Save every dirty agent not mid-turn; the first failure is raised after the rest
+        were tried."""
         saved, first_error = [], None
         for name in self.hot.lru():
             try:

@@ -304,7 +304,10 @@ def read_verified_header(path: Path) -> dict[str, str]:
 
 def _verified_tensors(path: Path, meta: dict[str, str]) -> dict[str, mx.array]:
     try:
-        tensors = mx.load(str(path))
+        # Read on the CPU stream: the checksum below reads every byte on the host, and on
+        # CUDA (managed memory) arrays a GPU stream had loaded would first migrate back to
+        # the host page by page; the GPU's first use moves them once, after verification.
+        tensors = mx.load(str(path), stream=mx.cpu)
     except Exception as e:  # mlx reports truncation and bad offsets as generic errors
         raise CacheFileError("truncated", f"{path.name}: tensors unreadable ({e})") from e
     if not isinstance(tensors, dict) or "tokens" not in tensors:

@@ -2,7 +2,8 @@
 
 `Daemon.handle(request, emit)` answers a typed request: reads (list, show, history,
 status, ping) run on the caller's thread from the records and the store's snapshot;
-everything that touches MLX goes to the worker. Errors become ProtocolError codes here,
+everything that touches MLX goes to the scheduler's MLX thread (turns as sequences it
+batches, everything else as jobs between its steps). Errors become ProtocolError codes here,
 at the edge, so a bad request never takes the daemon down.
 """
 
@@ -27,7 +28,7 @@ from . import __version__
 from . import protocol as p
 from . import responses
 from . import transfer
-from .agents import AgentStore
+from .agents import AgentStore, ChatPlan
 from .bundle import BundleError
 from .engine import ContextTooLong, Engine
 from .errors import StartupError
@@ -35,7 +36,7 @@ from .memory import Limits, MemoryProbe
 from .records import AlreadyExists, NotFound, RecordError, RecordsReplaced
 from .turns import Turns
 from .upkeep import FlushPolicy, MemoryPolicy
-from .worker import Worker
+from .scheduler import Scheduler
 
 log = logging.getLogger("agentd.core")
 
@@ -60,14 +61,15 @@ class Daemon:
     def __init__(self, settings: Settings, engine: Engine, probe: MemoryProbe | None = None):
         self.settings = settings
         self.engine = engine
-        self.worker = Worker()
+        self.scheduler = Scheduler()
         try:
-            self.store: AgentStore = self.worker.submit(AgentStore, settings.home, engine).result()
+            self.store: AgentStore = self.scheduler.open_store(lambda: AgentStore(settings.home, engine))
         except (RecordError, sqlite3.DatabaseError) as e:
             raise StartupError(f"cannot open the records {settings.home / 'agents.db'}: {e}") from None
         self.memory = MemoryPolicy(Limits(settings.max_hot, settings.cache_budget, settings.min_available),
                                    probe or MemoryProbe())
         self.flush = FlushPolicy.starting_now(settings.flush_interval)
+        self.scheduler.after_turns = lambda: self.memory.enforce(self.store)
         self.started = time.time()
         self.stopping = False
         self._cancels: set[threading.Event] = set()
@@ -123,8 +125,9 @@ class Daemon:
             log.exception("request %s (%s) failed", rid, req.op)
             return responses.error(rid, p.ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
 
-    async def _mlx(self, fn, *args, **kwargs):
-        return await asyncio.wrap_future(self.worker.submit(fn, *args, **kwargs))
+    async def _mlx(self, fn, *args, agent: str | None = None, **kwargs):
+        """Run `fn` on the MLX thread between steps; with `agent`, after that agent's turn."""
+        return await asyncio.wrap_future(self.scheduler.submit(fn, *args, agent=agent, **kwargs))
 
     async def _io(self, fn, *args, **kwargs):
         """Record reads and cache-file headers, off the event loop: a slow disk then holds
@@ -183,6 +186,7 @@ class Daemon:
             },
             "limits": self.memory.status(),
             "flush": self.flush.status(),
+            "scheduler": self.scheduler.status(),
             "problems": [pr.__dict__ for pr in self.store.problems],
             "http": self.http,
             "agents": await self._io(self._infos),
@@ -213,19 +217,24 @@ class Daemon:
         return {"messages": (await self._io(self.store.records.get, req.name)).messages}
 
     async def _op_delete(self, req: p.Delete, rid, emit) -> dict:
-        await self._mlx(self.store.delete, req.name)
+        await self._mlx(self.store.delete, req.name, agent=req.name)
         return {"deleted": req.name}
 
     async def _op_reset(self, req: p.Reset, rid, emit) -> dict:
-        await self._mlx(self.store.reset, req.name)
+        await self._mlx(self.store.reset, req.name, agent=req.name)
         return {"agent": await self._io(self._info, req.name)}
 
     async def _op_save(self, req: p.Save, rid, emit) -> dict:
         if req.name is not None:
             await self._io(self.store.records.get, req.name, with_messages=False)  # NOT_FOUND for unknown names
-            saved = [req.name] if await self._mlx(self.store.save, req.name) else []
+            saved = [req.name] if await self._mlx(self.store.save, req.name, agent=req.name) else []
         else:
             saved = await self._mlx(self.store.save_all)
+            # Agents mid-turn were skipped (their cache belongs to the turn): save each right
+            # after its turn, so "every dirty agent" holds when this returns.
+            for name, facts in self.store.hot.snapshot().items():
+                if facts.busy and await self._mlx(self.store.save, name, agent=name):
+                    saved.append(name)
         return {"saved": saved}
 
     async def _op_evict(self, req: p.Evict, rid, emit) -> dict:
@@ -233,7 +242,7 @@ class Daemon:
         hot = self.store.hot.snapshot().get(req.name)
         if hot is not None and hot.busy:
             raise p.ProtocolError(p.ErrorCode.BUSY, f"agent {req.name!r} has a request in flight")
-        was_dirty = await self._mlx(self.store.evict, req.name)
+        was_dirty = await self._mlx(self.store.evict, req.name, agent=req.name)
         return {"evicted": req.name, "was_dirty": was_dirty}
 
     async def _op_export(self, req: p.Export, rid, emit) -> dict:
@@ -252,17 +261,9 @@ class Daemon:
     async def _op_chat(self, req: p.Chat, rid, emit) -> dict:
         await self._io(self.store.records.get, req.name, with_messages=False)
 
-        def run(on_token, should_stop, on_progress):
-            return self.store.chat(
-                req.name,
-                req.message,
-                sampling=req.sampling,
-                on_token=on_token,
-                should_stop=should_stop,
-                on_progress=on_progress,
-            ).to_wire()
-
-        return await self._streamed(rid, emit, run)
+        return await self._streamed(rid, emit, lambda on_token, should_stop, on_progress: ChatPlan(
+            req.name, req.new_messages, req.sampling, on_token=on_token, on_progress=on_progress,
+            should_stop=should_stop))
 
     async def _op_turn(self, req: p.Turn, rid, emit) -> dict:
         await self._io(self.store.records.get, req.name, with_messages=False)
@@ -274,13 +275,13 @@ class Daemon:
         try:
             return await self._streamed(rid, emit, lambda on_token, should_stop, on_progress: self.turns.turn(
                 req.name, req.messages, follow=req.follow, system=req.system, tools=req.tools, response=req.response,
-                sampling=_sampling(req), on_token=on_token, should_stop=should_stop, on_progress=on_progress))
+                sampling=req.sampling, on_token=on_token, should_stop=should_stop, on_progress=on_progress))
         finally:
             self._turning.discard(req.name)
 
     async def _op_complete(self, req: p.Complete, rid, emit) -> dict:
         return await self._streamed(rid, emit, lambda on_token, should_stop, on_progress: self.turns.complete(
-            req.system, req.messages, tools=req.tools, response=req.response, sampling=_sampling(req),
+            req.system, req.messages, tools=req.tools, response=req.response, sampling=req.sampling,
             on_token=on_token, should_stop=should_stop, on_progress=on_progress))
 
     async def _op_response(self, req: p.GetResponse, rid, emit) -> dict:
@@ -288,9 +289,10 @@ class Daemon:
         return {"response_id": row["id"], "agent": row["agent"], "created_at": row["created_at"],
                 "n_messages": row["n_messages"], "body": json.loads(row["body"])}
 
-    async def _streamed(self, rid: int, emit: Emit, fn: Callable) -> dict:
-        """Run `fn(on_token, should_stop, on_progress)` on the worker, streaming its token
-        and progress frames through `emit`; a client that goes away cancels it."""
+    async def _streamed(self, rid: int, emit: Emit, make_plan: Callable) -> dict:
+        """Run the turn plan `make_plan(on_token, should_stop, on_progress)` gives on the
+        scheduler, beside every other turn in flight, streaming its token and progress
+        frames through `emit`; a client that goes away cancels it (only it)."""
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
@@ -302,13 +304,7 @@ class Daemon:
         def on_progress(done: int, total: int) -> None:
             loop.call_soon_threadsafe(tokens.put_nowait, responses.progress(rid, done, total))
 
-        def run():
-            try:
-                return fn(on_token, cancel.is_set, on_progress)
-            finally:
-                self.memory.enforce(self.store)
-
-        job = asyncio.wrap_future(self.worker.submit(run))
+        job = asyncio.wrap_future(self.scheduler.submit_turn(make_plan(on_token, cancel.is_set, on_progress)))
         try:
             while True:
                 getter = asyncio.ensure_future(tokens.get())
@@ -356,7 +352,7 @@ class Daemon:
     async def preload(self, n: int) -> list[str]:
         names = await self._io(self.store.records.most_recent, n)
         for name in names:
-            await self._mlx(self.store.acquire, name)
+            await self._mlx(self.store.acquire, name, agent=name)
         return names
 
     # ---- shutdown -----------------------------------------------------------------
@@ -373,14 +369,14 @@ class Daemon:
                 self.on_shutdown(why)
 
     async def final_flush(self) -> list[str]:
-        """After in-flight work is done: save every dirty agent, then stop the worker."""
+        """After in-flight work is done: save every dirty agent, then close the records."""
         try:
             saved = await self._mlx(self.store.save_all)
         except Exception as e:
             log.error("final flush failed: %s", e)
             saved = []
         await self._mlx(self.store.close)
-        self.worker.drain(timeout=30)
+        self.scheduler.drain(timeout=30)
         return saved
 
     async def close_records(self) -> None:
@@ -390,9 +386,3 @@ class Daemon:
         for executor in (self._reads, self._writes):
             await self._off_loop(executor, self.store.records.close)
             executor.shutdown(wait=False)
-
-
-def _sampling(req: p.Turn | p.Complete) -> dict:
-    """The engine's sampling arguments (it takes no `Sampling` value yet)."""
-    s = req.sampling
-    return {"max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed}

@@ -1,8 +1,9 @@
-"""The model and the one generation loop every agent turn goes through.
+"""The model, its tokenizer and fingerprints, and the model steps every turn is made of.
 
-The engine owns no agent state: it renders conversations to tokens, and extends a
-caller-owned KV cache from the tokens it already holds to the tokens a new turn needs.
-Callers must use it from a single thread (the daemon's MLX worker).
+The engine owns no agent state: it renders conversations to tokens, rewinds and
+prefills caller-owned KV caches, and runs one decode step for one or several rows.
+A turn is driven through these steps by `sequence.py`/`stepper.py`. Callers must use it
+from a single thread (the daemon's MLX thread).
 """
 
 from __future__ import annotations
@@ -10,13 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import make_sampler
 
 # Files whose bytes decide how text becomes tokens; a change to any invalidates caches.
 _TOKENIZER_FILES = (
@@ -54,23 +53,6 @@ def context_length(model_dir: Path, tokenizer=None) -> int | None:
     if isinstance(tok_max, int) and 0 < tok_max < _PLAUSIBLE_CONTEXT:
         limits.append(tok_max)
     return min(limits) if limits else None
-
-
-@dataclass
-class Generation:
-    """What one turn did to the cache, and how long it took."""
-
-    tokens: list[int]  # generated ids, the stop token excluded
-    text: str
-    finish_reason: str  # "stop" | "length" | "cancelled"
-    cache_tokens: list[int]  # exactly the ids whose keys and values the cache now holds
-    reused_tokens: int  # prompt ids the cache already held
-    prefilled_tokens: int
-    rebuilt: bool  # the cache could not be trimmed back and was started over
-    ttft_s: float
-    decode_s: float
-    prompt_tokens: int = 0
-    timings: dict = field(default_factory=dict)
 
 
 def finish_text(detok, on_token: Callable[[str], None] | None = None) -> str:
@@ -200,102 +182,9 @@ class Engine:
             self.tokenizer.apply_chat_template(convo, add_generation_prompt=add_generation_prompt, tokenize=True, **extra)
         )
 
-    def generate(
-        self,
-        cache: list,
-        cache_tokens: list[int],
-        prompt: list[int],
-        *,
-        max_tokens: int,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        on_token: Callable[[str], None] | None = None,
-        should_stop: Callable[[], bool] | None = None,
-        on_progress: Callable[[int, int], None] | None = None,
-        prefill_chunk: int | None = None,
-    ) -> tuple[list, Generation]:
-        """Bring `cache` from `cache_tokens` to `prompt`, then decode a reply.
+    # ---- the steps a scheduler drives (sequence.py, stepper.py) ----------------------
 
-        Reuses the longest common prefix, trims the rest off the cache, and prefills only
-        what is new. A cache that cannot be trimmed back (a sliding window that has wrapped)
-        is replaced by a fresh one. Returns the cache to keep (maybe a new object) and what
-        happened. Every sampled id except the last is fed back, so `cache_tokens` of the
-        result is exactly what the cache holds.
-        """
-        if not prompt:
-            raise ValueError("empty prompt")
-        t_start = time.perf_counter()
-        # At least the last prompt token must run through the model to give the first logits.
-        reuse = min(common_prefix_len(cache_tokens, prompt), len(prompt) - 1)
-        cache, reuse, rebuilt = self._rewind(cache, len(cache_tokens), reuse)
-
-        if should_stop is None:
-            should_stop = lambda: False  # noqa: E731
-        for end in self._prefill(cache, prompt, reuse, len(prompt) - 1, prefill_chunk or self.prefill_chunk):
-            if on_progress is not None:
-                on_progress(end - reuse, len(prompt) - 1 - reuse)
-            if should_stop():
-                # The cache holds exactly prompt[:end]; the caller keeps it for the next turn.
-                return cache, Generation([], "", "cancelled", list(prompt[:end]), reuse, end - reuse, rebuilt,
-                                         0.0, 0.0, len(prompt))
-
-        if seed is not None:
-            mx.random.seed(seed)
-        sampler = make_sampler(temp=temperature, top_p=top_p)
-        detok = self.tokenizer.detokenizer
-        detok.reset()
-        fed = list(prompt[:-1])
-        next_input = prompt[-1]
-        generated: list[int] = []
-        finish = "length"
-        ttft = None
-        t_decode = time.perf_counter()
-        while True:
-            logits = self.model(mx.array([next_input])[None], cache=cache)[:, -1, :]
-            fed.append(next_input)
-            token = sampler(logits - mx.logsumexp(logits, keepdims=True)).item()
-            if ttft is None:
-                ttft = time.perf_counter() - t_start
-                t_decode = time.perf_counter()
-            if token in self.eos_ids:
-                finish = "stop"
-                break
-            generated.append(token)
-            detok.add_token(token)
-            if on_token is not None and (segment := detok.last_segment):
-                on_token(segment)
-            if len(generated) >= max_tokens:
-                break
-            if should_stop():
-                finish = "cancelled"
-                break
-            next_input = token
-        text = finish_text(detok, on_token)
-        decode_s = time.perf_counter() - t_decode
-        return cache, Generation(
-            tokens=generated,
-            text=text,
-            finish_reason=finish,
-            cache_tokens=fed,
-            reused_tokens=reuse,
-            prefilled_tokens=len(prompt) - reuse,
-            rebuilt=rebuilt,
-            ttft_s=ttft or 0.0,
-            decode_s=decode_s,
-            prompt_tokens=len(prompt),
-        )
-
-    def prefill(self, cache: list, cache_tokens: list[int], tokens: list[int]) -> tuple[list, list[int]]:
-        """Extend a cache to hold exactly `tokens` (no reply). Used to warm a rebuilt agent."""
-        if not tokens:
-            return cache, []
-        cache, reuse, _ = self._rewind(cache, len(cache_tokens), common_prefix_len(cache_tokens, tokens))
-        for _ in self._prefill(cache, tokens, reuse, len(tokens), self.prefill_chunk):
-            pass
-        return cache, list(tokens)
-
-    def _rewind(self, cache: list, cached: int, keep: int) -> tuple[list, int, bool]:
+    def rewind(self, cache: list, cached: int, keep: int) -> tuple[list, int, bool]:
         """Trim a cache holding `cached` tokens back to its first `keep`: (cache, kept, rebuilt).
 
         A cache that cannot be trimmed back (a sliding window that has wrapped) is replaced
@@ -306,14 +195,29 @@ class Engine:
             return cache, keep, False
         return self.new_cache(), 0, True
 
-    def _prefill(self, cache: list, tokens: list[int], start: int, stop: int, chunk: int):
+    def prefill_range(self, cache: list, tokens: list[int], start: int, stop: int, chunk: int | None = None):
         """Run tokens[start:stop] through the model into `cache`, `chunk` at a time; yields
         how far it has got after each chunk, so callers can report progress or stop."""
+        chunk = chunk or self.prefill_chunk
         for lo in range(start, stop, chunk):
             hi = min(lo + chunk, stop)
             self.model(mx.array(tokens[lo:hi])[None], cache=cache)
             mx.eval([c.state for c in cache])
             yield hi
+
+    def decode_logits(self, inputs: list[int], cache: list) -> mx.array:
+        """One decode step: feed one id per row (a batch cache for several rows), return
+        the next-token logits, one row each (lazy)."""
+        return self.model(mx.array(inputs)[:, None], cache=cache)[:, -1, :]
+
+    def prefill(self, cache: list, cache_tokens: list[int], tokens: list[int]) -> tuple[list, list[int]]:
+        """Extend a cache to hold exactly `tokens` (no reply). Used to warm a rebuilt agent."""
+        if not tokens:
+            return cache, []
+        cache, reuse, _ = self.rewind(cache, len(cache_tokens), common_prefix_len(cache_tokens, tokens))
+        for _ in self.prefill_range(cache, tokens, reuse, len(tokens)):
+            pass
+        return cache, list(tokens)
 
 
 def _template_message(m: dict) -> dict:

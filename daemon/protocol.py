@@ -21,7 +21,10 @@ sends `hello` first on every connection. Ops and fields (defaults in brackets):
     delete    name
     reset     name
     chat      name, message: str (1 char .. 1 MiB UTF-8), max_tokens: int [256] (1..8192),
-              temperature: float [0.0] (0..5), seed: int | None [None] (0..2**63-1)
+              temperature: float [0.0] (0..5), seed: int | None [None] (0..2**63-1),
+              top_p: float [1.0] (0 < top_p <= 1), stop: [str] [[]] (<= 4, 1..256 chars each)
+              (these five are `Sampling`; a seeded turn draws from its own random key,
+              so it replies the same whatever other agents run beside it)
     save      name: str | None [None]  (None: every dirty agent)
     evict     name
     export    name   (answered by `chunk` frames carrying the bundle's bytes, then a result;
@@ -335,17 +338,32 @@ class Chat(_Named):
     max_tokens: int = 256
     temperature: float = 0.0
     seed: int | None = None
+    top_p: float = 1.0
+    stop: list[str] | tuple[str, ...] = ()
 
     def _validate(self) -> None:
         super()._validate()
         _check_str("message", self.message, max_bytes=MAX_TEXT_BYTES)
         if not self.message:
             raise _bad("message must not be empty")
-        self._set("temperature", self.sampling.temperature)  # validates every sampling field
+        sampling = self.sampling  # validates every sampling field
+        self._set("temperature", sampling.temperature)
+        self._set("top_p", sampling.top_p)
+        self._set("stop", list(sampling.stop))
 
     @property
     def sampling(self) -> Sampling:
-        return Sampling(self.max_tokens, self.temperature, seed=self.seed)
+        return Sampling(self.max_tokens, self.temperature, self.top_p, self.seed, tuple(self.stop))
+
+    def to_wire(self, request_id: int) -> dict[str, Any]:
+        # top_p and stop came later: left out at their defaults, so a daemon from before
+        # them still accepts what this client sends.
+        wire = super().to_wire(request_id)
+        if wire["top_p"] == 1.0:
+            del wire["top_p"]
+        if not wire["stop"]:
+            del wire["stop"]
+        return wire
 
     @property
     def new_messages(self) -> list[dict]:

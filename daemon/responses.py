@@ -29,6 +29,8 @@ Result fields per op:
               limits {max_hot, cache_budget, min_available},
               flush  {interval_s, last_flush_at, last_result, last_error,
                       consecutive_failures},
+              scheduler {turns_in_flight, batched_steps (decode passes that carried
+                      several turns), max_batch},
               problems [{agent, reason, message, moved_to, at}]   (refused cache files)
               http   {address, base_url, token_file} | None   (the HTTP front end)
               agents [AgentInfo]

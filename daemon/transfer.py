@@ -26,7 +26,7 @@ async def export_op(daemon, req: p.Export, rid: int, emit) -> dict:
         finally:
             daemon.memory.enforce(daemon.store)  # export makes the agent hot, as a chat does
 
-    exported = await daemon._mlx(job)
+    exported = await daemon._mlx(job, agent=req.name)  # after a turn in flight for it
     built = exported.built
     for piece in built.pieces:
         for lo in range(0, piece.nbytes, p.MAX_CHUNK_BYTES):

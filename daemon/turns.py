@@ -6,25 +6,25 @@ A turn has three stages, kept apart so a scheduler can run the middle one with o
 1. `prepare_turn` / `prepare_complete`: read the records, plan with `agentd.transcripts`
    (append, or follow a resent conversation and keep a replaced one as a branch), render
    the prompt with the request's tools. No model work; nothing is written.
-2. the model: bring the cache to the prompt and decode (today `Engine.generate`).
+2. the model: the scheduler steps the turn's sequence beside every other turn in flight
+   (`TurnOpPlan` is what it runs; scheduler.py).
 3. `finish`: split tool calls off the reply and commit the records in one transaction
    (`Records.commit_turn`), so a cancelled or failed turn changes nothing.
 
-Runs on the MLX thread, as `AgentStore` does.
+Stages 1 and 3 run on the MLX thread when the scheduler admits and retires the turn.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 from .agents import AgentStore, HotAgent
-from .cachefile import cache_nbytes
-from .engine import Generation
-from .protocol import ErrorCode, ProtocolError
+from .protocol import ErrorCode, ProtocolError, Sampling
+from .sequence import Generation
 from .toolcalls import ToolCallText, splitter_for
 from .transcripts import TurnPlan, plan_turn
 
@@ -138,45 +138,63 @@ class Turns:
             log.info("agent %s: replaced transcript kept as %s", turn.name, branch)
         return result
 
-    # ---- the three together, one turn at a time -----------------------------------------
+    # ---- the three together, as a plan the scheduler runs beside other turns ----------
 
-    def turn(self, name: str, messages: list[dict], *, sampling: dict | None = None,
+    def turn(self, name: str, messages: list[dict], *, sampling: Sampling | None = None,
              should_stop: Callable[[], bool] | None = None, on_progress: Callable[[int, int], None] | None = None,
-             **prepare) -> dict:
-        """One turn of several messages (the `turn` op), committed before this returns. The
-        result is the chat result plus `tool_calls`, `branch` (the agent a replaced
+             **prepare) -> "TurnOpPlan":
+        """One turn of several messages (the `turn` op), committed before its result exists.
+        The result is the chat result plus `tool_calls`, `branch` (the agent a replaced
         transcript was kept as) and `n_messages`."""
-        prepared = self.prepare_turn(name, messages, **prepare)
-        agent, source, restore_ms = self.store.acquire(name)
-        agent.busy += 1
-        try:
-            gen = self._generate(agent, prepared, sampling, should_stop, on_progress)
-            return self.finish(prepared, gen, source, restore_ms)
-        finally:
-            agent.busy -= 1
+        return TurnOpPlan(self, name, sampling or Sampling(), should_stop, on_progress,
+                          lambda: self.prepare_turn(name, messages, **prepare))
 
-    def complete(self, system: str, messages: list[dict], *, sampling: dict | None = None,
+    def complete(self, system: str, messages: list[dict], *, sampling: Sampling | None = None,
                  should_stop: Callable[[], bool] | None = None, on_progress: Callable[[int, int], None] | None = None,
-                 **prepare) -> dict:
+                 **prepare) -> "TurnOpPlan":
         """A stateless completion with the base model (the `complete` op): nothing is
         recorded but the Responses object, if asked for. One scratch cache, kept in memory
-        between calls, gives prefix reuse to clients that resend a growing conversation."""
-        prepared = self.prepare_complete(system, messages, **prepare)
-        if self._scratch is None:
-            self._scratch = HotAgent("", self.store.engine.new_cache(), [])
-        gen = self._generate(self._scratch, prepared, sampling, should_stop, on_progress)
-        return self.finish(prepared, gen, "memory" if gen.reused_tokens else "new", 0.0)
+        between calls, gives prefix reuse to clients that resend a growing conversation
+        (so completions run one after another, in arrival order)."""
+        return TurnOpPlan(self, None, sampling or Sampling(), should_stop, on_progress,
+                          lambda: self.prepare_complete(system, messages, **prepare))
 
-    def _generate(self, agent: HotAgent, turn: PreparedTurn, sampling, should_stop, on_progress) -> Generation:
-        sampling = dict(sampling or {})
-        sampling["max_tokens"] = self.store.engine.room_for_reply(len(turn.prompt), sampling.get("max_tokens", 256))
-        cache, gen = self.store.engine.generate(agent.cache, agent.tokens, turn.prompt, **sampling,
-                                                on_token=turn.stream, should_stop=should_stop,
-                                                on_progress=on_progress)
-        agent.cache, agent.tokens = cache, gen.cache_tokens
-        # The scratch cache is never saved; a cancelled turn is not recorded, so it makes
-        # nothing to save either (see AgentStore.chat).
-        agent.dirty = agent.dirty or (bool(agent.name) and gen.finish_reason != "cancelled")
-        agent.nbytes = cache_nbytes(cache)
-        agent.last_used = time.time()
-        return gen
+
+class TurnOpPlan:
+    """A `turn` or `complete` as the scheduler runs it (see scheduler.TurnPlan): `begin`
+    prepares and opens a sequence in the agent's (or the scratch) cache, the scheduler
+    steps it with every other turn, `end` gives the cache back and finishes (commits)."""
+
+    def __init__(self, turns: Turns, name: str | None, sampling: Sampling, should_stop, on_progress, prepare):
+        self.turns, self.name, self.sampling = turns, name, sampling
+        self.should_stop, self.on_progress, self._prepare = should_stop, on_progress, prepare
+        # Completions share the scratch cache, so they queue behind each other (the key ""
+        # is no agent's name); a turn queues behind its agent's turn in flight.
+        self.agent = name if name is not None else ""
+
+    def begin(self, store: AgentStore):
+        self.prepared = self._prepare()
+        if self.name is not None:
+            agent, source, restore_ms = store.acquire(self.name)
+        else:
+            if self.turns._scratch is None:
+                self.turns._scratch = HotAgent("", store.engine.new_cache(), [])
+            agent, source, restore_ms = self.turns._scratch, None, 0.0
+        # The reply ends where the context does (the prompt itself was checked in _prepared).
+        room = store.engine.room_for_reply(len(self.prepared.prompt), self.sampling.max_tokens)
+        sampling = self.sampling if room >= self.sampling.max_tokens else dataclasses.replace(self.sampling, max_tokens=room)
+        return store.open_turn(agent, source, restore_ms, self.prepared.prompt, sampling, [],
+                               on_token=self.prepared.stream, should_stop=self.should_stop,
+                               on_progress=self.on_progress)
+
+    def end(self, store: AgentStore, turn) -> dict:
+        gen = store.close_turn(turn)
+        source = turn.source if self.name is not None else ("memory" if gen.reused_tokens else "new")
+        return self.turns.finish(self.prepared, gen, source, turn.restore_ms)
+
+    def abort(self, store: AgentStore, turn) -> None:
+        if self.name is not None:
+            store.abort_turn(turn)
+        else:
+            turn.agent.busy -= 1
+            self.turns._scratch = None  # its state is unknown after a failed step

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import mlx.core as mx
@@ -29,15 +30,23 @@ START_TIMEOUT_S = 900
 
 @pytest.fixture(scope="module")
 def tiny_4bit_dir(tmp_path_factory) -> Path:
-    out = tinymodels.make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama-4bit")
-    from mlx_lm import load
+    """Two llama layers with llama-8B's head width (128), so a kernel cache that a real
+    model filled serves it too (MLX compiles per head width, dtype and quantization)."""
+    from mlx_lm.models import llama
 
-    model, _ = load(str(out))
+    out = tmp_path_factory.mktemp("models") / "tiny-llama-4bit"
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = tinymodels._write_tokenizer(out, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_start|>",
+                                        "<|im_end|>", tinymodels.CHATML_TEMPLATE)
+    config = {"model_type": "llama", "hidden_size": 256, "num_hidden_layers": 2, "intermediate_size": 512,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "rms_norm_eps": 1e-5, "vocab_size": vocab,
+              "rope_theta": 10000.0, "tie_word_embeddings": True, "max_position_embeddings": 8192}
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
     model.set_dtype(mx.bfloat16)
     nn.quantize(model, group_size=64, bits=4)
     weights = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(out / "model.safetensors"), weights, {"format": "mlx"})
-    config = json.loads((out / "config.json").read_text())
     config["quantization"] = {"group_size": 64, "bits": 4}
     (out / "config.json").write_text(json.dumps(config))
     return out
@@ -86,6 +95,20 @@ def test_no_kernel_is_compiled_inside_a_turn_and_restore_works(tiny_4bit_dir, ho
                 c.chat("a", " ".join(["checkout"] * words), max_tokens=12).wait()
             c.chat("a", "Again, with sampling.", max_tokens=8, temperature=0.8, seed=3).wait()
             before = c.show("a")["agent"]
+            for name in ("b", "c", "e"):
+                c.create(name, system=f"You are agent {name}.")
+
+        def chat(name: str, words: int) -> None:  # several agents at once: batched decode
+            with d.client() as c:
+                c.chat(name, " ".join(["refund"] * words), max_tokens=16, temperature=0.5 if words > 9 else 0.0).wait()
+
+        threads = [threading.Thread(target=chat, args=(n, w)) for n, w in (("b", 3), ("c", 12), ("e", 40))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        with d.client() as c:
+            assert all(c.show(n)["agent"]["messages"] == 2 for n in ("b", "c", "e"))
         assert kernel_files(cache_home) == compiled
         assert "GPU kernels warm in" in d.stderr()
         d.stop()

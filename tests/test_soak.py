@@ -1,5 +1,5 @@
 """A bounded soak: 32 concurrent clients of mixed requests against one real daemon on a
-tiny model. Only the errors concurrency makes legitimate, no deadlock, every chat reply
+tiny model, their chats on several agents batched together by the scheduler. Only the errors concurrency makes legitimate, no deadlock, every chat reply
 complete, memory back near its start afterwards."""
 
 from __future__ import annotations
@@ -109,6 +109,8 @@ def test_soak_32_clients_of_mixed_requests(home, tiny_llama_dir):
         with d.client() as c:
             status = c.status()
             assert not any(a.get("busy") for a in status["agents"])
+            # The chats ran concurrently: decode passes carried several agents' turns at once.
+            assert status["scheduler"]["max_batch"] >= 2 and status["scheduler"]["batched_steps"] > 0
             for a in status["agents"]:
                 c.evict(a["name"])
         time.sleep(1.5)
@@ -119,7 +121,7 @@ def test_soak_32_clients_of_mixed_requests(home, tiny_llama_dir):
     pings = sorted(soak.latency["ping"])
     p50, p99 = statistics.median(pings), pings[int(len(pings) * 0.99)]
     print(f"\nsoak: {CLIENTS} clients, {elapsed:.1f}s, {total} requests ({total / elapsed:.0f}/s), "
-          f"{soak.chats_complete} complete chats; ping p50 {p50 * 1000:.1f} ms p99 {p99 * 1000:.1f} ms; "
+          f"{soak.chats_complete} complete chats, {status['scheduler']}; ping p50 {p50 * 1000:.1f} ms p99 {p99 * 1000:.1f} ms; "
           f"expected errors {dict(soak.expected)}; RSS {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB; "
           f"per op: { {op: len(v) for op, v in soak.latency.items()} }")
     assert soak.chats_complete > 100 and total > 1000

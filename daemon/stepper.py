@@ -1,0 +1,159 @@
+"""One scheduling step over the turns in flight: a decode forward pass for every decoding
+sequence (batched where their caches can merge) and a bounded budget of prefill.
+
+Batching uses mlx-lm's `BatchKVCache` (`merge` left-pads the rows' caches into one,
+`extend` adds rows, `extract`/`filter` take one out). The batch is re-formed only when
+the set of decoding sequences changes, not every step. A sequence whose cache is not all
+plain `KVCache` layers (a sliding window's `RotatingKVCache`, a `QuantizedKVCache`) decodes
+alone in the same step. When only one sequence decodes it runs unbatched, the same
+computation as a turn that runs by itself, so a lone turn is token-exact.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx_lm.models.cache import BatchKVCache, KVCache
+
+from .engine import Engine
+from .sequence import DECODE, PREFILL, Sequence
+
+# Prefill tokens per step while other turns are decoding or waiting to prefill: small
+# enough that a short turn beside a long prefill keeps answering (each of its decode steps
+# waits for at most this much prefill), large enough that the prefill still moves at most
+# of its full speed. benchmarks/concurrency.py measures the trade.
+INTERLEAVED_PREFILL_TOKENS = 64
+
+
+def batchable(cache: list | None) -> bool:
+    return cache is not None and all(type(layer) is KVCache for layer in cache)
+
+
+class BatchGroup:
+    """Decoding sequences whose caches live merged in one batch cache, one row each."""
+
+    def __init__(self, seqs: list[Sequence]):
+        self.seqs: list[Sequence] = []
+        self.cache: list = []
+        self.add(seqs)
+
+    def __contains__(self, seq: Sequence) -> bool:
+        return any(s is seq for s in self.seqs)
+
+    def add(self, seqs: list[Sequence]) -> None:
+        merged = [BatchKVCache.merge([s.cache[i] for s in seqs]) for i in range(len(seqs[0].cache))]
+        if not self.seqs:
+            self.cache = merged
+        else:
+            for layer, new in zip(self.cache, merged):
+                layer.extend(new)
+        for s in seqs:
+            s.cache = None  # the rows now live in the batch; a copy would double the memory
+            self.seqs.append(s)
+
+    def remove(self, seq: Sequence) -> None:
+        """Give `seq` its own cache back (exactly its tokens) and drop its row."""
+        i = next(j for j, s in enumerate(self.seqs) if s is seq)
+        seq.cache = [layer.extract(i) for layer in self.cache]
+        keep = mx.array([j for j in range(len(self.seqs)) if j != i])
+        for layer in self.cache:
+            layer.filter(keep)
+        self.seqs.pop(i)
+
+    def dissolve(self) -> None:
+        for seq in list(self.seqs):
+            i = self.seqs.index(seq)
+            seq.cache = [layer.extract(i) for layer in self.cache]
+        self.seqs, self.cache = [], []
+
+
+class Stepper:
+    """Drives sequences through their steps; owns the batch group between steps."""
+
+    def __init__(self, engine: Engine, interleaved_prefill: int = INTERLEAVED_PREFILL_TOKENS):
+        self.engine = engine
+        self.interleaved_prefill = interleaved_prefill
+        self.group: BatchGroup | None = None
+        self.batched_steps = 0  # decode passes that carried more than one row (status shows it)
+        self.max_batch = 0  # the most rows one pass has carried
+
+    def step(self, seqs: list[Sequence]) -> None:
+        """One step: cancelled sequences end, decoding ones get one token, prefilling ones
+        share the prefill budget (shortest remaining first, so a short prompt beside a long
+        one is not made to wait for it)."""
+        for s in seqs:
+            if s.check_cancel():
+                self.release(s)
+        decoding = [s for s in seqs if s.phase == DECODE]
+        prefilling = [s for s in seqs if s.phase == PREFILL]
+        if decoding:
+            self._decode(decoding)
+        alone = not decoding and len(prefilling) == 1
+        budget = self.engine.prefill_chunk if alone else self.interleaved_prefill
+        for s in sorted(prefilling, key=lambda s: s.prefill_left):
+            if budget <= 0:
+                break
+            budget -= s.prefill(budget)
+
+    def release(self, seq: Sequence) -> None:
+        """Before a finished sequence leaves: its cache back out of the batch (and a batch
+        of one left behind goes back to the unbatched path)."""
+        if self.group is not None and seq in self.group:
+            self.group.remove(seq)
+            if len(self.group.seqs) < 2:
+                self.group.dissolve()
+                self.group = None
+
+    def run_alone(self, seq: Sequence) -> None:
+        """Drive one sequence to its end (the library path: AgentStore.chat)."""
+        while not seq.done:
+            self.step([seq])
+        self.release(seq)
+
+    # ---- decoding -----------------------------------------------------------------
+
+    def _decode(self, decoding: list[Sequence]) -> None:
+        in_group = [s for s in decoding if self.group is not None and s in self.group]
+        mergeable = [s for s in decoding if s in in_group or batchable(s.cache)]
+        if len(mergeable) >= 2:
+            joining = [s for s in mergeable if not (self.group is not None and s in self.group)]
+            if self.group is None:
+                self.group = BatchGroup(joining)
+            elif joining:
+                self.group.add(joining)
+        elif self.group is not None:
+            self.group.dissolve()
+            self.group = None
+        grouped = self.group.seqs if self.group is not None else []
+        solo = [s for s in decoding if not any(s is g for g in grouped)]
+
+        pending: list[tuple[list[Sequence], mx.array]] = []
+        if grouped:
+            logits = self.engine.decode_logits([s.next_input for s in grouped], self.group.cache)
+            pending.append((grouped, self._sample_rows(grouped, logits)))
+            self.batched_steps += 1
+            self.max_batch = max(self.max_batch, len(grouped))
+        for s in solo:
+            logits = self.engine.decode_logits([s.next_input], s.cache)
+            # The exact expression of a turn run by itself (the resume guarantee).
+            pending.append(([s], s.sampler(logits - mx.logsumexp(logits, keepdims=True))))
+        mx.eval([tokens for _, tokens in pending])
+        for rows, tokens in pending:
+            for s, token in zip(rows, tokens.tolist()):
+                s.accept(token)
+
+    @staticmethod
+    def _sample_rows(rows: list[Sequence], logits: mx.array) -> mx.array:
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if all(s.sampling.temperature == 0 for s in rows):
+            return mx.argmax(logprobs, axis=-1)
+        return mx.concatenate([s.sampler(logprobs[i : i + 1]).reshape(1) for i, s in enumerate(rows)])
+
+
+def generate(engine: Engine, cache: list, cache_tokens: list[int], prompt: list[int], sampling=None, **callbacks):
+    """One lone turn outside any store: bring `cache` from `cache_tokens` to `prompt` and
+    decode a reply. Returns (the cache to keep, maybe a new object; its Generation)."""
+    from .protocol import Sampling
+
+    seq = Sequence(engine, cache, cache_tokens, prompt, sampling or Sampling(), **callbacks)
+    Stepper(engine).run_alone(seq)
+    return seq.cache, seq.result()

@@ -1,0 +1,158 @@
+"""Many agents at once, on a real daemon: the scheduler batches their turns, and each
+agent ends with exactly its own transcript and a cache of exactly its own tokens."""
+
+from __future__ import annotations
+
+import threading
+
+import mlx.core as mx
+import pytest
+
+from agentd import cachefile
+from agentd.engine import Engine
+from agentctl.client import AgentdError
+from daemonproc import DaemonProc
+
+SYSTEM = "You are a technical specialist. Explain root causes and the steps to fix them. "
+QUESTIONS = ["Why does checkout fail?", "Which log line shows it?", "How do we fix it?"]
+
+
+def run_concurrently(fns):
+    results, errors = [None] * len(fns), []
+
+    def call(i, fn):
+        try:
+            results[i] = fn()
+        except BaseException as e:  # reported by the test, never swallowed
+            errors.append(e)
+
+    threads = [threading.Thread(target=call, args=(i, fn)) for i, fn in enumerate(fns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    return results
+
+
+def conversation(d: DaemonProc, name: str):
+    """One client's turns with one agent: what it sent and what it was streamed."""
+    turns = []
+    with d.client() as c:
+        for q in QUESTIONS:
+            stream = c.chat(name, f"{name}: {q}", max_tokens=12)
+            streamed = "".join(stream)
+            turns.append((f"{name}: {q}", streamed, stream.result))
+    return turns
+
+
+def assert_cache_is_its_own(engine: Engine, path, expect):
+    """The saved cache holds keys and values of exactly its token list: it predicts the next
+    token as a cache prefilled afresh from those tokens does (a row mixed up in a batch, or
+    a padding row left in, would not)."""
+    loaded = cachefile.load_cache(path, expect)
+    fresh, _ = engine.prefill(engine.new_cache(), [], loaded.tokens)
+    probe = loaded.tokens[-1]
+    saved_logits = engine.decode_logits([probe], loaded.cache)
+    fresh_logits = engine.decode_logits([probe], fresh)
+    assert mx.allclose(saved_logits, fresh_logits, atol=1e-3).item()
+    return loaded.tokens
+
+
+@pytest.mark.parametrize("model", ["llama", "gemma3"])
+def test_concurrent_turns_on_several_agents_keep_transcripts_and_caches_apart(home, model, tiny_llama_dir,
+                                                                            tiny_gemma_dir):
+    model_dir = tiny_llama_dir if model == "llama" else tiny_gemma_dir
+    names = ["a", "b", "c", "d"]
+    with DaemonProc(home, model_dir, "--flush-interval", "3600") as d:
+        with d.client() as c:
+            for n in names:
+                c.create(n, system=f"{SYSTEM} You are agent {n}.")
+        conversations = run_concurrently([lambda n=n: conversation(d, n) for n in names])
+        with d.client() as c:
+            histories = {n: c.history(n)["messages"] for n in names}
+            scheduler = c.status()["scheduler"]
+            for n in names:
+                c.evict(n)  # saves each cache file
+    if model == "llama":  # every layer a plain KVCache: the turns decoded as one batch
+        assert scheduler["batched_steps"] > 0 and scheduler["max_batch"] >= 2
+    engine = Engine(model_dir)
+    expect = cachefile.Expectation(engine.fingerprint, engine.tokenizer_fingerprint, engine.dtype)
+    for n, turns in zip(names, conversations):
+        expected = []
+        for sent, streamed, result in turns:
+            assert result["text"] == streamed and result["finish_reason"] in ("stop", "length")
+            expected += [{"role": "user", "content": sent}, {"role": "assistant", "content": streamed}]
+        assert histories[n] == expected
+        tokens = assert_cache_is_its_own(engine, home / "data" / "caches" / f"{n}.safetensors", expect)
+        # The tokens are this agent's transcript as the template renders it, up to the last
+        # reply (whose final sampled id is never fed back).
+        prompt = engine.render(f"{SYSTEM} You are agent {n}.", expected[:-1])
+        assert tokens[: len(prompt)] == prompt
+        fed_reply = engine.tokenizer.decode(tokens[len(prompt):]).strip()
+        assert expected[-1]["content"].strip().startswith(fed_reply)
+
+
+def test_cancelling_one_of_three_concurrent_turns_ends_only_that_turn(home, tiny_llama_dir):
+    with DaemonProc(home, tiny_llama_dir, "--flush-interval", "3600") as d:
+        with d.client() as c:
+            for n in ("keep1", "keep2", "gone"):
+                c.create(n, system=SYSTEM)
+        leaving = d.client()
+        stream = leaving.chat("gone", "Tell me everything, at length.", max_tokens=8192)
+        next(iter(stream))  # it is generating
+
+        def finish(n):
+            with d.client() as c:
+                return c.chat(n, "Explain the failure.", max_tokens=64).wait()
+
+        keepers = [threading.Thread(target=lambda n=n: results.setdefault(n, finish(n))) for n in ("keep1", "keep2")]
+        results: dict = {}
+        for t in keepers:
+            t.start()
+        stream.close()  # the client goes away mid-stream: that turn is cancelled
+        leaving.close()
+        for t in keepers:
+            t.join(timeout=300)
+        assert set(results) == {"keep1", "keep2"}
+        for r in results.values():
+            assert r["finish_reason"] in ("stop", "length") and r["generated_tokens"] >= 1
+        with d.client() as c:
+            assert c.history("gone")["messages"] == []  # a cancelled turn is not recorded
+            assert len(c.history("keep1")["messages"]) == 2
+            again = c.chat("gone", "Short answer, please.", max_tokens=4).wait()
+            assert again["finish_reason"] in ("stop", "length")
+            assert not any(a.get("busy") for a in c.status()["agents"])
+    assert "Traceback" not in d.stderr()
+
+
+def test_a_second_chat_to_an_agent_mid_turn_waits_for_the_first(home, tiny_llama_dir):
+    """Documented behaviour: turns to one agent run in arrival order, never interleaved."""
+    with DaemonProc(home, tiny_llama_dir) as d:
+        with d.client() as c:
+            c.create("a", system=SYSTEM)
+        first, second = run_concurrently([
+            lambda: d.client().chat("a", "first", max_tokens=24).wait(),
+            lambda: (threading.Event().wait(0.2), d.client().chat("a", "second", max_tokens=4).wait())[1],
+        ])
+        with d.client() as c:
+            history = c.history("a")["messages"]
+    assert [m["content"] for m in history] == ["first", first["text"], "second", second["text"]]
+    assert second["cached_tokens"] > 0  # it started from the first turn's cache
+
+
+def test_stop_strings_end_the_reply_before_them_streamed_and_recorded(home, tiny_llama_dir):
+    with DaemonProc(home, tiny_llama_dir) as d:
+        with d.client() as c:
+            c.create("a", system=SYSTEM)
+            free = c.chat("a", "Say something.", max_tokens=24).wait()
+            c.reset("a")
+            assert len(free["text"]) > 4
+            stop = free["text"][3:5]  # occurs in the reply the model gives to this prompt
+            stream = c.chat("a", "Say something.", max_tokens=24, stop=[stop])
+            streamed = "".join(stream)
+            history = c.history("a")["messages"]
+    cut = free["text"][: free["text"].find(stop)]
+    assert stream.result["text"] == streamed == cut
+    assert stream.result["finish_reason"] == "stop"
+    assert history[-1] == {"role": "assistant", "content": cut}
