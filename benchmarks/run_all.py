@@ -542,7 +542,9 @@ def portable_section(d: dict) -> list[str]:
              f"({big['bundle_bytes_per_token'] / big['cache_file_bytes_per_token']:.3f}x the bytes per token of its "
              f"cache file: the same tensors plus the transcript); exporting it takes "
              f"{big['export_hot_s'] * 1000:,.0f} ms hot, importing {big['import_s'] * 1000:,.0f} ms, and the imported "
-             f"agent's next turn reuses all {big['first_turn']['cached_tokens']:,} tokens.")
+             f"agent's next turn reuses all {big['first_turn']['cached_tokens']:,} tokens. Building the same context "
+             f"in this run (`_build.py`: model load, prefill, save) took {big['build_s']:,.0f} s, "
+             f"**{big['build_s'] / big['import_s']:,.0f}x** the import.")
     L.append("")
     L.append(f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/' + d['argv'][0], *map(shlex.quote, d['argv'][1:])])}`")
     L.append("")
