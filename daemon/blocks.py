@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from .atomic import atomic_replace, fsync_dir, is_partial
+from .atomic import atomic_replace, fsync_dir, is_temp
 from .kvrows import RowLayout, RowsError, digest, read_buffers, write_buffers
 
 log = logging.getLogger("agentd.blocks")
@@ -99,7 +99,7 @@ class BlockStore:
         """Index the files on disk; temp files of interrupted writes are removed (if `clean`)."""
         sizes = {}
         for p in self.root.iterdir():
-            if is_partial(p) and clean:
+            if is_temp(p) and clean:
                 with contextlib.suppress(OSError):
                     p.unlink()
                 log.info("removed an interrupted block write: %s", p.name)
@@ -123,7 +123,7 @@ class BlockStore:
         written = [0]
 
         def write(tmp: Path) -> None:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)  # atomic_replace created it
             try:
                 written[0] = write_buffers(fd, [head, *rows])
             finally:

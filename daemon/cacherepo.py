@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .atomic import atomic_replace, fsync_dir, is_partial
+from .atomic import atomic_replace, fsync_dir, is_temp
 from .blocks import ROOT, BlockError, BlockStore
 from .cachefile import CacheFileError, Expectation, UnsupportedCache, load_cache, load_layers, read_verified_header
 from .cachefile import save_layers
@@ -343,17 +343,27 @@ class CacheRepository:
 
     # ---- removal and garbage ------------------------------------------------------
 
-    def delete(self, name: str) -> None:
-        """Forget the agent's cache: the manifest first (it holds the record copy), then the rest."""
-        self._manifests.pop(name, None)
-        with contextlib.suppress(FileNotFoundError):
+    def delete(self, name: str) -> bool:
+        """Forget the agent's cache: the manifest first (it holds the record copy), then the
+        rest. Returns whether there was one; an OSError (a read-only home) propagates with
+        the manifest, and so the stored cache, unchanged."""
+        existed = False
+        try:
             (self.agent_dir(name) / MANIFEST).unlink()
+            existed = True
             fsync_dir(self.agent_dir(name))
+        except FileNotFoundError:
+            pass
+        self._manifests.pop(name, None)
         self._drop_dir(name)
-        with contextlib.suppress(FileNotFoundError):
+        try:
             self.legacy_path(name).unlink()
+            existed = True
             fsync_dir(self.dir)
+        except FileNotFoundError:
+            pass
         self.gc()
+        return existed
 
     def gc(self) -> dict:
         """Remove every block no durable manifest names. Returns what was reclaimed."""
@@ -398,7 +408,7 @@ class CacheRepository:
     def _scan(self) -> None:
         """Load every manifest; remove temp files and agent folders no manifest completes."""
         for p in self.dir.iterdir():
-            if p.is_file() and is_partial(p):
+            if p.is_file() and is_temp(p):
                 with contextlib.suppress(OSError):
                     p.unlink()
                 log.info("removed an interrupted write: %s", p.name)
@@ -422,7 +432,7 @@ class CacheRepository:
                 self._drop_dir(name)
                 continue
             for p in adir.iterdir():
-                if is_partial(p):
+                if is_temp(p):
                     with contextlib.suppress(OSError):
                         p.unlink()
 
@@ -432,7 +442,7 @@ class CacheRepository:
         comes back with the conversation up to that save instead of being silently dropped."""
         stored = [(n, m.get("record"), None) for n, m in sorted(self._manifests.items())]
         stored += [(p.name[: -len(LEGACY_SUFFIX)], None, p) for p in sorted(self.dir.glob("*" + LEGACY_SUFFIX))
-                   if p.is_file() and not is_partial(p) and p.name[: -len(LEGACY_SUFFIX)] not in self._manifests]
+                   if p.is_file() and not is_temp(p) and p.name[: -len(LEGACY_SUFFIX)] not in self._manifests]
         for name, record, legacy in stored:
             try:
                 validate_agent_name(name)

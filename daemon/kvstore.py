@@ -90,7 +90,7 @@ def write_file(replace: Callable, path: Path, buffers: list) -> int:
     written = [0]
 
     def write(tmp: Path) -> None:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)  # atomic_replace created it
         try:
             written[0] = write_buffers(fd, buffers)
         finally:

@@ -247,11 +247,11 @@ def test_failed_write_leaves_the_old_cache_intact_and_no_temp_behind(engines, ho
 def test_leftover_temp_files_are_never_loaded_and_are_removed(engines, home):
     engine = engines["llama"]
     caches, manifest = _saved(engine, home)
-    from agentd.atomic import partial_path
+    from agentd.atomic import temp_path
 
-    leftovers = [partial_path(caches / "agents" / "a" / "manifest.json"),
-                 partial_path(_block(caches, manifest, 0).with_name("f" * 64 + ".kvb")),
-                 partial_path(caches / "a.safetensors")]
+    leftovers = [temp_path(caches / "agents" / "a" / "manifest.json"),
+                 temp_path(_block(caches, manifest, 0).with_name("f" * 64 + ".kvb")),
+                 temp_path(caches / "a.safetensors")]
     for p in leftovers:
         p.write_bytes(b"half a file")
     store = _store(home, engine, kv=SMALL)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from agentctl.client import AgentdError, ClientError
-from agentd.atomic import is_partial
+from agentd.atomic import is_temp
 from agentd.blocks import BlockStore
 from agentd.cachefile import load_layers
 from agentd.engine import Engine
@@ -45,7 +45,7 @@ def caches(d: DaemonProc) -> Path:
 
 
 def partials(d: DaemonProc) -> list[Path]:
-    return [p for p in caches(d).rglob("*") if p.is_file() and is_partial(p) and "quarantine" not in p.parts]
+    return [p for p in caches(d).rglob("*") if p.is_file() and is_temp(p) and "quarantine" not in p.parts]
 
 
 def manifests(d: DaemonProc) -> list[Path]:
@@ -345,7 +345,7 @@ def test_injected_enospc_half_way_through_a_flush_backs_off_and_retries(home, ti
             assert flush["last_result"] == "failed" and flush["consecutive_failures"] == expected
             assert flush["last_error"] == "OSError: [Errno 28] No space left on device"
             delays.append(round(daemon.flush.next_due - t, 1))
-            assert path.read_bytes() == before and [q.name for q in home.rglob("*.partial*")] == []
+            assert path.read_bytes() == before and [q.name for q in home.rglob(".tmp-*")] == []
         assert delays == [0.4, 0.8, 1.6]
         attempts = state["attempts"]
         await daemon.tick()  # not due yet: no attempt
