@@ -76,7 +76,7 @@ class BlockStore:
         self.block_tokens = block_tokens
         self.replace = replace
         self.quarantine_dir = quarantine_dir or self.root.parent / "quarantine"
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._sizes: dict[str, int] = {}
         self.rescan(clean)
 
@@ -143,7 +143,7 @@ class BlockStore:
         if block_id(self.fingerprint, parent, tokens) != bid:
             raise BlockError("corrupt", f"block {bid[:12]}: the manifest's tokens do not name it")
         try:
-            fd = os.open(self.path(bid), os.O_RDONLY)
+            fd = os.open(self.path(bid), os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             raise BlockError("missing", f"block {bid[:12]} is missing") from None
         except OSError as e:
@@ -200,7 +200,7 @@ class BlockStore:
     def quarantine(self, bid: str, reason: str) -> str:
         """Move a refused block aside (kept for inspection); it is no longer `has`."""
         self._sizes.pop(bid, None)
-        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        self.quarantine_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         dest = self.quarantine_dir / f"block-{bid}.{int(time.time() * 1000)}.{reason}{SUFFIX}"
         try:
             os.replace(self.path(bid), dest)

@@ -94,7 +94,8 @@ class CacheRepository:
         self.dir = Path(caches_dir)
         self.agents_dir = self.dir / "agents"
         self.quarantine_dir = self.dir / "quarantine"
-        self.agents_dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # private, whatever the umask
+        self.agents_dir.mkdir(mode=0o700, exist_ok=True)
         self.expect, self.kv, self.new_cache = expect, kv, new_cache
         self.fingerprint = cache_fingerprint(expect.model, expect.dtype, kv)
         self.blocks = BlockStore(self.dir / "blocks", self.fingerprint, kv.block_tokens,
@@ -170,7 +171,7 @@ class CacheRepository:
             parent = bid
         adir = self.agent_dir(name)
         if not adir.exists():
-            adir.mkdir(parents=True)
+            adir.mkdir(mode=0o700)
             fsync_dir(self.agents_dir)
         gen = prev["gen"] + 1 if prev else 1
         tail, wrote = (save_tail(self._replace, adir, prev, tokens, len(ids) * B, views, gen, self.fingerprint)
@@ -331,7 +332,7 @@ class CacheRepository:
         if m is None or name in self._manifests or m["window"]:
             return False  # a window file belongs to one agent: a fork of such a model prefills
         src, adir = self.agent_dir(source), self.agent_dir(name)
-        adir.mkdir(parents=True, exist_ok=True)
+        adir.mkdir(mode=0o700, exist_ok=True)
         fsync_dir(self.agents_dir)
         if m["tail"]:
             self._replace(adir / m["tail"]["file"], lambda tmp: shutil.copyfile(src / m["tail"]["file"], tmp))
@@ -389,7 +390,7 @@ class CacheRepository:
 
     def _move_aside(self, path: Path, name: str, reason: str) -> str:
         """Move a refused file to quarantine (never delete what a user may want to inspect)."""
-        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        self.quarantine_dir.mkdir(mode=0o700, exist_ok=True)
         dest = self.quarantine_dir / f"{name}.{int(time.time() * 1000)}.{reason}.{path.name}"
         try:
             os.replace(path, dest)

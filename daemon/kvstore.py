@@ -120,7 +120,7 @@ def save_tail(replace: Callable, adir: Path, prev: dict | None, tokens: list[int
                 return {"file": pt["file"], "start": start, "segments": segments}, 0
             rows = row_buffers(views, end, n)
             offset = segments[-1][2] + segments[-1][3]
-            fd = os.open(adir / pt["file"], os.O_WRONLY)
+            fd = os.open(adir / pt["file"], os.O_WRONLY | os.O_NOFOLLOW)
             try:
                 wrote = write_buffers(fd, rows, offset)  # past every byte the durable manifest names
                 full_fsync(fd)
@@ -138,7 +138,7 @@ def read_tail(path: Path, tail: dict, target: RowTarget, good: int) -> tuple[int
     """Fill `target` from the tail's segments in order. Returns how far the cache is now
     good and, if a segment was refused, why (`truncated`, `checksum`, `missing`)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return good, "missing"
     try:
