@@ -658,8 +658,9 @@ def blocks_section(d: dict, plots: Path, report: Path) -> list[str]:
              f"{r['positionwise_agreement']:.1%}", f"{r['perplexity']:.3f}",
              f"{r['perplexity'] / base['perplexity'] - 1:+.2%}") for r in rows]))
         L.append("")
-    L.append(f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/' + d['argv'][0], *map(shlex.quote, d['argv'][1:])])}`")
-    L.append("")
+    for argv in d.get("commands") or [d["argv"]]:
+        L.append(f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/' + argv[0], *map(shlex.quote, argv[1:])])}`")
+        L.append("")
     return L
 
 
