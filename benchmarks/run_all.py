@@ -586,6 +586,13 @@ def gpu_section(d: dict, split: dict | None = None) -> list[str]:
     L.append("")
     L += [f"- {x}" for x in starts]
     L.append("")
+    for name, r in d["models"].items():
+        if r.get("concurrent"):
+            L.append(f"Aggregate decode, {name}, agents answering at once (the scheduler batches them; 512-token "
+                     "contexts, 64-token replies, tokens over the span from the first first token to the last end): "
+                     + ", ".join(f"{x['agents']}: {x['aggregate_tps']:,.0f} tok/s" for x in r["concurrent"]
+                                 if x.get("aggregate_tps")) + ".")
+            L.append("")
     if split:
         L.append("Where a restore's time goes, in-process (`gpu.py split`): one KV cache saved by mlx-lm, medians of "
                  "3, page cache hot; GB/s over the file's bytes.")
