@@ -210,7 +210,11 @@ class RowTarget:
         self.n_alloc = max(step, -(-n_tokens // step) * step)
         self.arrays: list[mx.array] | None = []
         for spec in layout.arrays:
-            self.arrays.append(mx.zeros((1, spec.heads, self.n_alloc, spec.width), dtype=getattr(mx, spec.dtype)))
+            # Zeroed on the CPU stream: on CUDA (managed memory) the host's reads below then
+            # fill pages that are already on the host, and the GPU's first use moves each
+            # page once; zeroed by a GPU kernel they would first migrate back to be filled.
+            self.arrays.append(mx.zeros((1, spec.heads, self.n_alloc, spec.width), dtype=getattr(mx, spec.dtype),
+                                        stream=mx.cpu))
         mx.eval(self.arrays)
         try:
             self.views = [_shared_view(a) for a in self.arrays]
