@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -281,9 +280,9 @@ def test_a_cache_file_is_not_a_bundle_and_a_missing_file_is_one_line(victim, tmp
     assert r.returncode == 1 and r.stderr.decode().startswith("Error: cannot read") and r.stderr.count(b"\n") == 1
 
 
-def test_export_refusals_leave_no_file(victim, tmp_path):
+def test_export_refusals_leave_no_file(victim, tmp_path, monkeypatch):
     d, _, _ = victim
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # agentctl export writes NAME.agent in the current directory
     r = agentctl(d, "--json", "export", "ghost")
     assert r.returncode == 1 and json.loads(r.stdout)["error"]["code"] == "NOT_FOUND"
     assert list(tmp_path.iterdir()) == []
