@@ -7,6 +7,7 @@ import faulthandler
 import logging
 import logging.handlers
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -15,6 +16,15 @@ import click
 from . import __version__, paths
 
 EX_CONFIG = 78  # sysexits.h: the configuration is wrong; see the systemd unit
+PRIVATE_UMASK = 0o077
+
+
+def _make_private_dir(path: Path) -> None:
+    """Create `path` (and missing parents) 0700. One that exists is left as it is."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError:
+        pass  # _run reports it in one line (the home must exist to take the lock)
 
 def _size(ctx, param, value):
     from .memory import parse_size
@@ -35,7 +45,7 @@ def _setup_logging(level: str, log_dir: Path) -> None:
     stderr.setFormatter(fmt)
     root.addHandler(stderr)
     try:
-        log_dir.mkdir(parents=True, exist_ok=True)
+        _make_private_dir(log_dir)
         # The daemon rotates its own log: launchd's StandardErrorPath would grow forever.
         rotating = logging.handlers.RotatingFileHandler(log_dir / "agentd.log", maxBytes=5 * 2**20, backupCount=3)
         rotating.setFormatter(fmt)
@@ -63,6 +73,12 @@ def _setup_logging(level: str, log_dir: Path) -> None:
               help="Load the N most recently used agents at start.")
 @click.option("--idle-timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True,
               envvar="AGENTD_IDLE_TIMEOUT", help="Close connections silent for this many seconds.")
+@click.option("--kv-bits", type=click.Choice(["8", "4"]), default=None, envvar="AGENTD_KV_BITS",
+              help="Quantize the KV cache of full-attention layers (mlx-lm QuantizedKVCache). Default: off.")
+@click.option("--kv-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
+              envvar="AGENTD_KV_GROUP_SIZE", help="Quantization group size for --kv-bits.")
+@click.option("--block-tokens", type=click.IntRange(min=8, max=4096), default=256, show_default=True,
+              envvar="AGENTD_BLOCK_TOKENS", help="Tokens per stored KV block (shared between agents).")
 @click.option("--http", "http", default=None, envvar="AGENTD_HTTP", metavar="ADDR",
               help="OpenAI-compatible HTTP on HOST:PORT (:0 picks a free port), or off. "
                    "[default: 127.0.0.1:8731; skipped with a warning if that port is taken]")
@@ -72,7 +88,7 @@ def _setup_logging(level: str, log_dir: Path) -> None:
               default="info", show_default=True, envvar="AGENTD_LOG_LEVEL")
 @click.version_option(__version__, prog_name="agentd")
 def main(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, min_available, preload,
-         idle_timeout, http, http_allow_remote, log_level):
+         idle_timeout, kv_bits, kv_group_size, block_tokens, http, http_allow_remote, log_level):
     """Keep LLM agents' KV caches in memory and on disk; serve them on a Unix socket."""
     from . import backend, blas
 
@@ -87,9 +103,13 @@ def main(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
         sys.exit(EX_CONFIG)
     if which == backend.CPU:
         blas.maybe_reexec_with_fast_blas()
+    # Before anything is created: every file and directory agentd makes (records, their
+    # -wal/-shm, caches, logs, the socket dir) is private to its user from its first instant.
+    os.umask(PRIVATE_UMASK)
     faulthandler.enable()
     home = (home or paths.default_home()).expanduser().resolve()
     socket_path = (socket_path or paths.default_socket()).expanduser().absolute()
+    _make_private_dir(home)
     _setup_logging(log_level, paths.default_log_dir(home))
     log = logging.getLogger("agentd")
     from .http_server import DEFAULT_HTTP, HttpConfigError, parse_address
@@ -100,8 +120,11 @@ def main(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
         click.echo(f"agentd: {e}", err=True)
         sys.exit(EX_CONFIG)
     try:
+        from .kvstore import KVSettings
+
+        kv = KVSettings(int(kv_bits) if kv_bits else None, int(kv_group_size), block_tokens)
         code = _run(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, min_available, preload,
-                    idle_timeout, log, http_address, http_explicit=http is not None)
+                    idle_timeout, log, kv, http_address, http_explicit=http is not None)
     except Exception as e:
         from .server import StartupError
 
@@ -119,12 +142,15 @@ def main(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
 
 
 def _run(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, min_available, preload, idle_timeout,
-         log, http_address=None, http_explicit=False) -> int:
+         log, kv, http_address=None, http_explicit=False) -> int:
     from .server import Server, StartupError, acquire_instance_lock, bind_private_socket, check_socket_path, \
         claim_socket, prepare_socket_dir
 
     check_socket_path(socket_path)
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if stat.S_IMODE(home.stat().st_mode) & 0o077:
+        log.warning("%s can be entered by other users (mode %o); agentd keeps its own files in it 0600, "
+                    "but `chmod 700 %s` makes everything in it private", home, stat.S_IMODE(home.stat().st_mode), home)
     lock_fd = acquire_instance_lock(home)
     prepare_socket_dir(socket_path)
     claim_socket(socket_path)
@@ -140,19 +166,19 @@ def _run(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
         model_dir = ensure_default_model(paths.default_model_dir(home), progress=lambda m: log.info("%s", m))
     log.info("agentd %s (pid %d) loading %s", __version__, os.getpid(), model_dir)
     use_persistent_ptx_cache()  # before the first GPU kernel: compiled ones survive a reboot
-    engine = Engine(Path(model_dir).expanduser())
+    engine = Engine(Path(model_dir).expanduser(), kv_bits=kv.bits, kv_group_size=kv.group_size)
     log.info("model %s loaded in %.2fs (%s, %d MB)", engine.model_id, engine.load_s, engine.dtype,
              engine.model_bytes // 2**20)
     log.info("%s", describe(engine.plan))
     if should_warm(engine.plan.backend, os.environ):
-        # Before the socket exists: no turn may wait for a kernel compile (minutes on a
+        # Before the socket exists: no turn may wait while kernels are built (minutes on a
         # machine that never ran this model; under a second once they are cached).
         notify("STATUS=compiling GPU kernels")
         log.info("warming up GPU kernels (kernel cache %s)", os.environ.get(PTX_ENV, "MLX's default"))
         engine.warmup = warm_up(engine)
         log.info("GPU kernels warm in %.2fs (%d forward passes)", engine.warmup.seconds, engine.warmup.passes)
     settings = Settings(home=home, model_dir=Path(model_dir), flush_interval=flush_interval, max_hot=max_hot,
-                        cache_budget=cache_budget, min_available=min_available, preload=preload)
+                        cache_budget=cache_budget, min_available=min_available, preload=preload, kv=kv)
     daemon = Daemon(settings, engine)
 
     async def run() -> int:
@@ -174,8 +200,9 @@ def _run(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
                 # The default port is a convenience; the socket is the primary protocol.
                 log.warning("HTTP: %s is taken (%s); serving the Unix socket only. Choose another port with "
                             "--http 127.0.0.1:PORT, or --http off to silence this", where, e.strerror or e)
-        sock = bind_private_socket(socket_path)
-        return await Server(daemon, socket_path, idle_timeout=idle_timeout, front_ends=front_ends).serve(sock)
+        sock, bound = bind_private_socket(socket_path)
+        return await Server(daemon, socket_path, idle_timeout=idle_timeout, front_ends=front_ends,
+                            bound=bound).serve(sock)
 
     try:
         return asyncio.run(run())

@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import (
+    KVCache,
+    QuantizedKVCache,
+    can_trim_prompt_cache,
+    make_prompt_cache,
+    trim_prompt_cache,
+)
 
 # Files whose bytes decide how text becomes tokens; a change to any invalidates caches.
 _TOKENIZER_FILES = (
@@ -30,6 +36,45 @@ _TOKENIZER_FILES = (
 
 class ModelLoadError(Exception):
     """The model folder is missing or cannot be loaded; the message says which and why."""
+
+
+class ContextTooLong(ValueError):
+    """A prompt that leaves the model no room to reply; refused before any prefill."""
+
+
+# Tokenizers write "no limit" as a huge sentinel (1e30); anything above this is not a context.
+_PLAUSIBLE_CONTEXT = 10**8
+
+
+def context_length(model_dir: Path, tokenizer=None) -> int | None:
+    """The most tokens the model attends to: the smallest of its config's position limit
+    and the tokenizer's `model_max_length`; None when neither states one."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    limits = []
+    for cfg in (config, config.get("text_config") or {}):
+        for key in ("max_position_embeddings", "max_sequence_length", "n_positions", "seq_length"):
+            if isinstance(cfg.get(key), int) and cfg[key] > 0:
+                limits.append(cfg[key])
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < _PLAUSIBLE_CONTEXT:
+        limits.append(tok_max)
+    return min(limits) if limits else None
+
+
+def finish_text(detok, on_token: Callable[[str], None] | None = None) -> str:
+    """Flush a streaming detokenizer and return the whole reply text.
+
+    A reply cut (max_tokens, the end of the context) inside a multi-byte character leaves
+    that character's first bytes unflushed, and `finalize` decodes them as U+FFFD. They
+    are not text: the replacement characters at the very end are dropped, from what is
+    streamed and from what is stored alike.
+    """
+    detok.finalize()
+    tail = detok.last_segment
+    kept = tail.rstrip("\ufffd")
+    if on_token is not None and kept:
+        on_token(kept)
+    return detok.text[: len(detok.text) - (len(tail) - len(kept))]
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:
@@ -74,8 +119,15 @@ def tokenizer_fingerprint(model_dir: Path, chat_template: str | None) -> str:
 class Engine:
     """A loaded model and tokenizer, with the fingerprints cache files are checked against."""
 
-    def __init__(self, model_dir: Path, progress: Callable[[str], None] | None = None):
+    def __init__(self, model_dir: Path, progress: Callable[[str], None] | None = None, *,
+                 kv_bits: int | None = None, kv_group_size: int = 64):
         from mlx_lm import load
+
+        if kv_bits not in (None, 4, 8):
+            raise ValueError("kv_bits must be 4, 8 or None")
+        # Quantized KV (mlx-lm QuantizedKVCache) for full-attention layers; part of every
+        # stored block's fingerprint, so caches of other bits are never loaded.
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
 
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").is_file():
@@ -100,21 +152,38 @@ class Engine:
             self.model_dir, getattr(self.tokenizer, "chat_template", None)
         )
         self.eos_ids = set(self.tokenizer.eos_token_ids)
+        self.context_length = context_length(self.model_dir, getattr(self.tokenizer, "_tokenizer", None))
         self.model_bytes = sum(v.nbytes for _, v in _leaves(self.model.parameters()))
+
+    def room_for_reply(self, prompt_tokens: int, max_tokens: int, *, who: str = "", advice: str = "") -> int:
+        """`max_tokens` cut to what the context leaves after the prompt. A prompt that leaves
+        nothing raises ContextTooLong, meant to be called before anything is prefilled."""
+        if self.context_length is None:
+            return max_tokens
+        if prompt_tokens >= self.context_length:
+            raise ContextTooLong(
+                f"{who}the conversation with this message is {prompt_tokens} tokens and the model's context is "
+                f"{self.context_length}, which leaves no room for a reply; nothing was recorded: "
+                f"{advice or 'send a shorter message'}"
+            )
+        return min(max_tokens, self.context_length - prompt_tokens)
 
     def _compute_dtype(self) -> str:
         """The dtype keys and values are cached in, read off a one-token forward pass.
 
         Parameters do not tell: a quantized model mixes float16 scales with float32 norms.
         """
-        cache = self.new_cache()
+        cache = make_prompt_cache(self.model)  # unquantized: the dtype the model computes in
         self.model(mx.array([[0]]), cache=cache)
         state = cache[0].state
         keys = state[0] if isinstance(state[0], mx.array) else None
         return str(keys.dtype).removeprefix("mlx.core.") if keys is not None else "unknown"
 
     def new_cache(self) -> list:
-        return make_prompt_cache(self.model)
+        cache = make_prompt_cache(self.model)
+        if self.kv_bits is None:
+            return cache
+        return [QuantizedKVCache(self.kv_group_size, self.kv_bits) if type(c) is KVCache else c for c in cache]
 
     def render(self, system: str, messages: list[dict], add_generation_prompt: bool = True,
                tools: list[dict] | None = None) -> list[int]:

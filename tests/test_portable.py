@@ -274,7 +274,7 @@ def test_an_invalid_or_taken_new_name_is_refused_before_the_upload(victim, tmp_p
 
 def test_a_cache_file_is_not_a_bundle_and_a_missing_file_is_one_line(victim, tmp_path):
     d, _, root = victim
-    r = agentctl(d, "import", str(root / "data" / "caches" / "x.safetensors"), "--name", "y")
+    r = agentctl(d, "import", str(root / "data" / "caches" / "agents" / "x" / "manifest.json"), "--name", "y")
     assert r.returncode == 1 and r.stderr.decode() == "Error: not an agentd agent bundle\n"
     r = agentctl(d, "import", str(tmp_path / "nope.agent"))
     assert r.returncode == 1 and r.stderr.decode().startswith("Error: cannot read") and r.stderr.count(b"\n") == 1
