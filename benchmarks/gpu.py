@@ -328,8 +328,9 @@ def split_main(args) -> None:
 # ---- through agentd ----------------------------------------------------------------------
 
 
-def inproc_main(model_dir: Path, n_tokens: int, decode: int) -> dict:
-    """mlx-lm alone: prefill `n_tokens` (2,048 at a time) and `decode` greedy tokens."""
+def inproc_main(model_dir: Path, contexts: list[int], decode: int) -> dict:
+    """mlx-lm alone, one process: for each context, prefill it (2,048 at a time) and decode
+    `decode` greedy tokens."""
     import mlx.core as mx
     from mlx_lm import load
     from mlx_lm.generate import generate_step
@@ -341,15 +342,20 @@ def inproc_main(model_dir: Path, n_tokens: int, decode: int) -> dict:
         warm = [rng.randrange(1000) for _ in range(CHUNK + 40)]
         for _tok in zip(range(3), generate_step(mx.array(warm), model, prompt_cache=make_prompt_cache(model))):
             pass
-    prompt = mx.array([rng.randrange(1000) for _ in range(n_tokens)])
-    cache = make_prompt_cache(model)
-    t0 = time.perf_counter()
-    times = []
-    for _i, (tok, _lp) in zip(range(decode + 1), generate_step(prompt, model, prompt_cache=cache,
-                                                                prefill_step_size=CHUNK)):
-        times.append(time.perf_counter() - t0)
-    return {"tokens": n_tokens, "ttft_s": times[0], "prefill_tps": n_tokens / times[0],
-            "decode_tps": decode / (times[-1] - times[0])}
+    out = {}
+    for n_tokens in contexts:
+        prompt = mx.array([rng.randrange(1000) for _ in range(n_tokens)])
+        cache = make_prompt_cache(model)
+        t0 = time.perf_counter()
+        times = []
+        for _i, (tok, _lp) in zip(range(decode + 1), generate_step(prompt, model, prompt_cache=cache,
+                                                                    prefill_step_size=CHUNK)):
+            times.append(time.perf_counter() - t0)
+        out[str(n_tokens)] = {"tokens": n_tokens, "ttft_s": times[0], "prefill_tps": n_tokens / times[0],
+                              "decode_tps": decode / (times[-1] - times[0])}
+        del cache
+        mx.clear_cache()
+    return out
 
 
 def _files_under(d: Path) -> list[Path]:
@@ -380,78 +386,91 @@ def _turn(d: "c.Daemon", name: str, message: str, max_tokens: int, ptx: Path) ->
     return {k: r.get(k) for k in keep}
 
 
-def bench_model(name: str, args, cache_home: Path) -> dict:
+def _summarize(contexts: dict) -> None:
+    for r in contexts.values():
+        resumed = [x["ttft_ms"] for x in r["resumed"]]
+        res = c.med(resumed[1:] or resumed)
+        reb = c.med([x["ttft_ms"] for x in r["rebuilt"]])
+        r["summary"] = {"resumed_ttft_ms": res, "rebuilt_ttft_ms": reb,
+                        "speedup": reb / res if res and reb else None,
+                        "resumed_page_cache_dropped_ttft_ms": resumed[0] if resumed else None}
+
+
+def bench_model(name: str, args, cache_home: Path, save) -> dict:
+    """One model through agentd and in-process; `save(out)` is called after every phase so a
+    run cut short by a time limit still leaves what it measured."""
     models_dir = Path(args.models_dir)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, str(Path(__file__).with_name("gpu_models.py")), name, str(models_dir / name)],
                    check=True, timeout=600)
     model_dir = models_dir / name
     out: dict = {"model": name, "config": gpu_models.CONFIGS[name], "build_s": time.perf_counter() - t0,
-                 "weights_bytes": (model_dir / "model.safetensors").stat().st_size}
-    # A fresh machine: agentd's kernel cache (under XDG_CACHE_HOME) and the driver's are empty.
+                 "weights_bytes": (model_dir / "model.safetensors").stat().st_size, "restart_start_s": []}
+    # agentd's kernel cache (under XDG_CACHE_HOME) and the driver's: empty on a fresh machine.
     os.environ["XDG_CACHE_HOME"] = str(cache_home)
     os.environ["CUDA_CACHE_PATH"] = str(cache_home / "nv")
     ptx = cache_home / "agentd" / "mlx-ptx"
     home = c.short_tmp("agpu-")
     flags = ["--log-level", "info", "--cache-budget", "200GB", "--max-hot", "32", "--min-available", "1GB",
-             "--flush-interval", "3600"]
+             "--flush-interval", "3600"] + list(args.daemon_arg or [])
     d = c.Daemon(home, model_dir, *flags)
     tok = c.Tok(model_dir)
-    starts = []
-    fresh = not _files_under(ptx)
+    fresh, cached = not _files_under(ptx), len(_files_under(ptx)) // 3
     d.start(timeout=900)
     with d.client() as cl:
         status = cl.status()
-    out["first_start"] = {"start_s": d.start_s, "fresh_caches": fresh,
-                          "model": status["model"], "kernels_cached": len(_files_under(ptx)) // 3}
+    out["first_start"] = {"start_s": d.start_s, "fresh_caches": fresh, "kernels_cached_before": cached,
+                          "model": status["model"]}
     c.log(f"{name}: first start {d.start_s:.1f}s, {status['model']}")
-    contexts = {}
-    for n in args.contexts:
-        agent = f"a{n}"
-        with d.client() as cl:
-            cl.create(agent, system=tok.text_of_length(n - 40))
-        first = _turn(d, agent, "Here is the incident log. Acknowledge briefly.", 64, ptx)
-        contexts[n] = {"first_turn": first, "resumed": [], "rebuilt": []}
-        c.log(f"{name} {n}: first turn {first}")
-    # In-process mlx-lm on the same machine, kernels already compiled (same cache).
-    os.environ["MLX_PTX_CACHE_DIR"] = str(next(iter(ptx.iterdir()), ptx) if ptx.is_dir() else ptx)
-    for n in args.contexts:
-        proc = subprocess.run([sys.executable, __file__, "_inproc", str(model_dir), str(n), "64"],
-                              capture_output=True, text=True, timeout=600)
-        contexts[n]["inproc"] = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else \
-            {"error": proc.stderr[-2000:]}
-        c.log(f"{name} {n}: in-process {contexts[n]['inproc']}")
-    os.environ.pop("MLX_PTX_CACHE_DIR")
-    for run in range(args.runs):
-        with d.client() as cl:
-            for n in args.contexts:
-                cl.fork(f"a{n}", f"r{n}-{run}")
-        d.stop()
-        dropped = drop_page_cache(home / "data") if run == 0 else 0
-        d.start(timeout=900)
-        starts.append(d.start_s)
+    contexts: dict = {}
+    out["contexts"] = contexts
+    try:
         for n in args.contexts:
-            q = FOLLOW_UPS[run % len(FOLLOW_UPS)]
-            res = _turn(d, f"a{n}", q, 8, ptx)
-            res["page_cache_dropped_bytes"] = dropped
-            reb = _turn(d, f"r{n}-{run}", q, 8, ptx)
-            contexts[n]["resumed"].append(res)
-            contexts[n]["rebuilt"].append(reb)
-            c.log(f"{name} {n} run {run}: resumed {res['ttft_ms']} ms ({res['restore_ms']} restore), "
-                  f"rebuilt {reb['ttft_ms']} ms")
-    for n in args.contexts:  # warm restore: evicted and reloaded in the same process
-        with d.client() as cl:
-            cl.evict(f"a{n}")
-        contexts[n]["warm_restore"] = _turn(d, f"a{n}", "One more thing: who owns the fix?", 8, ptx)
-    d.stop()
-    out["restart_start_s"] = starts
-    out["daemon_log_tail"] = d.stderr()[-6000:]
-    for n, r in contexts.items():
-        res = c.med([x["ttft_ms"] for x in r["resumed"][1:]] or [x["ttft_ms"] for x in r["resumed"]])
-        reb = c.med([x["ttft_ms"] for x in r["rebuilt"]])
-        r["summary"] = {"resumed_ttft_ms": res, "rebuilt_ttft_ms": reb, "speedup": reb / res if res else None,
-                        "resumed_page_cache_dropped_ttft_ms": r["resumed"][0]["ttft_ms"]}
-    out["contexts"] = {str(k): v for k, v in contexts.items()}
+            agent = f"a{n}"
+            with d.client() as cl:
+                cl.create(agent, system=tok.text_of_length(n - 40))
+            first = _turn(d, agent, "Here is the incident log. Acknowledge briefly.", 64, ptx)
+            contexts[str(n)] = {"first_turn": first, "resumed": [], "rebuilt": []}
+            c.log(f"{name} {n}: first turn {first}")
+        save(out)
+        # In-process mlx-lm on the same machine, kernels already compiled (same cache).
+        os.environ["MLX_PTX_CACHE_DIR"] = str(next(iter(ptx.iterdir()), ptx) if ptx.is_dir() else ptx)
+        proc = subprocess.run([sys.executable, __file__, "_inproc", str(model_dir),
+                               ",".join(map(str, args.contexts)), "64"], capture_output=True, text=True, timeout=600)
+        os.environ.pop("MLX_PTX_CACHE_DIR")
+        inproc = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
+        for n in args.contexts:
+            contexts[str(n)]["inproc"] = inproc.get(str(n)) or {"error": proc.stderr[-2000:]}
+            c.log(f"{name} {n}: in-process {contexts[str(n)]['inproc']}")
+        save(out)
+        for run in range(args.runs):
+            with d.client() as cl:
+                for n in args.contexts:
+                    cl.fork(f"a{n}", f"r{n}-{run}")
+            d.stop()
+            dropped = drop_page_cache(home / "data") if run == 0 else 0
+            d.start(timeout=900)
+            out["restart_start_s"].append(d.start_s)
+            for n in args.contexts:
+                q = FOLLOW_UPS[run % len(FOLLOW_UPS)]
+                res = _turn(d, f"a{n}", q, 8, ptx)
+                res["page_cache_dropped_bytes"] = dropped
+                reb = _turn(d, f"r{n}-{run}", q, 8, ptx)
+                contexts[str(n)]["resumed"].append(res)
+                contexts[str(n)]["rebuilt"].append(reb)
+                c.log(f"{name} {n} run {run}: resumed {res['ttft_ms']} ms ({res['restore_ms']} restore), "
+                      f"rebuilt {reb['ttft_ms']} ms")
+            _summarize(contexts)
+            save(out)
+        for n in args.contexts:  # warm restore: evicted and reloaded in the same process
+            with d.client() as cl:
+                cl.evict(f"a{n}")
+            contexts[str(n)]["warm_restore"] = _turn(d, f"a{n}", "One more thing: who owns the fix?", 8, ptx)
+        save(out)
+    finally:
+        out["daemon_log_tail"] = d.stderr()[-8000:]
+        save(out)
+        d.stop()
     return out
 
 
@@ -465,12 +484,16 @@ def bench_main(args) -> None:
     cache_home = Path(args.cache_home or tempfile.mkdtemp(prefix="xdg-", dir=args.work))
     for name in args.models.split(","):
         t0 = time.perf_counter()
+
+        def save(partial, name=name, t0=t0):
+            data["models"][name] = {**partial, "wall_s": time.perf_counter() - t0}
+            c.write_json(Path(args.out), data)
+
         try:
-            data["models"][name] = bench_model(name, args, cache_home)
+            bench_model(name, args, cache_home, save)
         except Exception as e:  # keep what the other models measured
-            data["models"][name] = {"error": f"{type(e).__name__}: {e}"}
-        data["models"][name]["wall_s"] = time.perf_counter() - t0
-        c.write_json(Path(args.out), data)
+            data["models"].setdefault(name, {})["error"] = f"{type(e).__name__}: {e}"
+            c.write_json(Path(args.out), data)
     print(summary(data))
 
 
@@ -478,10 +501,10 @@ def summary(data: dict) -> str:
     rows = []
     for name, m in data["models"].items():
         for n, r in (m.get("contexts") or {}).items():
-            s, ip, ft = r["summary"], r.get("inproc", {}), r["first_turn"]
+            s, ip, ft = r.get("summary", {}), r.get("inproc", {}), r["first_turn"]
             rows.append((name, n, c.fmt(ip.get("prefill_tps"), 0), c.fmt(ft["prefilled_tokens"] / ft["ttft_ms"] * 1000, 0),
-                         c.fmt(ip.get("decode_tps")), c.fmt(ft["decode_tokens_per_s"]), c.fmt(s["resumed_ttft_ms"], 0),
-                         c.fmt(s["rebuilt_ttft_ms"], 0), c.fmt(s["speedup"])))
+                         c.fmt(ip.get("decode_tps")), c.fmt(ft["decode_tokens_per_s"]), c.fmt(s.get("resumed_ttft_ms"), 0),
+                         c.fmt(s.get("rebuilt_ttft_ms"), 0), c.fmt(s.get("speedup"))))
     return c.table(rows, ("model", "ctx", "prefill mlx-lm", "prefill agentd", "decode mlx-lm", "decode agentd",
                           "resumed ms", "rebuilt ms", "x"))
 
@@ -492,7 +515,7 @@ def main() -> None:
         print(json.dumps(probe_kernels(model_dir, [tuple(s) for s in steps], ptx)))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "_inproc":
-        print(json.dumps(inproc_main(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))))
+        print(json.dumps(inproc_main(Path(sys.argv[2]), [int(x) for x in sys.argv[3].split(",")], int(sys.argv[4]))))
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", nargs="?", default="bench", choices=["bench", "probe", "split"])
@@ -502,6 +525,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--models-dir", default="/tmp/agentd-gpu-models")
     ap.add_argument("--work", default="/tmp")
+    ap.add_argument("--daemon-arg", action="append", help="an extra argument for agentd (repeatable)")
     ap.add_argument("--cache-home", help="XDG_CACHE_HOME for the daemons [default: a new empty folder]")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, help="[default: benchmarks/out/gpu.json, gpu_probe.json, gpu_split.json]")

@@ -606,7 +606,9 @@ def portable_section(d: dict) -> list[str]:
              f"({big['bundle_bytes_per_token'] / big['cache_file_bytes_per_token']:.3f}x the bytes per token of its "
              f"cache file: the same tensors plus the transcript); exporting it takes "
              f"{big['export_hot_s'] * 1000:,.0f} ms hot, importing {big['import_s'] * 1000:,.0f} ms, and the imported "
-             f"agent's next turn reuses all {big['first_turn']['cached_tokens']:,} tokens.")
+             f"agent's next turn reuses all {big['first_turn']['cached_tokens']:,} tokens. Building the same context "
+             f"in this run (`_build.py`: model load, prefill, save) took {big['build_s']:,.0f} s, "
+             f"**{big['build_s'] / big['import_s']:,.0f}x** the import.")
     L.append("")
     L.append(f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/' + d['argv'][0], *map(shlex.quote, d['argv'][1:])])}`")
     L.append("")
@@ -628,8 +630,8 @@ def gpu_section(d: dict, split: dict | None = None) -> list[str]:
     L.append("")
     rows, starts = [], []
     for name, r in d["models"].items():
-        if "error" in r:
-            rows.append((name, "-", f"failed: {r['error']}", *["-"] * 8))
+        if "first_start" not in r:
+            rows.append((name, "-", f"failed: {r.get('error', 'no result')}", *["-"] * 8))
             continue
         first = r["first_start"]
         warm = first["model"].get("warmup") or {"seconds": 0.0}
@@ -638,13 +640,13 @@ def gpu_section(d: dict, split: dict | None = None) -> list[str]:
                       "layers kept quantized), later starts "
                       + ", ".join(f"{x:.1f}" for x in r["restart_start_s"]) + " s")
         for n, x in r["contexts"].items():
-            ft, ip, s_ = x["first_turn"], x.get("inproc", {}), x["summary"]
+            ft, ip, s_ = x["first_turn"], x.get("inproc", {}), x.get("summary", {})
             compiled = sum(t.get("kernels_compiled") or 0 for t in [ft, *x["resumed"], *x["rebuilt"]])
             rows.append((name, f"{int(n):,}", c.fmt(ip.get("prefill_tps"), 0),
                          c.fmt(ft["prefilled_tokens"] / ft["ttft_ms"] * 1000, 0), c.fmt(ip.get("decode_tps")),
-                         c.fmt(ft["decode_tokens_per_s"]), c.fmt(s_["resumed_ttft_ms"], 0),
-                         c.fmt(s_["resumed_page_cache_dropped_ttft_ms"], 0), c.fmt(s_["rebuilt_ttft_ms"], 0),
-                         f"**{s_['speedup']:.1f}x**" if s_["speedup"] else "-", str(compiled)))
+                         c.fmt(ft["decode_tokens_per_s"]), c.fmt(s_.get("resumed_ttft_ms"), 0),
+                         c.fmt(s_.get("resumed_page_cache_dropped_ttft_ms"), 0), c.fmt(s_.get("rebuilt_ttft_ms"), 0),
+                         f"**{s_['speedup']:.1f}x**" if s_.get("speedup") else "-", str(compiled)))
     L.append(md_table(("model", "context", "prefill tok/s mlx-lm", "prefill tok/s agentd", "decode tok/s mlx-lm",
                        "decode tok/s agentd", "resumed TTFT ms", "resumed, page cache dropped", "rebuilt TTFT ms",
                        "rebuilt / resumed", "kernels compiled in turns"), rows))

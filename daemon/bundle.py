@@ -164,7 +164,6 @@ class BundleReader:
         self._buf = bytearray()  # preamble, header and data section: everything but the trailer
         self._trailer = bytearray()
         self._hash = hashlib.sha256()  # of _buf: what the trailer must equal
-        self._whole = hashlib.sha256()  # of the file, reported to the user
         self.received = 0
         self._total: int | None = None
         self._header_len = 0
@@ -177,7 +176,6 @@ class BundleReader:
             raise BundleError("size", f"the bundle is longer than {'its header says' if self._total else 'the limit of'} "
                                       f"{limit} bytes")
         self.received += len(view)
-        self._whole.update(view)
         while len(view):
             if self._total is None:
                 part = view[:PREAMBLE.size - len(self._buf)]
@@ -224,6 +222,8 @@ class BundleReader:
         if bytes(self._trailer) != self._hash.digest():
             raise BundleError("checksum", "checksum mismatch: the bundle is corrupt")
         assert self._header is not None
+        whole = self._hash.copy()  # the whole file's SHA-256 without a second pass over it
+        whole.update(self._trailer)
         h = self._header
         data = memoryview(self._buf)[PREAMBLE.size + self._header_len:]
         c = h["cache"]
@@ -232,7 +232,7 @@ class BundleReader:
             tensors = tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"]), t["offset"], t["nbytes"])
                             for t in c["tensors"])
             cache = CacheSection(list(c["tokens"]), c["layers"], tensors, c["layout"], data)
-        return Bundle(h["agent"], h["model"], cache, h.get("cache_omitted"), self._total, self._whole.hexdigest())
+        return Bundle(h["agent"], h["model"], cache, h.get("cache_omitted"), self._total, whole.hexdigest())
 
 
 def read_bytes(blob: bytes, max_bytes: int | None = None) -> Bundle:

@@ -86,10 +86,8 @@ class Daemon:
                 if req.op == "import" and receive is not None:
                     await transfer.drain_upload(rid, receive, emit)
                 raise p.ProtocolError(p.ErrorCode.SHUTTING_DOWN, "agentd is shutting down")
-            if req.op == "import":
-                fields = await transfer.import_op(self, req, rid, emit, receive)
-            else:
-                fields = await handler(req, rid, emit)
+            # An import is an upload: its handler also reads the connection's next frames.
+            fields = await (handler(req, rid, emit, receive) if req.op == "import" else handler(req, rid, emit))
             return responses.result(rid, **fields)
         except p.ProtocolError as e:
             return responses.error(rid, e.code, e.message)
@@ -217,8 +215,8 @@ class Daemon:
     async def _op_export(self, req: p.Export, rid, emit) -> dict:
         return await transfer.export_op(self, req, rid, emit)
 
-    async def _op_import(self, req, rid, emit) -> dict:
-        raise AssertionError("handle() routes import with its upload")
+    async def _op_import(self, req: p.Import, rid, emit, receive) -> dict:
+        return await transfer.import_op(self, req, rid, emit, receive)
 
     async def _op_chunk(self, req, rid, emit) -> dict:
         raise p.ProtocolError(p.ErrorCode.BAD_REQUEST, "a chunk outside an import upload")

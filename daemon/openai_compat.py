@@ -116,6 +116,8 @@ def _sampling(body: dict, max_field: str) -> dict:
     for field in ("temperature", "top_p", "seed"):
         if body.get(field) is not None:
             out[field] = body[field]
+    if body.get("stop") is not None:  # a string or a list of them, as OpenAI takes it
+        out["stop"] = [body["stop"]] if isinstance(body["stop"], str) else body["stop"]
     return out
 
 
@@ -173,7 +175,6 @@ def chat_request(body: Any, base_id: str) -> tuple[str | None, dict]:
     body = _check_fields(body, CHAT_FIELDS, "/v1/chat/completions")
     agent = resolve_model(body.get("model"), base_id)
     _only(body, "n", (None, 1), "one choice per request")
-    _only(body, "stop", (None, []), "stop sequences are not supported yet")
     _only(body, "frequency_penalty", (None, 0, 0.0), "no penalties")
     _only(body, "presence_penalty", (None, 0, 0.0), "no penalties")
     _only(body, "logprobs", (None, False), "no log probabilities")

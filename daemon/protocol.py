@@ -37,7 +37,7 @@ sends `hello` first on every connection. Ops and fields (defaults in brackets):
     shutdown  -
     turn      name, messages: [Message] (1..), follow: bool [False], system: str | None [None],
               tools: [Tool] | None [None], response: ResponseRef | None [None],
-              max_tokens, temperature, seed (as chat), top_p: float [1.0] (0 < top_p <= 1)
+              max_tokens, temperature, seed, top_p, stop (as chat)
               (one turn of several new messages; with follow the messages are the whole
                conversation after the system prompt and the agent follows it, keeping a
                replaced transcript as a branch: see `agentd.transcripts`)
@@ -486,6 +486,7 @@ class _TurnBase(Request):
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    stop: list[str] | tuple[str, ...] = ()
 
     def _validate(self) -> None:
         check_messages(self.messages)
@@ -493,17 +494,16 @@ class _TurnBase(Request):
             _check_tools(self.tools)
         if self.response is not None:
             _check_response_ref(self.response)
-        _check_int("max_tokens", self.max_tokens, 1, MAX_TOKENS_LIMIT)
-        self._set("temperature", _check_float("temperature", self.temperature, 0.0, MAX_TEMPERATURE))
-        self._set("top_p", _check_float("top_p", self.top_p, 0.0, 1.0))
-        if self.top_p == 0.0:
-            raise _bad("top_p must be greater than 0")
-        if self.seed is not None:
-            _check_int("seed", self.seed, 0, MAX_SEED)
+        sampling = self.sampling  # validates every sampling field
+        self._set("temperature", sampling.temperature)
+        self._set("top_p", sampling.top_p)
+        self._set("stop", list(sampling.stop))
 
     @property
     def sampling(self) -> Sampling:
-        return Sampling(self.max_tokens, self.temperature, top_p=self.top_p, seed=self.seed)
+        # A stop that is not a list reaches Sampling as it is, which names the bad type.
+        return Sampling(self.max_tokens, self.temperature, self.top_p, self.seed,
+                        tuple(self.stop) if isinstance(self.stop, (list, tuple)) else self.stop)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -8,8 +8,9 @@ keeps the result in a disk cache. Measured on an H200 with a llama-8B-shaped 4-b
 2-5 token forwards compiled nothing new, nor did anything at any context length up to
 32k. A second process loaded all of it from the disk cache in well under a second. A
 user's turn must not pay those minutes, so at start agentd runs the shapes its turns use
--- a full prefill chunk, the short prefill lengths up to it in powers of two, a decode
-step and the sampler, greedy and random -- and only then binds its socket.
+-- a full prefill chunk, the short prefill lengths up to it in powers of two, then several
+turns at once through the daemon's own stepper (batched decode over merged caches, rows
+joining and leaving, both samplers) -- and only then binds its socket.
 
 The disk cache goes to agentd's own cache directory (`ptx_cache_dir`) rather than MLX's
 default under /tmp, which many systems empty at boot: a restart after a reboot would
@@ -33,11 +34,13 @@ SWITCH_ENV = "AGENTD_WARMUP"  # "off" skips the warm-up (a start then compiles o
 @dataclass(frozen=True)
 class WarmupReport:
     seconds: float
-    passes: int  # forward passes run
-    lengths: tuple[int, ...]  # tokens per pass, in order
+    passes: int  # forward passes and scheduler steps run
+    lengths: tuple[int, ...]  # tokens per single-sequence pass, in order
+    max_batch: int = 0  # the most rows one batched decode pass carried
 
     def to_dict(self) -> dict:
-        return {"seconds": round(self.seconds, 3), "passes": self.passes, "lengths": list(self.lengths)}
+        return {"seconds": round(self.seconds, 3), "passes": self.passes, "lengths": list(self.lengths),
+                "max_batch": self.max_batch}
 
 
 def should_warm(backend: str, env: Mapping[str, str]) -> bool:
@@ -84,10 +87,22 @@ def warm_lengths(chunk: int) -> tuple[int, ...]:
     return (chunk, *short, chunk)
 
 
+# The concurrent phase: turns that join and leave one batch as the scheduler runs them
+# (prompt tokens, reply tokens, temperature): batched decode of 2..8 rows over left-padded
+# caches, interleaved prefill, rows leaving the batch, both samplers.
+CONCURRENT_TURNS = ((5, 4, 0.0), (9, 6, 0.7), (17, 8, 0.0), (33, 10, 0.7), (70, 5, 0.0), (130, 7, 0.7),
+                    (260, 9, 0.0), (3, 3, 0.7))
+
+
 def warm_up(engine) -> WarmupReport:
-    """Run every shape class a turn uses through `engine`'s model once, on a throwaway cache."""
+    """Run every shape class a turn uses through `engine`'s model once, on throwaway caches:
+    one sequence over the lengths of `warm_lengths`, then `CONCURRENT_TURNS` at once through
+    the daemon's own stepper (batched decode, as when several agents answer together)."""
     import mlx.core as mx
-    from mlx_lm.sample_utils import make_sampler
+
+    from .protocol import Sampling
+    from .sequence import Sequence
+    from .stepper import Stepper
 
     t0 = time.perf_counter()
     model = engine.model
@@ -100,11 +115,17 @@ def warm_up(engine) -> WarmupReport:
         model(mx.array(ids)[None], cache=cache)
         mx.eval([c.state for c in cache])
         start += n
-    # The decode step's own path: logits of the last position, normalised, sampled both ways.
-    logits = model(mx.array([[1]]), cache=cache)[:, -1, :]
-    logprobs = logits - mx.logsumexp(logits, keepdims=True)
-    for temp in (0.0, 0.7):
-        make_sampler(temp=temp)(logprobs).item()
     del cache
+    stepper = Stepper(engine)
+    seqs = [Sequence(engine, engine.new_cache(), [], [(7 * i + j) % vocab for j in range(n)],
+                     Sampling(max_tokens=m, temperature=t, top_p=0.9 if t else 1.0, seed=i))
+            for i, (n, m, t) in enumerate(CONCURRENT_TURNS)]
+    steps = 0
+    while seqs:
+        stepper.step(seqs)
+        steps += 1
+        for s in [s for s in seqs if s.done]:
+            stepper.release(s)
+            seqs.remove(s)
     mx.clear_cache()
-    return WarmupReport(time.perf_counter() - t0, len(lengths) + 1, (*lengths, 1))
+    return WarmupReport(time.perf_counter() - t0, len(lengths) + steps, lengths, stepper.max_batch)

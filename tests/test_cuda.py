@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import mlx.core as mx
@@ -94,6 +95,20 @@ def test_no_kernel_is_compiled_inside_a_turn_and_restore_works(tiny_4bit_dir, ho
                 c.chat("a", " ".join(["checkout"] * words), max_tokens=12).wait()
             c.chat("a", "Again, with sampling.", max_tokens=8, temperature=0.8, seed=3).wait()
             before = c.show("a")["agent"]
+            for name in ("b", "c", "e"):
+                c.create(name, system=f"You are agent {name}.")
+
+        def chat(name: str, words: int) -> None:  # several agents at once: batched decode
+            with d.client() as c:
+                c.chat(name, " ".join(["refund"] * words), max_tokens=16, temperature=0.5 if words > 9 else 0.0).wait()
+
+        threads = [threading.Thread(target=chat, args=(n, w)) for n, w in (("b", 3), ("c", 12), ("e", 40))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        with d.client() as c:
+            assert all(c.show(n)["agent"]["messages"] == 2 for n in ("b", "c", "e"))
         assert kernel_files(cache_home) == compiled
         assert "GPU kernels warm in" in d.stderr()
         d.stop()

@@ -155,6 +155,18 @@ def test_responses_api_appends_follows_previous_ids_and_is_retrievable(daemon):
     assert "agent:tiny-llama" not in [m.id for m in client.models.list().data]
 
 
+def test_stop_sequences_end_the_reply(daemon):
+    client = _openai(daemon)
+    ask = [{"role": "user", "content": "Numbers: 0 1 2 3"}]
+    full = client.chat.completions.create(model="agent:stop1", messages=ask, max_tokens=12).choices[0].message.content
+    stop = full[3:5]
+    assert full.index(stop) > 0, full  # a cut that leaves some text
+    cut = client.chat.completions.create(model="agent:stop2", messages=ask, max_tokens=12, stop=stop)
+    assert cut.choices[0].message.content == full[: full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    assert _history(daemon, "stop2")[-1]["content"] == full[: full.index(stop)]
+
+
 def test_every_request_needs_the_key(daemon):
     with pytest.raises(openai.AuthenticationError) as err:
         _openai(daemon, key="not-the-key").models.list()
@@ -178,6 +190,9 @@ def test_bad_requests_get_openai_errors(daemon):
         client.chat.completions.create(model="gpt-4o", messages=hi, max_tokens=2)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="agent:e", messages=hi, max_tokens=2, n=2)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="agent:e", messages=hi, max_tokens=2, stop=["a", "b", "c", "d", "e"])
+    assert "stop" in err.value.message
     http = _http(daemon)
     key = Path(http["token_file"]).read_text().strip()
     big = httpx.post(http["base_url"] + "/chat/completions", headers={"Authorization": f"Bearer {key}"},

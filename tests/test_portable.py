@@ -92,6 +92,7 @@ def _round_trip(tmp: Path, model: Path, max_tokens: int, *, turns=TURNS) -> tupl
             assert c.history("x")["messages"] == history
             again = chat(c, "x", NEXT, max_tokens=max_tokens)
     assert imported["cache_imported"] is True and imported["cache_tokens"] == exported["cache_tokens"]
+    assert (imported["bytes"], imported["sha256"]) == (exported["bytes"], exported["sha256"])
     return exported, original, again
 
 

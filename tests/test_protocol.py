@@ -41,7 +41,7 @@ EXAMPLES: list[p.Request] = [
                      {"role": "assistant", "content": "", "tool_calls": [
                          {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
                      {"role": "tool", "content": "42", "tool_call_id": "c"}]),
-    p.Complete(messages=[{"role": "user", "content": "hi"}], system="S"),
+    p.Complete(messages=[{"role": "user", "content": "hi"}], system="S", stop=["\n\n", "END"]),
     p.GetResponse("resp_1"),
 ]
 
