@@ -10,6 +10,7 @@ safe from any thread.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -121,19 +122,27 @@ class AgentStore:
         return self.records.get(name, with_messages=False)
 
     def delete(self, name: str) -> None:
+        """Remove the agent. If the file or the record cannot be changed (a read-only home),
+        this raises and the agent stays usable, its hot cache included."""
         self.records.get(name, with_messages=False)  # NOT_FOUND before anything is touched
-        self._drop(name)
         # The file goes before the record: its copy of the record would bring the agent
         # back at the next start (see CacheRepository.recover_records) if a crash came between.
-        self.repo.delete(name)
+        # The hot cache goes last, once nothing can fail.
+        self._delete_file(name)
         self.records.delete(name)
+        self._drop(name)
 
     def reset(self, name: str) -> None:
-        """Forget the conversation, keep role and system prompt; the cache goes with it."""
+        """Forget the conversation, keep role and system prompt; the cache goes with it.
+        The same order and the same guarantee on failure as `delete`."""
         self.records.get(name, with_messages=False)
-        self._drop(name)
-        self.repo.delete(name)  # first, as in delete: the file's record copy holds the old turns
+        self._delete_file(name)  # first, as in delete: the file's record copy holds the old turns
         self.records.reset(name)
+        self._drop(name)
+
+    def _delete_file(self, name: str) -> None:
+        if self.repo.delete(name) and (agent := self.hot.get(name)) is not None:
+            agent.dirty = True  # its file is gone: should the record change fail, memory is the only copy
 
     def adopt(self, rec: AgentRecord, cache: list | None, tokens: list[int]) -> None:
         """Add a whole agent made elsewhere (an imported bundle): its record and, if given,
@@ -209,7 +218,10 @@ class AgentStore:
         first: Stepper.release). The agent is no longer busy; nothing is recorded here."""
         agent, gen = turn.agent, turn.seq.result()
         agent.cache, agent.tokens = turn.seq.cache, gen.cache_tokens
-        agent.dirty = agent.dirty or bool(agent.name)  # the `complete` op's scratch is never saved
+        # The `complete` op's scratch is never saved; a cancelled turn is not recorded and makes
+        # nothing to save either: what it computed stays for the next turn's prefix, but it never
+        # causes a write (nor a file for an agent that has none).
+        agent.dirty = agent.dirty or (bool(agent.name) and gen.finish_reason != "cancelled")
         agent.nbytes = cache_nbytes(agent.cache)
         agent.last_used = time.time()
         agent.busy -= 1
@@ -225,10 +237,18 @@ class AgentStore:
         on_progress: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> Turn:
-        """A chat turn: make the agent hot, render its transcript plus `new_messages`, prepare."""
+        """A chat turn: render the agent's transcript plus `new_messages`, make it hot, prepare.
+
+        A prompt that leaves the model no room to reply raises ContextTooLong before the cache
+        is loaded or anything is prefilled; the reply is cut at the context's end ("length").
+        """
         rec = self.records.get(name)
-        agent, source, restore_ms = self.acquire(name)
         prompt = self.engine.render(rec.system, rec.messages + new_messages)
+        room = self.engine.room_for_reply(len(prompt), sampling.max_tokens, who=f"agent {name!r}: ",
+                                          advice=_context_advice(name, rec))
+        if room < sampling.max_tokens:
+            sampling = dataclasses.replace(sampling, max_tokens=room)
+        agent, source, restore_ms = self.acquire(name)
         return self.open_turn(agent, source, restore_ms, prompt, sampling, new_messages,
                               on_token=on_token, on_progress=on_progress, should_stop=should_stop)
 
@@ -377,3 +397,12 @@ class AgentStore:
 
     def close(self) -> None:
         self.records.close()
+
+
+
+def _context_advice(name: str, rec: AgentRecord) -> str:
+    """How to go on when a turn does not fit the context (see ARCHITECTURE.md, "Context length")."""
+    if rec.messages:
+        return (f"send a shorter message, or start the conversation over with `agentctl reset {name}` "
+                "(role and system prompt are kept)")
+    return "send a shorter message (or give the agent a shorter system prompt)"

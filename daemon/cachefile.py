@@ -21,7 +21,7 @@ from typing import Any, Callable
 import mlx.core as mx
 from mlx_lm.models import cache as C
 
-from .atomic import atomic_replace
+from .atomic import atomic_replace, open_for_write, open_regular
 
 FORMAT = "agentd-kv"
 FORMAT_VERSION = 1
@@ -175,7 +175,7 @@ def save_cache(
     def write(tmp: Path) -> None:
         # Through a Python file: a failed write raises OSError with its errno (ENOSPC says
         # "No space left on device"); given a path, mlx raises a RuntimeError without it.
-        with open(tmp, "wb") as f:
+        with open_for_write(tmp) as f:
             mx.save_safetensors(f, tensors, meta)
 
     replace(Path(path), write)
@@ -188,7 +188,8 @@ def save_cache(
 def read_header(path: Path) -> dict[str, str]:
     """The `__metadata__` of a safetensors file, read without loading any tensor."""
     try:
-        with open(path, "rb") as f:
+        # Never a FIFO or a device (opening one could block forever), never through a link.
+        with open_regular(path) as f:
             raw = f.read(8)
             if len(raw) < 8:
                 raise CacheFileError("truncated", f"{path.name}: file is truncated (no header)")

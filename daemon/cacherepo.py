@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .atomic import atomic_replace, fsync_dir, is_partial
+from .atomic import atomic_replace, fsync_dir, is_temp
 from .cachefile import (
     CacheFileError,
     Expectation,
@@ -78,7 +78,7 @@ class CacheRepository:
         self.expect = expect
         self.replace = replace  # the durable-write seam (fault tests swap it)
         self.problems: list[CacheProblem] = []
-        self._remove_partials()
+        self._remove_temp_files()
 
     def path(self, name: str) -> Path:
         return self.dir / (validate_agent_name(name) + CACHE_SUFFIX)
@@ -117,10 +117,15 @@ class CacheRepository:
             return self.path(name).stat().st_mtime
         return None
 
-    def delete(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+    def delete(self, name: str) -> bool:
+        """Remove the agent's file durably. Returns whether there was one; an OSError (a
+        read-only home) propagates with nothing changed."""
+        try:
             self.path(name).unlink()
-            fsync_dir(self.dir)
+        except FileNotFoundError:
+            return False
+        fsync_dir(self.dir)
+        return True
 
     def info(self, name: str) -> ColdInfo:
         """What the file says without loading it; zeros when there is none or it is unreadable."""
@@ -150,10 +155,10 @@ class CacheRepository:
         self.problems.append(CacheProblem(name, err.reason, str(err), str(dest), time.time()))
         del self.problems[:-MAX_PROBLEMS]
 
-    def _remove_partials(self) -> None:
+    def _remove_temp_files(self) -> None:
         """Temp files of writes a crash interrupted: never loaded, removed at start."""
         for p in self.dir.iterdir():
-            if is_partial(p):
+            if is_temp(p):
                 with contextlib.suppress(OSError):
                     p.unlink()
                 log.info("removed an interrupted write: %s", p.name)
@@ -164,7 +169,7 @@ class CacheRepository:
         conversation up to that save instead of being silently dropped."""
         for path in sorted(self.dir.glob("*" + CACHE_SUFFIX)):
             name = path.name[: -len(CACHE_SUFFIX)]
-            if not path.is_file() or is_partial(path):
+            if not path.is_file() or is_temp(path):
                 continue
             try:
                 validate_agent_name(name)

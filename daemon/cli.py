@@ -7,6 +7,7 @@ import faulthandler
 import logging
 import logging.handlers
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -15,6 +16,15 @@ import click
 from . import __version__, paths
 
 EX_CONFIG = 78  # sysexits.h: the configuration is wrong; see the systemd unit
+PRIVATE_UMASK = 0o077
+
+
+def _make_private_dir(path: Path) -> None:
+    """Create `path` (and missing parents) 0700. One that exists is left as it is."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError:
+        pass  # _run reports it in one line (the home must exist to take the lock)
 
 def _size(ctx, param, value):
     from .memory import parse_size
@@ -35,7 +45,7 @@ def _setup_logging(level: str, log_dir: Path) -> None:
     stderr.setFormatter(fmt)
     root.addHandler(stderr)
     try:
-        log_dir.mkdir(parents=True, exist_ok=True)
+        _make_private_dir(log_dir)
         # The daemon rotates its own log: launchd's StandardErrorPath would grow forever.
         rotating = logging.handlers.RotatingFileHandler(log_dir / "agentd.log", maxBytes=5 * 2**20, backupCount=3)
         rotating.setFormatter(fmt)
@@ -87,9 +97,13 @@ def main(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
         sys.exit(EX_CONFIG)
     if which == backend.CPU:
         blas.maybe_reexec_with_fast_blas()
+    # Before anything is created: every file and directory agentd makes (records, their
+    # -wal/-shm, caches, logs, the socket dir) is private to its user from its first instant.
+    os.umask(PRIVATE_UMASK)
     faulthandler.enable()
     home = (home or paths.default_home()).expanduser().resolve()
     socket_path = (socket_path or paths.default_socket()).expanduser().absolute()
+    _make_private_dir(home)
     _setup_logging(log_level, paths.default_log_dir(home))
     log = logging.getLogger("agentd")
     from .http_server import DEFAULT_HTTP, HttpConfigError, parse_address
@@ -125,6 +139,9 @@ def _run(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
 
     check_socket_path(socket_path)
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if stat.S_IMODE(home.stat().st_mode) & 0o077:
+        log.warning("%s can be entered by other users (mode %o); agentd keeps its own files in it 0600, "
+                    "but `chmod 700 %s` makes everything in it private", home, stat.S_IMODE(home.stat().st_mode), home)
     lock_fd = acquire_instance_lock(home)
     prepare_socket_dir(socket_path)
     claim_socket(socket_path)
@@ -145,7 +162,7 @@ def _run(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
              engine.model_bytes // 2**20)
     log.info("%s", describe(engine.plan))
     if should_warm(engine.plan.backend, os.environ):
-        # Before the socket exists: no turn may wait for a kernel compile (minutes on a
+        # Before the socket exists: no turn may wait while kernels are built (minutes on a
         # machine that never ran this model; under a second once they are cached).
         notify("STATUS=compiling GPU kernels")
         log.info("warming up GPU kernels (kernel cache %s)", os.environ.get(PTX_ENV, "MLX's default"))
@@ -174,8 +191,9 @@ def _run(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
                 # The default port is a convenience; the socket is the primary protocol.
                 log.warning("HTTP: %s is taken (%s); serving the Unix socket only. Choose another port with "
                             "--http 127.0.0.1:PORT, or --http off to silence this", where, e.strerror or e)
-        sock = bind_private_socket(socket_path)
-        return await Server(daemon, socket_path, idle_timeout=idle_timeout, front_ends=front_ends).serve(sock)
+        sock, bound = bind_private_socket(socket_path)
+        return await Server(daemon, socket_path, idle_timeout=idle_timeout, front_ends=front_ends,
+                            bound=bound).serve(sock)
 
     try:
         return asyncio.run(run())

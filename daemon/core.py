@@ -10,12 +10,14 @@ at the edge, so a bad request never takes the daemon down.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
 import sqlite3
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -28,10 +30,10 @@ from . import responses
 from . import transfer
 from .agents import AgentStore, ChatPlan
 from .bundle import BundleError
-from .engine import Engine
+from .engine import ContextTooLong, Engine
 from .errors import StartupError
 from .memory import Limits, MemoryProbe
-from .records import AlreadyExists, NotFound, RecordError
+from .records import AlreadyExists, NotFound, RecordError, RecordsReplaced
 from .turns import Turns
 from .upkeep import FlushPolicy, MemoryPolicy
 from .scheduler import Scheduler
@@ -71,6 +73,8 @@ class Daemon:
         self.started = time.time()
         self.stopping = False
         self._cancels: set[threading.Event] = set()
+        self._reads = ThreadPoolExecutor(1, thread_name_prefix="records-read")
+        self._writes = ThreadPoolExecutor(1, thread_name_prefix="records-write")
         self._turning: set[str] = set()  # agents with a `turn` in flight
         self.turns = Turns(self.store)
         self.http: dict | None = None  # {address, base_url, token_file} once the HTTP front end listens
@@ -97,12 +101,24 @@ class Daemon:
             return responses.error(rid, p.ErrorCode.NOT_FOUND, str(e))
         except AlreadyExists as e:
             return responses.error(rid, p.ErrorCode.ALREADY_EXISTS, str(e))
+        except RecordsReplaced as e:
+            return responses.error(rid, p.ErrorCode.INTERNAL, str(e))  # logged once, loudly, by Records
+        except ContextTooLong as e:
+            return responses.error(rid, p.ErrorCode.CONTEXT_TOO_LONG, str(e))
         except sqlite3.Error as e:
             # e.g. a full disk: expected enough to deserve one line, not a traceback.
             log.error("request %s (%s): the records could not be updated: %s", rid, req.op, e)
+            if "locked" in str(e):  # another process holds the database's write lock
+                return responses.error(rid, p.ErrorCode.BUSY, f"the records are locked by another process ({e}); "
+                                                              "nothing was recorded; try again")
             return responses.error(rid, p.ErrorCode.INTERNAL, f"the records could not be updated ({e}); nothing was recorded")
         except ConnectionError:
             raise  # the client went away (emit saw it): no one to answer, nothing went wrong here
+        except OSError as e:
+            # e.g. a read-only home (delete and reset then change nothing: AgentStore.delete).
+            log.error("request %s (%s) failed: %s", rid, req.op, e)
+            where = f": {e.filename}" if e.filename else ""
+            return responses.error(rid, p.ErrorCode.INTERNAL, f"{req.op} failed ({e.strerror or e}{where})")
         except Exception as e:
             log.exception("request %s (%s) failed", rid, req.op)
             return responses.error(rid, p.ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
@@ -110,6 +126,21 @@ class Daemon:
     async def _mlx(self, fn, *args, agent: str | None = None, **kwargs):
         """Run `fn` on the MLX thread between steps; with `agent`, after that agent's turn."""
         return await asyncio.wrap_future(self.scheduler.submit(fn, *args, agent=agent, **kwargs))
+
+    async def _io(self, fn, *args, **kwargs):
+        """Record reads and cache-file headers, off the event loop: a slow disk then holds
+        this request only, never ping or the other connections. (In WAL mode a read never
+        waits for a writer, so reads share one thread and one SQLite connection.)"""
+        return await self._off_loop(self._reads, fn, *args, **kwargs)
+
+    async def _io_write(self, fn, *args, **kwargs):
+        """Record writes on their own thread: one waiting out another process's write lock
+        (up to the busy timeout) holds back other writes, never reads or ping."""
+        return await self._off_loop(self._writes, fn, *args, **kwargs)
+
+    @staticmethod
+    async def _off_loop(executor: ThreadPoolExecutor, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(fn, *args, **kwargs))
 
     # ---- handlers -----------------------------------------------------------------
 
@@ -156,7 +187,7 @@ class Daemon:
             "scheduler": self.scheduler.status(),
             "problems": [pr.__dict__ for pr in self.store.problems],
             "http": self.http,
-            "agents": self._infos(),
+            "agents": await self._io(self._infos),
         }
 
     def _infos(self) -> list[dict]:
@@ -166,22 +197,22 @@ class Daemon:
         return self.store.info(name).to_wire()
 
     async def _op_create(self, req: p.Create, rid, emit) -> dict:
-        self.store.create(req.name, req.role, req.system)
-        return {"agent": self._info(req.name)}
+        await self._io_write(self.store.create, req.name, req.role, req.system)
+        return {"agent": await self._io(self._info, req.name)}
 
     async def _op_fork(self, req: p.Fork, rid, emit) -> dict:
-        self.store.fork(req.source, req.name)
-        return {"agent": self._info(req.name)}
+        await self._io_write(self.store.fork, req.source, req.name)
+        return {"agent": await self._io(self._info, req.name)}
 
     async def _op_list(self, req, rid, emit) -> dict:
-        return {"agents": self._infos()}
+        return {"agents": await self._io(self._infos)}
 
     async def _op_show(self, req: p.Show, rid, emit) -> dict:
-        rec = self.store.records.get(req.name, with_messages=False)
-        return {"agent": self._info(req.name), "system": rec.system}
+        rec = await self._io(self.store.records.get, req.name, with_messages=False)
+        return {"agent": await self._io(self._info, req.name), "system": rec.system}
 
     async def _op_history(self, req: p.History, rid, emit) -> dict:
-        return {"messages": self.store.records.get(req.name).messages}
+        return {"messages": (await self._io(self.store.records.get, req.name)).messages}
 
     async def _op_delete(self, req: p.Delete, rid, emit) -> dict:
         await self._mlx(self.store.delete, req.name, agent=req.name)
@@ -189,23 +220,28 @@ class Daemon:
 
     async def _op_reset(self, req: p.Reset, rid, emit) -> dict:
         await self._mlx(self.store.reset, req.name, agent=req.name)
-        return {"agent": self._info(req.name)}
+        return {"agent": await self._io(self._info, req.name)}
 
     async def _op_save(self, req: p.Save, rid, emit) -> dict:
         if req.name is not None:
-            self.store.records.get(req.name, with_messages=False)  # NOT_FOUND for unknown names
+            await self._io(self.store.records.get, req.name, with_messages=False)  # NOT_FOUND for unknown names
             saved = [req.name] if await self._mlx(self.store.save, req.name, agent=req.name) else []
         else:
-            saved = await self._mlx(self.store.save_all)
-            # Agents mid-turn were skipped (their cache belongs to the turn): save each right
-            # after its turn, so "every dirty agent" holds when this returns.
-            for name, facts in self.store.hot.snapshot().items():
-                if facts.busy and await self._mlx(self.store.save, name, agent=name):
-                    saved.append(name)
+            saved = await self._save_every_dirty_agent()
         return {"saved": saved}
 
+    async def _save_every_dirty_agent(self) -> list[str]:
+        """save_all between steps; agents mid-turn are skipped there (their cache belongs to
+        the turn), so each is saved right after its turn retires: when this returns, every
+        agent that was dirty has been saved."""
+        saved = await self._mlx(self.store.save_all)
+        for name, facts in self.store.hot.snapshot().items():
+            if facts.busy and await self._mlx(self.store.save, name, agent=name):
+                saved.append(name)
+        return saved
+
     async def _op_evict(self, req: p.Evict, rid, emit) -> dict:
-        self.store.records.get(req.name, with_messages=False)
+        await self._io(self.store.records.get, req.name, with_messages=False)
         hot = self.store.hot.snapshot().get(req.name)
         if hot is not None and hot.busy:
             raise p.ProtocolError(p.ErrorCode.BUSY, f"agent {req.name!r} has a request in flight")
@@ -226,14 +262,14 @@ class Daemon:
         return {"stopping": True}
 
     async def _op_chat(self, req: p.Chat, rid, emit) -> dict:
-        self.store.records.get(req.name, with_messages=False)
+        await self._io(self.store.records.get, req.name, with_messages=False)
 
         return await self._streamed(rid, emit, lambda on_token, should_stop, on_progress: ChatPlan(
             req.name, req.new_messages, req.sampling, on_token=on_token, on_progress=on_progress,
             should_stop=should_stop))
 
     async def _op_turn(self, req: p.Turn, rid, emit) -> dict:
-        self.store.records.get(req.name, with_messages=False)
+        await self._io(self.store.records.get, req.name, with_messages=False)
         # A turn that follows a resent conversation decides what to keep from the transcript
         # it reads; a second one in flight for the same agent would read a stale one.
         if req.name in self._turning:
@@ -252,7 +288,7 @@ class Daemon:
             on_token=on_token, should_stop=should_stop, on_progress=on_progress))
 
     async def _op_response(self, req: p.GetResponse, rid, emit) -> dict:
-        row = self.store.records.get_response(req.response_id)
+        row = await self._io(self.store.records.get_response, req.response_id)
         return {"response_id": row["id"], "agent": row["agent"], "created_at": row["created_at"],
                 "n_messages": row["n_messages"], "body": json.loads(row["body"])}
 
@@ -294,7 +330,9 @@ class Daemon:
             self._cancels.discard(cancel)
         result = job.result()
         if result["finish_reason"] == "cancelled":
-            raise p.ProtocolError(p.ErrorCode.CANCELLED, "generation cancelled")
+            if self.stopping:
+                raise p.ProtocolError(p.ErrorCode.SHUTTING_DOWN, "agentd is shutting down; the turn was not recorded")
+            raise p.ProtocolError(p.ErrorCode.CANCELLED, "generation cancelled; the turn was not recorded")
         return result
 
     # ---- policies: flush and memory ----------------------------------------------
@@ -315,7 +353,7 @@ class Daemon:
         return saved
 
     async def preload(self, n: int) -> list[str]:
-        names = self.store.records.most_recent(n)
+        names = await self._io(self.store.records.most_recent, n)
         for name in names:
             await self._mlx(self.store.acquire, name, agent=name)
         return names
@@ -336,7 +374,7 @@ class Daemon:
     async def final_flush(self) -> list[str]:
         """After in-flight work is done: save every dirty agent, then close the records."""
         try:
-            saved = await self._mlx(self.store.save_all)
+            saved = await self._save_every_dirty_agent()  # cancelled turns retire at the next step
         except Exception as e:
             log.error("final flush failed: %s", e)
             saved = []
@@ -344,3 +382,10 @@ class Daemon:
         self.scheduler.drain(timeout=30)
         return saved
 
+    async def close_records(self) -> None:
+        """Last, once no request can come: close the record connections of the read and write
+        threads too. SQLite checkpoints the WAL into the database and removes the -wal and
+        -shm files when the last connection closes, so the next start finds no stale WAL."""
+        for executor in (self._reads, self._writes):
+            await self._off_loop(executor, self.store.records.close)
+            executor.shutdown(wait=False)

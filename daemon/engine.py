@@ -32,6 +32,45 @@ class ModelLoadError(Exception):
     """The model folder is missing or cannot be loaded; the message says which and why."""
 
 
+class ContextTooLong(ValueError):
+    """A prompt that leaves the model no room to reply; refused before any prefill."""
+
+
+# Tokenizers write "no limit" as a huge sentinel (1e30); anything above this is not a context.
+_PLAUSIBLE_CONTEXT = 10**8
+
+
+def context_length(model_dir: Path, tokenizer=None) -> int | None:
+    """The most tokens the model attends to: the smallest of its config's position limit
+    and the tokenizer's `model_max_length`; None when neither states one."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    limits = []
+    for cfg in (config, config.get("text_config") or {}):
+        for key in ("max_position_embeddings", "max_sequence_length", "n_positions", "seq_length"):
+            if isinstance(cfg.get(key), int) and cfg[key] > 0:
+                limits.append(cfg[key])
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < _PLAUSIBLE_CONTEXT:
+        limits.append(tok_max)
+    return min(limits) if limits else None
+
+
+def finish_text(detok, on_token: Callable[[str], None] | None = None) -> str:
+    """Flush a streaming detokenizer and return the whole reply text.
+
+    A reply cut (max_tokens, the end of the context) inside a multi-byte character leaves
+    that character's first bytes unflushed, and `finalize` decodes them as U+FFFD. They
+    are not text: the replacement characters at the very end are dropped, from what is
+    streamed and from what is stored alike.
+    """
+    detok.finalize()
+    tail = detok.last_segment
+    kept = tail.rstrip("\ufffd")
+    if on_token is not None and kept:
+        on_token(kept)
+    return detok.text[: len(detok.text) - (len(tail) - len(kept))]
+
+
 def common_prefix_len(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -100,7 +139,21 @@ class Engine:
             self.model_dir, getattr(self.tokenizer, "chat_template", None)
         )
         self.eos_ids = set(self.tokenizer.eos_token_ids)
+        self.context_length = context_length(self.model_dir, getattr(self.tokenizer, "_tokenizer", None))
         self.model_bytes = sum(v.nbytes for _, v in _leaves(self.model.parameters()))
+
+    def room_for_reply(self, prompt_tokens: int, max_tokens: int, *, who: str = "", advice: str = "") -> int:
+        """`max_tokens` cut to what the context leaves after the prompt. A prompt that leaves
+        nothing raises ContextTooLong, meant to be called before anything is prefilled."""
+        if self.context_length is None:
+            return max_tokens
+        if prompt_tokens >= self.context_length:
+            raise ContextTooLong(
+                f"{who}the conversation with this message is {prompt_tokens} tokens and the model's context is "
+                f"{self.context_length}, which leaves no room for a reply; nothing was recorded: "
+                f"{advice or 'send a shorter message'}"
+            )
+        return min(max_tokens, self.context_length - prompt_tokens)
 
     def _compute_dtype(self) -> str:
         """The dtype keys and values are cached in, read off a one-token forward pass.

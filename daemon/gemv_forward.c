@@ -119,6 +119,14 @@ typedef struct {
     float alpha, beta;
 } product;
 
+/* GCC folds each load into every FMA that uses it (20 loads for 16 FMAs a step, the loads
+ * then bound the tile); an empty asm that takes the vector in a register makes it load each
+ * operand once (8 loads): 20-35% faster at 16-32 rows, same results. */
+#if defined(__x86_64__) && defined(__AVX__) && defined(__GNUC__)
+#define KEEP_IN_REGISTER(v) __asm__("" : "+v"(v))
+#else
+#define KEEP_IN_REGISTER(v) (void)0
+#endif
 /* B stored n x k (C = A B^T, MLX's x @ W.T): a tile is NT_R rows of B by MM rows of A. */
 enum { NT_R = 4 };
 #define DEFINE_NT_TILE(MM)                                                                        \
@@ -130,9 +138,13 @@ enum { NT_R = 4 };
         int full = k - k % VEC, p = 0;                                                            \
         for (; p < full; p += VEC) {                                                              \
             vf bv[NT_R];                                                                          \
-            _Pragma("GCC unroll 4") for (int x = 0; x < NT_R; x++) bv[x] = load(b[x] + p);        \
+            _Pragma("GCC unroll 4") for (int x = 0; x < NT_R; x++) {                              \
+                bv[x] = load(b[x] + p);                                                           \
+                KEEP_IN_REGISTER(bv[x]);                                                          \
+            }                                                                                     \
             _Pragma("GCC unroll 4") for (int y = 0; y < MM; y++) {                                \
                 vf av = load(a + (size_t)y * kp + p);                                             \
+                KEEP_IN_REGISTER(av);                                                             \
                 _Pragma("GCC unroll 4") for (int x = 0; x < NT_R; x++) acc[x][y] += bv[x] * av;   \
             }                                                                                     \
         }                                                                                         \

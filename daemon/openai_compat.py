@@ -48,6 +48,8 @@ _ERRORS = {
     p.ErrorCode.INTERNAL: (500, "server_error", "internal_error"),
     p.ErrorCode.MODEL_ERROR: (500, "server_error", "model_error"),
     p.ErrorCode.BAD_BUNDLE: (400, "invalid_request_error", "bad_bundle"),
+    # OpenAI's own name for a prompt beyond the model's context.
+    p.ErrorCode.CONTEXT_TOO_LONG: (400, "invalid_request_error", "context_length_exceeded"),
 }
 
 

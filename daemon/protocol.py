@@ -53,7 +53,9 @@ sends `hello` first on every connection. Ops and fields (defaults in brackets):
     ResponseRef {id: str (<= 100 chars), meta: map}: store the turn's result as a Responses
               API object under `id`, with `meta` (how the front end built the request)
 
-An agent name is 1..64 of letters, digits, "-", "_", "." and does not start with ".".
+An agent name is 1..64 of letters, digits, "-", "_", "." and does not start with "." (no
+hidden files, and none of agentd's temp files) nor "-" (it would read as an option to
+`agentctl`).
 
 Responses (daemon -> client) and the result fields of each op: `agentd.responses`.
 """
@@ -99,6 +101,8 @@ class ErrorCode(str, Enum):
     INTERNAL = "INTERNAL"
     MODEL_ERROR = "MODEL_ERROR"
     BAD_BUNDLE = "BAD_BUNDLE"  # an imported agent bundle that is refused (truncated, corrupt, ...)
+    PERMISSION_DENIED = "PERMISSION_DENIED"  # the peer is another user (agentd serves only its own)
+    CONTEXT_TOO_LONG = "CONTEXT_TOO_LONG"  # the conversation no longer fits the model's context
 
 
 class ProtocolError(Exception):
@@ -114,14 +118,15 @@ class ProtocolError(Exception):
         return f"{self.code.value}: {self.message}"
 
 
-_NAME_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
 
 def validate_agent_name(name: Any) -> str:
     """Return `name` if it is a valid agent name, else raise ProtocolError(INVALID_NAME).
 
     Names become file names, so only 1..64 ASCII letters, digits, "-", "_", "." are
-    allowed, and not a leading "." (which excludes ".", ".." and hidden files).
+    allowed, and not a leading "." (which excludes ".", "..", hidden files and agentd's
+    `.tmp-` temp files) nor a leading "-" (which `agentctl` would take for an option).
     """
     if not isinstance(name, str):
         raise ProtocolError(ErrorCode.INVALID_NAME, f"agent name must be a string, not {type(name).__name__}")
@@ -133,6 +138,10 @@ def validate_agent_name(name: Any) -> str:
         )
     if name.startswith("."):
         raise ProtocolError(ErrorCode.INVALID_NAME, f"agent name {name!r} must not start with '.'")
+    if name.startswith("-"):
+        raise ProtocolError(
+            ErrorCode.INVALID_NAME, f"agent name {name!r} must not start with '-' (agentctl would read it as an option)"
+        )
     if not _NAME_RE.fullmatch(name):
         raise ProtocolError(
             ErrorCode.INVALID_NAME,

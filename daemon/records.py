@@ -13,11 +13,16 @@ adds `responses`: what the HTTP front end's Responses API needs to answer
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger("agentd.records")
 
 SCHEMA_VERSION = 2
 
@@ -66,6 +71,11 @@ class RecordError(Exception):
     pass
 
 
+class RecordsReplaced(RecordError):
+    """agents.db was deleted or replaced while the daemon had it open: what would be written
+    now would go into a file the next start cannot find, so nothing more is."""
+
+
 class AlreadyExists(RecordError):
     pass
 
@@ -86,12 +96,32 @@ class AgentRecord:
     messages: list[dict] = field(default_factory=list)
 
 
+REPLACED_MESSAGE = (
+    "{path} was deleted or replaced while agentd was running, so nothing more can be recorded "
+    "(and this change was not); restart agentd: it recovers every agent from its cache file, which "
+    "the final flush at stop brings up to date for the agents in memory"
+)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class Records:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._local = threading.local()
+        self.replaced = False  # set once the file at `path` is no longer the one open
+        self._set_aside_orphaned_wal()
+        # WAL is a property of the file, set once here; per-connection it would need a lock
+        # that another process holding the database would make every new reader wait for.
+        self._db().execute("PRAGMA journal_mode=WAL")
         self._db().executescript(_SCHEMA)
-        with self._conn() as db:
+        with self._write() as db:
             row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             # A database without a version was just created from schema 1 above.
             version = 1 if row is None else int(row[0])
@@ -102,24 +132,53 @@ class Records:
                     db.execute(statement)
             db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
-    def _conn(self) -> "_Tx":
-        return _Tx(self._db())
+    def _set_aside_orphaned_wal(self) -> None:
+        """A -wal or -shm without its database belongs to a deleted one (SQLite never removes
+        the database itself): replayed into a new database it would corrupt it."""
+        if self.path.exists():
+            return
+        for suffix in ("-wal", "-shm"):
+            side = self.path.with_name(self.path.name + suffix)
+            if side.exists():
+                aside = side.with_name(f"{side.name}.orphaned-{int(time.time() * 1000)}")
+                os.replace(side, aside)
+                log.warning("%s has no database beside it; moved it aside to %s", side.name, aside.name)
+
+    def _check_still_ours(self) -> None:
+        """Before and after every write: the file at our path must be the one this thread's
+        connection has open, or the write would be acknowledged yet lost at the next start."""
+        if _identity(self.path) == self._local.identity:
+            return
+        message = REPLACED_MESSAGE.format(path=self.path)
+        if not self.replaced:
+            self.replaced = True
+            log.error("%s", message)
+        raise RecordsReplaced(message)
+
+    def _read(self) -> "_Tx":
+        """A read transaction: deferred, so it takes no write lock and, in WAL mode, never
+        waits for a writer (another process holding BEGIN IMMEDIATE included)."""
+        return _Tx(self._db(), "BEGIN")
+
+    def _write(self) -> "_Tx":
+        """A write transaction: the write lock from the start, so it cannot deadlock halfway."""
+        return _Tx(self._db(), "BEGIN IMMEDIATE", check=self._check_still_ours)
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
             db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")
             db.row_factory = sqlite3.Row
             self._local.db = db
+            self._local.identity = _identity(self.path)
         return db
 
     def create(self, name: str, role: str, system: str) -> AgentRecord:
         now = time.time()
         try:
-            with self._conn() as db:
+            with self._write() as db:
                 db.execute("INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?)", (name, role, system, now, now, now))
         except sqlite3.IntegrityError:
             raise AlreadyExists(f"agent {name!r} already exists") from None
@@ -128,13 +187,13 @@ class Records:
     def fork(self, source: str, name: str) -> None:
         """Copy `source`'s role, system prompt and messages to a new agent, in one transaction."""
         try:
-            with self._conn() as db:
+            with self._write() as db:
                 self._copy(db, source, name, time.time())
         except sqlite3.IntegrityError:
             raise AlreadyExists(f"agent {name!r} already exists") from None
 
     def get(self, name: str, with_messages: bool = True) -> AgentRecord:
-        with self._conn() as db:
+        with self._read() as db:
             row = db.execute(
                 "SELECT a.*, (SELECT COUNT(*) FROM messages m WHERE m.agent=a.name) AS n "
                 "FROM agents a WHERE name=?",
@@ -151,18 +210,18 @@ class Records:
         return rec
 
     def exists(self, name: str) -> bool:
-        with self._conn() as db:
+        with self._read() as db:
             return db.execute("SELECT 1 FROM agents WHERE name=?", (name,)).fetchone() is not None
 
     def all(self) -> list[AgentRecord]:
-        with self._conn() as db:
+        with self._read() as db:
             rows = db.execute(
                 "SELECT a.*, (SELECT COUNT(*) FROM messages m WHERE m.agent=a.name) AS n FROM agents a ORDER BY name"
             ).fetchall()
         return [_record(r) for r in rows]
 
     def most_recent(self, n: int) -> list[str]:
-        with self._conn() as db:
+        with self._read() as db:
             rows = db.execute("SELECT name FROM agents ORDER BY last_used_at DESC LIMIT ?", (n,)).fetchall()
         return [r["name"] for r in rows]
 
@@ -190,7 +249,7 @@ class Records:
         """
         now = time.time()
         try:
-            with self._conn() as db:
+            with self._write() as db:
                 if branch is not None:
                     self._copy(db, name, branch, now)
                 if keep is not None:
@@ -228,7 +287,7 @@ class Records:
         """
         from .protocol import MAX_NAME_CHARS
 
-        with self._conn() as db:
+        with self._read() as db:
             taken = {r[0].lower() for r in db.execute("SELECT name FROM agents")}
         n = 1
         while True:
@@ -240,40 +299,40 @@ class Records:
 
     def put_response(self, response_id: str, agent: str | None, n_messages: int, body: str) -> None:
         """Store a Responses API object that did not come with a turn commit (stateless)."""
-        with self._conn() as db:
+        with self._write() as db:
             db.execute("INSERT INTO responses VALUES (?, ?, ?, ?, ?)", (response_id, agent, time.time(), n_messages, body))
 
     def has_response(self, response_id: str) -> bool:
-        with self._conn() as db:
+        with self._read() as db:
             return db.execute("SELECT 1 FROM responses WHERE id=?", (response_id,)).fetchone() is not None
 
     def get_response(self, response_id: str) -> dict:
         """`{id, agent, created_at, n_messages, body}` of a stored response, or NotFound."""
-        with self._conn() as db:
+        with self._read() as db:
             row = db.execute("SELECT * FROM responses WHERE id=?", (response_id,)).fetchone()
         if row is None:
             raise NotFound(f"no response with id {response_id!r}")
         return dict(row)
 
     def touch(self, name: str) -> None:
-        with self._conn() as db:
+        with self._write() as db:
             db.execute("UPDATE agents SET last_used_at=? WHERE name=?", (time.time(), name))
 
     def reset(self, name: str) -> None:
         now = time.time()
-        with self._conn() as db:
+        with self._write() as db:
             if db.execute("UPDATE agents SET updated_at=? WHERE name=?", (now, name)).rowcount != 1:
                 raise NotFound(f"no agent named {name!r}")
             db.execute("DELETE FROM messages WHERE agent=?", (name,))
 
     def delete(self, name: str) -> None:
-        with self._conn() as db:
+        with self._write() as db:
             if db.execute("DELETE FROM agents WHERE name=?", (name,)).rowcount != 1:
                 raise NotFound(f"no agent named {name!r}")
 
     def restore(self, rec: AgentRecord) -> None:
         """Re-insert a record recovered from elsewhere (a cache file's copy), if absent."""
-        with self._conn() as db:
+        with self._write() as db:
             if db.execute("SELECT 1 FROM agents WHERE name=?", (rec.name,)).fetchone():
                 return
             db.execute(
@@ -287,13 +346,13 @@ class Records:
 
     def name_taken(self, name: str) -> bool:
         """Whether `name`, or a name differing from it only in case, is an agent's."""
-        with self._conn() as db:
+        with self._read() as db:
             return db.execute("SELECT 1 FROM agents WHERE name=? COLLATE NOCASE", (name,)).fetchone() is not None
 
     def add(self, rec: AgentRecord) -> None:
         """Insert a whole agent (record and messages) in one transaction; AlreadyExists if taken."""
         try:
-            with self._conn() as db:
+            with self._write() as db:
                 db.execute(
                     "INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?)",
                     (rec.name, rec.role, rec.system, rec.created_at, rec.updated_at, rec.last_used_at),
@@ -315,15 +374,24 @@ class Records:
 class _Tx:
     """`with` gives one transaction on the thread's connection (isolation_level=None)."""
 
-    def __init__(self, db: sqlite3.Connection):
+    def __init__(self, db: sqlite3.Connection, begin: str, check: Callable[[], None] | None = None):
         self.db = db
+        self.begin = begin
+        self.check = check  # raises if the transaction must not (or did not usefully) happen
 
     def __enter__(self) -> sqlite3.Connection:
-        self.db.execute("BEGIN IMMEDIATE")
+        if self.check:
+            self.check()
+        self.db.execute(self.begin)
         return self.db
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        if exc_type is not None:
+            self.db.execute("ROLLBACK")
+            return
+        self.db.execute("COMMIT")
+        if self.check:
+            self.check()  # the file may have gone during the transaction
 
 
 def _extra(message: dict) -> str | None:

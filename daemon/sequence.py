@@ -17,7 +17,7 @@ from typing import Callable
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_top_p, greedy_sampler
 
-from .engine import Engine, common_prefix_len
+from .engine import Engine, common_prefix_len, finish_text
 from .protocol import Sampling
 from .responses import FinishReason
 
@@ -185,15 +185,16 @@ class Sequence:
         if self.phase == DONE:
             return
         self.phase = DONE
-        self.detok.finalize()
+        # finish_text: a reply cut inside a multi-byte character ends before it (no U+FFFD).
         if self._stop:
-            text = self._text if self._text is not None else self.detok.text
+            full = finish_text(self.detok)
+            text = self._text if self._text is not None else full
             self._text = text
             if self.on_token is not None and len(text) > self._emitted:
                 self.on_token(text[self._emitted:])
             self._emitted = len(text)
-        elif self.on_token is not None and (segment := self.detok.last_segment):
-            self.on_token(segment)
+        else:
+            self._text = finish_text(self.detok, self.on_token)
         if self.ttft_s is not None:
             self.decode_s = time.perf_counter() - self.t_decode
 

@@ -16,6 +16,7 @@ Stages 1 and 3 run on the MLX thread when the scheduler admits and retires the t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -82,6 +83,8 @@ class Turns:
         except Exception as e:  # jinja raises many types; all mean this request cannot be rendered
             raise ProtocolError(ErrorCode.BAD_REQUEST,
                                 f"the model's chat template cannot render this conversation: {type(e).__name__}: {e}")
+        # Before any cache is loaded or prefilled: a conversation beyond the context is refused.
+        self.store.engine.room_for_reply(len(prompt), 1, who=f"agent {name!r}: " if name else "")
         return PreparedTurn(name, plan, system, convo, prompt, response, splitter_for(self.store.engine.tokenizer, tools),
                             on_token)
 
@@ -177,7 +180,10 @@ class TurnOpPlan:
             if self.turns._scratch is None:
                 self.turns._scratch = HotAgent("", store.engine.new_cache(), [])
             agent, source, restore_ms = self.turns._scratch, None, 0.0
-        return store.open_turn(agent, source, restore_ms, self.prepared.prompt, self.sampling, [],
+        # The reply ends where the context does (the prompt itself was checked in _prepared).
+        room = store.engine.room_for_reply(len(self.prepared.prompt), self.sampling.max_tokens)
+        sampling = self.sampling if room >= self.sampling.max_tokens else dataclasses.replace(self.sampling, max_tokens=room)
+        return store.open_turn(agent, source, restore_ms, self.prepared.prompt, sampling, [],
                                on_token=self.prepared.stream, should_stop=self.should_stop,
                                on_progress=self.on_progress)
 

@@ -93,8 +93,11 @@ def uninstall(target: str) -> None:
 @service.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @target_option
-def status(as_json: bool, target: str) -> None:
+@click.pass_context
+def status(ctx: click.Context, as_json: bool, target: str) -> None:
     """Installed? loaded? running? pid, logs, last exit status, and whether it answers."""
+    # `agentctl --json service status` asks for JSON as much as `service status --json`.
+    as_json = as_json or bool(getattr(ctx.find_root().obj, "as_json", False))
     manager = _manager(target)
     installed = manager.path.exists()
     sock = manager.installed_socket() if installed else None

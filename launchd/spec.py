@@ -17,8 +17,9 @@ LABEL = "com.agentd.agentd"
 UNIT = "agentd.service"
 TARGETS = ("launchd", "systemd")
 
-# The daemon flushes every dirty agent before it exits; the service manager must wait
-# that long before it escalates to SIGKILL.
+# The daemon flushes every dirty agent first, then gives replies in flight at most
+# agentd.server.DRAIN_TIMEOUT_S (5 s) and closes every connection: the service manager
+# must wait that long before it escalates to SIGKILL, which leaves the flush ~50 s.
 STOP_TIMEOUT_SECONDS = 60
 # launchd waits at least this long between two launches of a crashing daemon.
 THROTTLE_INTERVAL_SECONDS = 10

@@ -232,10 +232,10 @@ def test_failed_write_leaves_the_old_file_intact_and_no_temp_behind(engines, hom
     assert store.snapshot()["a"]["dirty"]  # still dirty: a later flush retries
 
 
-def test_leftover_partial_file_is_never_loaded_and_is_removed(engines, home):
+def test_leftover_temp_file_is_never_loaded_and_is_removed(engines, home):
     engine = engines["llama"]
     path = _saved(engine, home)
-    partial = path.with_name("a.partial.safetensors")
+    partial = path.with_name(".tmp-0123456789ab-a.safetensors")
     partial.write_bytes(b"half a file")
     path.unlink()
     store = _store(home, engine)

@@ -19,7 +19,7 @@ import pytest
 
 from agentctl.client import ClientError
 from agentd import cachefile
-from agentd.atomic import is_partial
+from agentd.atomic import is_temp
 from agentd.engine import Engine
 from daemonproc import DaemonProc
 
@@ -40,11 +40,11 @@ def caches(d: DaemonProc) -> Path:
 
 
 def partials(d: DaemonProc) -> list[Path]:
-    return [p for p in caches(d).iterdir() if p.is_file() and is_partial(p)]
+    return [p for p in caches(d).iterdir() if p.is_file() and is_temp(p)]
 
 
 def finals(d: DaemonProc) -> list[Path]:
-    return [p for p in caches(d).iterdir() if p.is_file() and not is_partial(p)]
+    return [p for p in caches(d).iterdir() if p.is_file() and not is_temp(p)]
 
 
 def turns(messages: list[dict]) -> list[tuple[str, str]]:
@@ -305,7 +305,7 @@ def test_injected_enospc_half_way_through_a_flush_backs_off_and_retries(home, ti
             assert flush["last_result"] == "failed" and flush["consecutive_failures"] == expected
             assert flush["last_error"] == "OSError: [Errno 28] No space left on device"
             delays.append(round(daemon.flush.next_due - t, 1))
-            assert path.read_bytes() == before and [q.name for q in path.parent.glob("*.partial*")] == []
+            assert path.read_bytes() == before and [q.name for q in path.parent.glob(".tmp-*")] == []
         assert delays == [0.4, 0.8, 1.6]
         attempts = state["attempts"]
         await daemon.tick()  # not due yet: no attempt

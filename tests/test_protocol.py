@@ -74,7 +74,8 @@ def test_temperature_int_is_normalised_to_float():
 
 @pytest.mark.parametrize(
     "name",
-    ["../x", "", "a" * 65, "a\x00b", ".hidden", ".", "..", "a/b", "a b", "é", "a\\b", "a\n", 5, None, b"abc", ["a"]],
+    ["../x", "", "a" * 65, "a\x00b", ".hidden", ".", "..", "a/b", "a b", "é", "a\\b", "a\n", 5, None, b"abc", ["a"],
+     "-dash", "--help", ".tmp-0123-a"],
 )
 def test_bad_names_are_invalid_name(name):
     with pytest.raises(ProtocolError) as info:
@@ -88,7 +89,7 @@ def test_bad_names_are_invalid_name(name):
     assert info.value.request_id == 4
 
 
-@pytest.mark.parametrize("name", ["a", "A-b_c.d", "x" * 64, "0", "agent.v2", "a..b", "-dash", "_u"])
+@pytest.mark.parametrize("name", ["a", "A-b_c.d", "x" * 64, "0", "agent.v2", "a..b", "a-", "_u", "x.partial"])
 def test_good_names(name):
     assert p.validate_agent_name(name) == name
     assert p.Save(name).name == name
@@ -242,13 +243,14 @@ def test_error_codes_are_their_names():
     assert {c.name for c in ErrorCode} == {
         "BAD_FRAME", "BAD_REQUEST", "UNKNOWN_OP", "PROTOCOL_MISMATCH", "INVALID_NAME", "NOT_FOUND",
         "ALREADY_EXISTS", "BUSY", "CANCELLED", "SHUTTING_DOWN", "INTERNAL", "MODEL_ERROR", "BAD_BUNDLE",
+        "PERMISSION_DENIED", "CONTEXT_TOO_LONG",
     }  # fmt: skip
     assert all(c.value == c.name for c in ErrorCode)
 
 
 # --- property-based -------------------------------------------------------------------
 
-names = st.from_regex(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,63}", fullmatch=True)
+names = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}", fullmatch=True)
 texts = st.text(st.characters(exclude_categories=("Cs",)), max_size=200)
 
 requests = st.one_of(
@@ -291,7 +293,7 @@ def test_property_arbitrary_maps_only_raise_protocol_error(wire):
 def test_property_name_validation_matches_the_rule(name):
     ok = (
         0 < len(name) <= 64
-        and not name.startswith(".")
+        and not name.startswith((".", "-"))
         and all(c.isascii() and (c.isalnum() or c in "-_.") for c in name)
     )
     try:

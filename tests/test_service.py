@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from agentctl.cli import cli as agentctl_cli  # imported before `env` hides agentctl.client
 from agentctl.service import examples
 from agentctl.service.cli import service
 from agentctl.service.files import write_atomic
@@ -715,3 +716,12 @@ def test_launchd_end_to_end_with_the_real_daemon(env, monkeypatch, request):
     assert not env.socket.exists()  # the daemon shut down cleanly and removed it
     report = json.loads(invoke("status", "--target", "launchd", "--json").output)
     assert not report["installed"] and not report["loaded"] and not report["answering"]
+
+
+def test_issue16_item14_agentctl_json_service_status_prints_one_json_object(env):
+    """issue 16 item 14: `agentctl --json service status` printed the text table."""
+    result = CliRunner().invoke(agentctl_cli, ["--json", "service", "status", "--target", "systemd"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    assert report["target"] == "systemd" and report["installed"] is False
