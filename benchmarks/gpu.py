@@ -320,7 +320,7 @@ def split_main(args) -> None:
     info = {"device_info": {k: str(v) for k, v in mx.device_info().items()}, "default_device": str(mx.default_device()),
             "cuda": bool(getattr(mx, "cuda", None) and mx.cuda.is_available())}
     data = {"machine": {**c.machine_info(), **gpu_info()}, "mlx": info, "disk": disk_bandwidth(work),
-            "split": [restore_split(model_dir, n, work) for n in args.contexts]}
+            "split": [restore_split(model_dir, n, work, runs=args.runs) for n in args.contexts]}
     c.write_json(Path(args.out), data)
     print(json.dumps(data["split"], indent=1)[:6000])
 
@@ -462,6 +462,8 @@ def bench_model(name: str, args, cache_home: Path, save) -> dict:
                       f"rebuilt {reb['ttft_ms']} ms")
             _summarize(contexts)
             save(out)
+        out["concurrent"] = concurrent_decode(d, tok, args.agents)
+        save(out)
         for n in args.contexts:  # warm restore: evicted and reloaded in the same process
             with d.client() as cl:
                 cl.evict(f"a{n}")
@@ -472,6 +474,42 @@ def bench_model(name: str, args, cache_home: Path, save) -> dict:
         save(out)
         d.stop()
     return out
+
+
+def concurrent_decode(d: "c.Daemon", tok: "c.Tok", counts: list[int], context: int = 512, reply: int = 64) -> list:
+    """Aggregate decode for N agents answering at once (the scheduler batches them): each has
+    a `context`-token prompt and asks for `reply` tokens; aggregate = all tokens generated
+    over the time from the first first-token to the last reply's end, at the client."""
+    import threading
+
+    rows = []
+    for n in counts:
+        names = [f"k{n}-{i}" for i in range(n)]
+        with d.client() as cl:
+            for i, name in enumerate(names):
+                cl.create(name, system=tok.text_of_length(context, seed_sentences=i))
+        marks: dict = {}
+
+        def one(name: str) -> None:
+            with d.client() as cl:
+                t0 = time.perf_counter()
+                stream = cl.chat(name, "Summarise the log in detail.", max_tokens=reply, temperature=0.0)
+                first = None
+                for _piece in stream:
+                    first = first or time.perf_counter()
+                result = stream.wait()
+                marks[name] = (first or t0, time.perf_counter(), result.get("generated_tokens", 0))
+
+        threads = [threading.Thread(target=one, args=(name,)) for name in names]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(600)
+        firsts, ends, toks = zip(*marks.values())
+        span = max(ends) - min(firsts)
+        rows.append({"agents": n, "tokens": sum(toks), "span_s": span, "aggregate_tps": sum(toks) / span if span else None})
+        c.log(f"concurrent {n}: {rows[-1]}")
+    return rows
 
 
 FOLLOW_UPS = ["In one sentence: what should we check first?", "Which team owns the fix?",
@@ -525,6 +563,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--models-dir", default="/tmp/agentd-gpu-models")
     ap.add_argument("--work", default="/tmp")
+    ap.add_argument("--agents", default="1,2,4,8", help="agents answering at once, for aggregate decode ('' skips)")
     ap.add_argument("--daemon-arg", action="append", help="an extra argument for agentd (repeatable)")
     ap.add_argument("--cache-home", help="XDG_CACHE_HOME for the daemons [default: a new empty folder]")
     ap.add_argument("--quick", action="store_true")
@@ -532,6 +571,7 @@ def main() -> None:
     args = ap.parse_args()
     args.out = args.out or c.OUT_DIR / (f"{NAME}.json" if args.what == "bench" else f"{NAME}_{args.what}.json")
     args.contexts = [int(x) for x in args.contexts.split(",")]
+    args.agents = [int(x) for x in args.agents.split(",") if x]
     if args.what == "probe":
         probe_main(args)
     elif args.what == "split":

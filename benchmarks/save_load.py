@@ -51,6 +51,18 @@ def drop_page_cache(path: Path) -> bool:
         os.close(fd)
 
 
+def stored_files(store, name: str) -> list[Path]:
+    """Every file the agent's stored cache consists of: manifest, blocks, tail (or one v1 file)."""
+    import json
+
+    path = store.cache_path(name)
+    if path.name != "manifest.json":
+        return [path]
+    m = json.loads(path.read_text())
+    files = [path] + [store.repo.blocks.path(b) for b in m["blocks"]]
+    return files + [path.parent / part["file"] for part in (m["tail"], m["window"]) if part]
+
+
 def grow_to(store, engine, name: str, target: int, turn: int) -> None:
     """Append one user/assistant turn bringing the rendered conversation to about `target`."""
     rec = store.records.get(name)
@@ -106,7 +118,6 @@ def main() -> None:
         n_tok = len(agent.tokens)
         prefill_s = time.perf_counter() - t0
         prefilled = n_tok - (results[-1]["tokens"] if results else 0)
-        path = store.cache_path(name)
 
         save_ms, warm_ms, cold_ms, sizes_b = [], [], [], []
         for _ in range(runs):
@@ -115,10 +126,10 @@ def main() -> None:
             t0 = time.perf_counter()
             assert store.save(name)
             save_ms.append((time.perf_counter() - t0) * 1000)
-            sizes_b.append(path.stat().st_size)
+            sizes_b.append(sum(f.stat().st_size for f in stored_files(store, name)))
             for cold, into in ((False, warm_ms), (True, cold_ms)):
                 store.evict(name)  # clean: dropped without a write
-                if cold and not drop_page_cache(path):
+                if cold and not all([drop_page_cache(f) for f in stored_files(store, name)]):
                     continue
                 agent, source, restore_ms = store.acquire(name)
                 assert source == "disk" and len(agent.tokens) == n_tok, (source, len(agent.tokens))

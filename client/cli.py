@@ -318,6 +318,15 @@ def evict(opts: Options, name: str) -> None:
     _emit(opts, result, human)
 
 
+@cli.command()
+@pass_opts
+def gc(opts: Options) -> None:
+    """Delete stored KV blocks that no agent's saved cache names (also done at start and after deletes)."""
+    with _connected(opts) as client:
+        result = client.gc()
+    _emit(opts, result, render.render_gc)
+
+
 # --- portable agents -------------------------------------------------------------------
 
 BUNDLE_SUFFIX = ".agent"

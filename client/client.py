@@ -394,6 +394,10 @@ class Client:
         """{evicted: name, was_dirty: bool}: saved first if dirty, then dropped from memory."""
         return self.request(_build(p.Evict, name))
 
+    def gc(self) -> dict[str, Any]:
+        """{removed_blocks, freed_bytes, store}: delete stored KV blocks no agent names."""
+        return self.request(p.Gc())
+
     def export(self, name: str, sink: Callable[[bytes], None]) -> dict[str, Any]:
         """Stream agent NAME's bundle to `sink`, piece by piece, and return the result
         {name, bytes, sha256, messages, cache_tokens, cache_reason}. The bytes `sink` got

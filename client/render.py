@@ -186,6 +186,8 @@ def render_status(result: dict[str, Any], now: float | None = None) -> str:
                   if result.get("http") else "off")),
         ("agents", f"{len(agents)} ({hot} hot, {dirty} dirty)"),
     ]
+    if store := result.get("store"):
+        pairs.insert(-1, ("store", store_line(store)))
     text = _kv(pairs)
     # Not in the protocol contract yet: the daemon lists refused (quarantined) cache files.
     for problem in result.get("problems") or []:
@@ -196,6 +198,22 @@ def render_status(result: dict[str, Any], now: float | None = None) -> str:
     if agents:
         text += "\n\n" + agents_table(agents, now)
     return text
+
+
+def store_line(store: dict[str, Any]) -> str:
+    """Blocks on disk, what sharing saves, and garbage `agentctl gc` would reclaim."""
+    bits = _get(store, "kv_bits")
+    return (f"{_num(_get(store, 'blocks'))} blocks ({human_bytes(_get(store, 'block_bytes'))}, "
+            f"{_num(_get(store, 'block_tokens'))} tokens each, KV {f'{bits}-bit' if bits else 'unquantized'}), "
+            f"shared {human_bytes(_get(store, 'shared_bytes'))} (saves {human_bytes(_get(store, 'saved_by_sharing_bytes'))}), "
+            f"tails {human_bytes(_get(store, 'agent_bytes'))}, garbage {_num(_get(store, 'garbage_blocks'))} blocks "
+            f"({human_bytes(_get(store, 'garbage_bytes'))})"
+            + (f", {_num(_get(store, 'legacy_files'))} v1 file(s) to convert" if _get(store, "legacy_files") else ""))
+
+
+def render_gc(result: dict[str, Any]) -> str:
+    return (f"Removed {_num(result.get('removed_blocks'))} unused block(s), "
+            f"freed {human_bytes(result.get('freed_bytes'))}.\nstore: {store_line(result.get('store') or {})}")
 
 
 def render_chat_stats(result: dict[str, Any]) -> str:

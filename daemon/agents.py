@@ -10,6 +10,7 @@ safe from any thread.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -21,8 +22,9 @@ import mlx.core as mx
 
 from .atomic import atomic_replace
 from .cachefile import Expectation, cache_nbytes
-from .cacherepo import CACHE_SUFFIX, CacheProblem, CacheRepository, Refusal  # noqa: F401 (re-exported)
-from .engine import Engine
+from .cacherepo import CacheProblem, CacheRepository, Refusal  # noqa: F401 (re-exported)
+from .engine import Engine, common_prefix_len
+from .kvstore import KVSettings
 from .hotset import HotAgent, HotSet
 from .protocol import Sampling, validate_agent_name
 from .records import AgentRecord, AlreadyExists, NotFound, Records
@@ -74,13 +76,17 @@ class AgentStore:
         engine: Engine,
         *,
         replace: Callable = atomic_replace,
+        kv: KVSettings | None = None,
     ):
         self.home = Path(home)
         self.engine = engine
         self.caches_dir = self.home / "caches"
+        self.home.mkdir(parents=True, exist_ok=True)
         self.records = Records(self.home / "agents.db")
+        kv = kv or KVSettings(getattr(engine, "kv_bits", None), getattr(engine, "kv_group_size", 64))
         self.repo = CacheRepository(
-            self.caches_dir, Expectation(engine.fingerprint, engine.tokenizer_fingerprint, engine.dtype), replace=replace
+            self.caches_dir, Expectation(engine.fingerprint, engine.tokenizer_fingerprint, engine.dtype),
+            engine.new_cache, kv, replace=replace,
         )
         self.hot = HotSet()
         self.repo.recover_records(self.records)
@@ -117,8 +123,13 @@ class AgentStore:
         return self.records.create(name, role, system)
 
     def fork(self, source: str, name: str) -> AgentRecord:
+        """A copy of `source`'s record and, where the model allows, of its saved cache:
+        the fork's blocks are the source's, so its first turn prefills only the new message."""
         validate_agent_name(name)
         self.records.fork(source, name)
+        with contextlib.suppress(OSError, NotFound):
+            self.save(source)  # a dirty source is saved first so the fork gets all of it
+            self.repo.fork(source, name, self.records.get(name))
         return self.records.get(name, with_messages=False)
 
     def delete(self, name: str) -> None:
@@ -143,6 +154,10 @@ class AgentStore:
     def _delete_file(self, name: str) -> None:
         if self.repo.delete(name) and (agent := self.hot.get(name)) is not None:
             agent.dirty = True  # its file is gone: should the record change fail, memory is the only copy
+
+    def gc(self) -> dict:
+        """Remove stored blocks no agent's durable manifest names (also done at start and after deletes)."""
+        return self.repo.gc()
 
     def adopt(self, rec: AgentRecord, cache: list | None, tokens: list[int]) -> None:
         """Add a whole agent made elsewhere (an imported bundle): its record and, if given,
@@ -183,7 +198,9 @@ class AgentStore:
                 source = "rebuilt"  # a refused file: its turns come back from the transcript
             agent = HotAgent(name, self.engine.new_cache(), [])
         else:
-            agent = HotAgent(name, loaded.cache, loaded.tokens, last_saved_at=self.repo.saved_at(name))
+            # A v1 file stays dirty until it is saved as blocks (which removes it).
+            agent = HotAgent(name, loaded.cache, loaded.tokens, dirty=loaded.migrated,
+                             last_saved_at=self.repo.saved_at(name))
             source = "disk"
         agent.nbytes = cache_nbytes(agent.cache)
         agent.last_used = time.time()
@@ -206,7 +223,12 @@ class AgentStore:
         should_stop: Callable[[], bool] | None = None,
     ) -> Turn:
         """Start a sequence from `agent`'s cache towards `prompt`. The agent is busy (never
-        evicted, saved or dropped) and its cache belongs to the sequence until close_turn."""
+        evicted, saved or dropped) and its cache belongs to the sequence until close_turn.
+        Where the block store holds a longer prefix of `prompt` than the cache, it is loaded first."""
+        t0 = time.perf_counter()
+        if not agent.busy and self._adopt_stored_prefix(agent, prompt[:-1]):
+            source = "disk"
+            restore_ms += (time.perf_counter() - t0) * 1000
         seq = Sequence(self.engine, agent.cache, agent.tokens, prompt, sampling,
                        on_token=on_token, on_progress=on_progress, should_stop=should_stop)
         agent.busy += 1
@@ -304,6 +326,19 @@ class AgentStore:
             raise
         return self.end_turn(turn)
 
+    def _adopt_stored_prefix(self, agent: HotAgent, tokens: list[int]) -> bool:
+        """Swap in blocks the store holds for a longer prefix of `tokens` than the agent's
+        cache: a new agent, a fork, a reset or an edited turn loads them instead of prefilling."""
+        have = common_prefix_len(agent.tokens, tokens)
+        if self.repo.stored_prefix(tokens) <= have:
+            return False
+        loaded = self.repo.load_prefix(tokens, have)
+        if loaded is None:
+            return False
+        agent.cache, agent.tokens = loaded.cache, loaded.tokens
+        agent.nbytes = cache_nbytes(agent.cache)
+        return True
+
     def warm(self, name: str) -> CacheSource:
         """Make the agent hot and its cache current with its records, without replying."""
         rec = self.records.get(name)
@@ -311,6 +346,8 @@ class AgentStore:
         if not rec.system and not rec.messages:
             return source
         tokens = self.engine.render(rec.system, rec.messages, add_generation_prompt=False)
+        if tokens != agent.tokens and self._adopt_stored_prefix(agent, tokens):
+            source = "disk"
         if tokens != agent.tokens:
             agent.cache, agent.tokens = self.engine.prefill(agent.cache, agent.tokens, tokens)
             agent.nbytes, agent.dirty = cache_nbytes(agent.cache), True

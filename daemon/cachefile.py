@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import mlx.core as mx
+import xxhash
 from mlx_lm.models import cache as C
 
 from .atomic import atomic_replace, open_for_write, open_regular
@@ -133,15 +134,23 @@ def encode_cache(cache: list) -> tuple[list[dict], dict[str, mx.array]]:
     return layers, tensors
 
 
-def _digest(meta: dict[str, str], tensors: dict[str, Any]) -> str:
-    """SHA-256 over metadata (sans checksum) and each tensor's name, dtype, shape and bytes."""
-    h = hashlib.sha256()
+def _digest(meta: dict[str, str], tensors: dict[str, Any], algorithm: str = "sha256") -> str:
+    """A hash over metadata (sans checksum) and each tensor's name, dtype, shape and bytes.
+
+    Format v1 files use SHA-256; window files (v2) xxh3-128, which keeps up with memory.
+    """
+    h = hashlib.sha256() if algorithm == "sha256" else xxhash.xxh3_128()
     h.update(json.dumps({k: v for k, v in meta.items() if k != "agentd.checksum"}, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name]
         h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(memoryview(t))
+        h.update(_bytes_of(t))
     return h.hexdigest()
+
+
+def _bytes_of(t: mx.array) -> memoryview:
+    # The buffer protocol has no bfloat16; its bytes are the same read as uint16.
+    return memoryview(t.view(mx.uint16) if t.dtype == mx.bfloat16 else t)
 
 
 def save_cache(
@@ -180,6 +189,60 @@ def save_cache(
 
     replace(Path(path), write)
     return Path(path).stat().st_size
+
+
+# ---- window files: the per-agent layers a block cannot share --------------------------
+
+WINDOW_FORMAT = "agentd-kv-window"
+
+
+def encode_layers(layers: dict[int, Any]) -> tuple[dict[str, mx.array], str]:
+    """Layers (by index) -> tensors and the JSON skeleton; public for bundle writers."""
+    tensors: dict[str, mx.array] = {}
+    skeleton = {str(i): _encode_layer(layer, f"L{i}", tensors) for i, layer in layers.items()}
+    mx.eval(list(tensors.values()))
+    return tensors, json.dumps(skeleton, separators=(",", ":"))
+
+
+def decode_layers(tensors: dict[str, mx.array], skeleton: str) -> dict[int, Any]:
+    """The inverse of encode_layers; raises CacheFileError on a layout it cannot rebuild."""
+    try:
+        return {int(i): _decode_layer(spec, tensors) for i, spec in json.loads(skeleton).items()}
+    except CacheFileError:
+        raise
+    except Exception as e:
+        raise CacheFileError("corrupt", f"layer layout unreadable ({e})") from e
+
+
+def save_layers(path: Path, layers: dict[int, Any], meta: dict[str, str],
+                replace: Callable[[Path, Callable[[Path], None]], None] = atomic_replace) -> int:
+    """Write some layers' verbatim state (sliding windows) atomically, xxh3-checked."""
+    tensors, skeleton = encode_layers(layers)
+    meta = {**meta, "agentd.format": WINDOW_FORMAT, "agentd.layers": skeleton}
+    meta["agentd.checksum"] = _digest(meta, tensors, "xxh3")
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            mx.save_safetensors(f, tensors, meta)
+
+    replace(Path(path), write)
+    return Path(path).stat().st_size
+
+
+def load_layers(path: Path, expect_meta: dict[str, str]) -> dict[int, Any]:
+    """Load a window file whose checksum holds and whose metadata has `expect_meta`."""
+    path = Path(path)
+    meta = read_header(path)
+    if meta.get("agentd.format") != WINDOW_FORMAT or any(meta.get(k) != v for k, v in expect_meta.items()):
+        raise CacheFileError("corrupt", f"{path.name}: not the window file its manifest names")
+    try:
+        tensors = mx.load(str(path))
+    except Exception as e:
+        raise CacheFileError("truncated", f"{path.name}: tensors unreadable ({e})") from e
+    mx.eval(list(tensors.values()))
+    if _digest(meta, tensors, "xxh3") != meta.get("agentd.checksum"):
+        raise CacheFileError("checksum", f"{path.name}: checksum mismatch (the file is corrupt)")
+    return decode_layers(tensors, meta["agentd.layers"])
 
 
 # ---- loading --------------------------------------------------------------------------

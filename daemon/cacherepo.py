@@ -1,16 +1,22 @@
 """The cache repository: where agents' KV caches live on disk, and what happens to files
-that cannot be trusted.
+that cannot be trusted. Storage: shared token blocks (blocks.py), a manifest and a tail
+per agent (kvstore.py); format v1 single files still load and are converted.
 
-Interface (what the rest of the daemon uses; the storage behind it may change):
+Interface (what the rest of the daemon uses):
 
     save(name, cache, tokens, record) -> bool   False: this cache class cannot be stored
-    load(name) -> LoadedCache | Refusal | None   None: no file; Refusal: moved to quarantine
-    delete(name)                                 durable (directory fsynced)
-    info(name) -> ColdInfo                       tokens, bytes, saved_at without loading
+    load(name) -> Loaded | Refusal | None        None: nothing stored; Refusal: moved aside
+    stored_prefix(tokens), load_prefix(tokens, at_least)   blocks another agent stored
+    fork(source, name, record), delete(name), gc()          durable (directories fsynced)
+    info(name) -> ColdInfo, stats()              from snapshots: safe from any thread
     recover_records(records)                     agents whose record was lost come back
     problems                                     the last refused files, for status
 
-Runs on the MLX thread except `info`, which only reads file headers.
+A save writes the blocks the store does not have yet, appends the new tail rows, writes
+the window file (sliding-window layers) under a new generation name, then the manifest,
+atomically. A file is alive only while a durable manifest names it: stale tails and
+windows go once their manifest is replaced, unnamed blocks are garbage (collected at
+start, after a delete, after a save that dropped blocks, and by `gc`).
 """
 
 from __future__ import annotations
@@ -19,34 +25,32 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from .atomic import atomic_replace, fsync_dir, is_temp
-from .cachefile import (
-    CacheFileError,
-    Expectation,
-    LoadedCache,
-    UnsupportedCache,
-    load_cache,
-    read_header,
-    read_verified_header,
-    save_cache,
-)
+from .blocks import ROOT, BlockError, BlockStore
+from .cachefile import CacheFileError, Expectation, UnsupportedCache, load_cache, load_layers, read_verified_header
+from .cachefile import save_layers
+from .kvrows import RowLayout, RowTarget, is_row_layer, layout_of, row_buffers
+from .kvrows import _views as cache_views
+from .kvstore import MANIFEST, KVSettings, cache_fingerprint, encode_manifest, parse_manifest, read_tail, save_tail
+from .kvstore import FORMAT, FORMAT_VERSION, ManifestError, write_file
 from .protocol import ProtocolError, validate_agent_name
 from .records import EXTRA_KEYS, AgentRecord, Records
 
 log = logging.getLogger("agentd.cacherepo")
 
-CACHE_SUFFIX = ".safetensors"
+LEGACY_SUFFIX = ".safetensors"
 MAX_PROBLEMS = 20
 
 
 @dataclass
 class CacheProblem:
-    """A cache file that was refused: shown in status, kept in quarantine for inspection."""
+    """A refused manifest, block, tail or v1 file: shown in status, kept in quarantine."""
 
     agent: str
     reason: str
@@ -57,7 +61,7 @@ class CacheProblem:
 
 @dataclass(frozen=True)
 class Refusal:
-    """A file that exists but was not loaded (corrupt, another model, ...); already quarantined."""
+    """Something stored that was not loaded (corrupt, another model, ...); already moved aside."""
 
     reason: str
     message: str
@@ -70,125 +74,443 @@ class ColdInfo:
     saved_at: float | None = None
 
 
+@dataclass
+class Loaded:
+    cache: list
+    tokens: list[int]
+    migrated: bool = False  # came from a v1 file: save it now to convert it
+
+
+@dataclass
+class SaveReport:
+    bytes_written: int
+    blocks_written: int
+    blocks_shared: int
+
+
 class CacheRepository:
-    def __init__(self, caches_dir: Path, expect: Expectation, *, replace: Callable = atomic_replace):
+    def __init__(self, caches_dir: Path, expect: Expectation, new_cache: Callable[[], list],
+                 kv: KVSettings = KVSettings(), *, replace: Callable = atomic_replace):
         self.dir = Path(caches_dir)
+        self.agents_dir = self.dir / "agents"
         self.quarantine_dir = self.dir / "quarantine"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.expect = expect
-        self.replace = replace  # the durable-write seam (fault tests swap it)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # private, whatever the umask
+        self.agents_dir.mkdir(mode=0o700, exist_ok=True)
+        self.expect, self.kv, self.new_cache = expect, kv, new_cache
+        self.fingerprint = cache_fingerprint(expect.model, expect.dtype, kv)
+        self.blocks = BlockStore(self.dir / "blocks", self.fingerprint, kv.block_tokens,
+                                 replace=replace, quarantine_dir=self.quarantine_dir)
+        self._replace = replace
         self.problems: list[CacheProblem] = []
-        self._remove_temp_files()
+        layers = new_cache()
+        self.classes = [type(layer).__name__ for layer in layers]
+        # Prefix sharing needs every layer to be a pure function of the prefix: a sliding
+        # window's state at a block boundary is stored nowhere, so such models share nothing.
+        self.shareable = all(is_row_layer(layer) for layer in layers)
+        self.last_save: SaveReport | None = None
+        self._layout: RowLayout | None = None
+        self._manifests: dict[str, dict] = {}
+        self._stats: dict = {}
+        self._info: dict[str, ColdInfo] = {}
+        self._scan()
+        self.gc()
+
+    @property
+    def replace(self) -> Callable:
+        """The durable-write seam (fault tests swap it): every block, tail, window, manifest."""
+        return self._replace
+
+    @replace.setter
+    def replace(self, fn: Callable) -> None:
+        self._replace = self.blocks.replace = fn
+
+    # ---- paths --------------------------------------------------------------------
+
+    def agent_dir(self, name: str) -> Path:
+        return self.agents_dir / name
 
     def path(self, name: str) -> Path:
-        return self.dir / (validate_agent_name(name) + CACHE_SUFFIX)
+        """The agent's manifest (its blocks, tail and window are named inside)."""
+        return self.agent_dir(validate_agent_name(name)) / MANIFEST
+
+    def legacy_path(self, name: str) -> Path:
+        return self.dir / (name + LEGACY_SUFFIX)
+
+    def saved_at(self, name: str) -> float | None:
+        return self.info(name).saved_at
+
+    # ---- saving -------------------------------------------------------------------
 
     def save(self, name: str, cache: list, tokens: list[int], record: AgentRecord) -> bool:
-        """Write the cache durably, with a copy of the record. False: the cache class cannot be
-        stored (nothing is lost: the transcript rebuilds it). OSError propagates (disk full)."""
+        """Make `cache` (holding exactly `tokens`) the agent's durable cache. False: a cache
+        class that cannot be stored, or nothing to store. OSError propagates (disk full)."""
         try:
-            save_cache(
-                self.path(name),
-                cache,
-                tokens,
-                self.expect,
-                agent=name,
-                extra_meta={"agentd.record": record_to_json(record)},
-                replace=self.replace,
-            )
+            self.last_save = self._save(name, cache, tokens, record_to_json(record))
         except UnsupportedCache as e:
             log.warning("agent %s: cache not saved: %s", name, e)
             return False
+        return self.last_save is not None
+
+    def _save(self, name: str, cache: list, tokens: list[int], record_json: str) -> SaveReport | None:
+        n, B = len(tokens), self.kv.block_tokens
+        if n == 0:
+            return None
+        window_layers = {i: layer for i, layer in enumerate(cache) if not is_row_layer(layer)}
+        layout = layout_of(cache) if len(window_layers) < len(cache) else None
+        views = cache_views(cache, layout) if layout else []
+        self._layout = self._layout or layout
+        prev = self._manifests.get(name)
+        written = new_blocks = 0
+        ids = self.blocks.chain(tokens) if layout else []
+        parent = ROOT
+        for i, bid in enumerate(ids):
+            if not self.blocks.has(bid):
+                written += self.blocks.write(bid, parent, tokens[i * B:(i + 1) * B], layout,
+                                             row_buffers(views, i * B, (i + 1) * B))
+                new_blocks += 1
+            parent = bid
+        adir = self.agent_dir(name)
+        if not adir.exists():
+            adir.mkdir(mode=0o700)
+            fsync_dir(self.agents_dir)
+        gen = prev["gen"] + 1 if prev else 1
+        tail, wrote = (save_tail(self._replace, adir, prev, tokens, len(ids) * B, views, gen, self.fingerprint)
+                       if layout else (None, 0))
+        written += wrote
+        window = None
+        if window_layers:
+            wfile = f"window.{gen}.safetensors"
+            written += save_layers(adir / wfile, window_layers, self._window_meta(name, gen, n), self._replace)
+            window = {"file": wfile}
+        m = {
+            "format": FORMAT, "version": FORMAT_VERSION, "agent": name,
+            "model": self.expect.model, "tokenizer": self.expect.tokenizer, "dtype": self.expect.dtype,
+            "kv": self.kv.to_json(), "fingerprint": self.fingerprint, "classes": self.classes,
+            "layout": layout.to_json() if layout else None, "gen": gen, "saved_at": time.time(),
+            "n_tokens": n, "tokens": list(map(int, tokens)), "blocks": ids, "tail": tail, "window": window,
+            "record": record_json,
+        }
+        written += write_file(self._replace, adir / MANIFEST, [encode_manifest(m)])
+        self._manifests[name] = m
+        # The new manifest is durable: what only the old one named can go.
+        keep = {MANIFEST, tail and tail["file"], window and window["file"]}
+        for p in adir.iterdir():
+            if p.name not in keep:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self.legacy_path(name).unlink()  # converted: the v1 file is no longer needed
+            fsync_dir(self.dir)
+        if prev and set(prev["blocks"]) - set(ids):
+            self.gc()
+        else:
+            self._refresh()
+        return SaveReport(written, new_blocks, len(ids) - new_blocks)
+
+    @staticmethod
+    def _window_meta(name: str, gen: int, n: int) -> dict[str, str]:
+        return {"agentd.agent": name, "agentd.gen": str(gen), "agentd.n_tokens": str(n)}
+
+    # ---- loading ------------------------------------------------------------------
+
+    def load(self, name: str) -> Loaded | Refusal | None:
+        """The agent's cache, verified: whole, or its longest intact prefix (the rest is
+        prefilled again), or a Refusal (moved aside), or None (nothing stored)."""
+        m = self._manifests.get(name)
+        if m is None:
+            legacy = self.legacy_path(name)
+            if not legacy.exists():
+                return None
+            try:
+                lc = load_cache(legacy, self.expect)
+                return Loaded(lc.cache, lc.tokens, migrated=True)
+            except CacheFileError as e:
+                self._problem(name, e.reason, str(e), self._move_aside(legacy, name, e.reason))
+                return Refusal(e.reason, str(e))
+        try:
+            self._check_compatible(m)
+            cache = self.new_cache()
+            good = self._fill(name, m, cache)
+        except CacheFileError as e:
+            self._drop_manifest(name, e)
+            return Refusal(e.reason, str(e))
+        if not good:
+            return Refusal("blocks", f"{name}: no stored block of its cache could be used")
+        return Loaded(cache, m["tokens"][:good])
+
+    def _check_compatible(self, m: dict) -> None:
+        name = m.get("agent", "?")
+        for key in ("model", "tokenizer", "dtype"):
+            if m.get(key) != getattr(self.expect, key):
+                raise CacheFileError(key, f"{name}: cache made with another {key} ({m.get(key)})")
+        if m.get("kv") != self.kv.to_json() or m.get("fingerprint") != self.fingerprint:
+            raise CacheFileError("kv-bits", f"{name}: cache stored with other KV settings ({m.get('kv')})")
+        if m.get("classes") != self.classes:
+            raise CacheFileError("layout", f"{name}: cache layers do not match the model's")
+        if len(m["tokens"]) != m["n_tokens"] or self.blocks.chain(m["tokens"]) != m["blocks"]:
+            raise CacheFileError("corrupt", f"{name}: the manifest's blocks do not match its tokens")
+
+    def _fill(self, name: str, m: dict, cache: list) -> int:
+        """Read blocks, tail and window into `cache`; returns how many tokens it holds."""
+        n, B = m["n_tokens"], self.kv.block_tokens
+        good = 0
+        if m["layout"] is not None:
+            layout = RowLayout.from_json(m["layout"])
+            self._layout = self._layout or layout
+            target = RowTarget(layout, n)
+            good = self._read_blocks(name, m["blocks"], m["tokens"], layout, target)
+            if good == len(m["blocks"]) * B and m["tail"]:
+                good, why = read_tail(self.agent_dir(name) / m["tail"]["file"], m["tail"], target, good)
+                if why:
+                    self._problem(name, why, f"{name}: tail refused ({why}) at token {good}; prefilling from there", "")
+            target.install(cache, good)
+        if m["window"] is not None:
+            if good < n and m["layout"] is not None:
+                return 0  # a window holds the state after all n tokens: useless for a prefix
+            path = self.agent_dir(name) / m["window"]["file"]
+            try:
+                layers = load_layers(path, self._window_meta(name, m["gen"], n))
+            except CacheFileError as e:
+                self._problem(name, e.reason, str(e), self._move_aside(path, name, e.reason))
+                return 0
+            for i, layer in layers.items():
+                cache[i] = layer
+            good = n
+        return good
+
+    def _read_blocks(self, name: str, ids: list[str], tokens: list[int], layout: RowLayout, target: RowTarget) -> int:
+        """Blocks in order into `target`; a refused one is quarantined and ends the prefix."""
+        B, parent = self.kv.block_tokens, ROOT
+        for i, bid in enumerate(ids):
+            try:
+                self.blocks.read_into(bid, parent, tokens[i * B:(i + 1) * B], layout, target.buffers(i * B, (i + 1) * B))
+            except BlockError as e:
+                moved = self.blocks.quarantine(bid, e.reason) if e.reason != "missing" else ""
+                self._problem(name, e.reason, f"{e}; tokens from {i * B} on are prefilled again", moved)
+                self._refresh()
+                return i * B
+            parent = bid
+        return len(ids) * B
+
+    # ---- sharing ------------------------------------------------------------------
+
+    def stored_prefix(self, tokens: list[int]) -> int:
+        """How many leading tokens of `tokens` the store holds as consecutive blocks."""
+        if not self.shareable:
+            return 0
+        k = 0
+        for bid in self.blocks.chain(tokens):
+            if not self.blocks.has(bid):
+                break
+            k += 1
+        return k * self.kv.block_tokens
+
+    def load_prefix(self, tokens: list[int], at_least: int) -> Loaded | None:
+        """A fresh cache holding the longest stored block prefix of `tokens`, if that is
+        longer than `at_least` tokens (what the caller's cache already holds)."""
+        n = self.stored_prefix(tokens)
+        if n <= at_least or (self._layout is None and not self._learn_layout()):
+            return None
+        target = RowTarget(self._layout, n)
+        good = self._read_blocks("(shared prefix)", self.blocks.chain(tokens[:n]), tokens, self._layout, target)
+        if good <= at_least:
+            return None
+        cache = self.new_cache()
+        target.install(cache, good)
+        return Loaded(cache, list(tokens[:good]))
+
+    def _learn_layout(self) -> bool:
+        for m in self._manifests.values():
+            if m.get("layout") and m.get("fingerprint") == self.fingerprint:
+                self._layout = RowLayout.from_json(m["layout"])
+                return True
+        return False
+
+    def fork(self, source: str, name: str, record: AgentRecord) -> bool:
+        """Give `name` a copy of `source`'s durable cache: the same blocks, a copied tail."""
+        m = self._manifests.get(source)
+        if m is None or name in self._manifests or m["window"]:
+            return False  # a window file belongs to one agent: a fork of such a model prefills
+        src, adir = self.agent_dir(source), self.agent_dir(name)
+        adir.mkdir(mode=0o700, exist_ok=True)
+        fsync_dir(self.agents_dir)
+        if m["tail"]:
+            self._replace(adir / m["tail"]["file"], lambda tmp: shutil.copyfile(src / m["tail"]["file"], tmp))
+        new = {**m, "agent": name, "record": record_to_json(record), "saved_at": time.time()}
+        write_file(self._replace, adir / MANIFEST, [encode_manifest(new)])
+        self._manifests[name] = new
+        self._refresh()
         return True
 
-    def load(self, name: str) -> LoadedCache | Refusal | None:
-        """The verified cache, or a Refusal (the file was moved to quarantine), or None."""
-        path = self.path(name)
-        if not path.exists():
-            return None
-        try:
-            return load_cache(path, self.expect)
-        except CacheFileError as e:
-            self._quarantine(name, path, e)
-            return Refusal(e.reason, str(e))
-
-    def saved_at(self, name: str) -> float | None:
-        with contextlib.suppress(OSError):
-            return self.path(name).stat().st_mtime
-        return None
+    # ---- removal and garbage ------------------------------------------------------
 
     def delete(self, name: str) -> bool:
-        """Remove the agent's file durably. Returns whether there was one; an OSError (a
-        read-only home) propagates with nothing changed."""
+        """Forget the agent's cache: the manifest first (it holds the record copy), then the
+        rest. Returns whether there was one; an OSError (a read-only home) propagates with
+        the manifest, and so the stored cache, unchanged."""
+        existed = False
         try:
-            self.path(name).unlink()
+            (self.agent_dir(name) / MANIFEST).unlink()
+            existed = True
+            fsync_dir(self.agent_dir(name))
         except FileNotFoundError:
-            return False
-        fsync_dir(self.dir)
-        return True
+            pass
+        self._manifests.pop(name, None)
+        self._drop_dir(name)
+        try:
+            self.legacy_path(name).unlink()
+            existed = True
+            fsync_dir(self.dir)
+        except FileNotFoundError:
+            pass
+        self.gc()
+        return existed
 
-    def info(self, name: str) -> ColdInfo:
-        """What the file says without loading it; zeros when there is none or it is unreadable."""
-        path = self.dir / (name + CACHE_SUFFIX)
-        with contextlib.suppress(OSError, CacheFileError, ValueError):
-            st = path.stat()
-            size, saved = st.st_size, st.st_mtime
-            try:
-                tokens = int(read_header(path).get("agentd.n_tokens", 0))
-            except (CacheFileError, ValueError):
-                tokens = 0
-            return ColdInfo(tokens, size, saved)
-        return ColdInfo()
+    def gc(self) -> dict:
+        """Remove every block no durable manifest names. Returns what was reclaimed."""
+        self.blocks.rescan()
+        live = {b for m in self._manifests.values() for b in m["blocks"]}
+        garbage = [b for b in self.blocks.sizes() if b not in live]
+        freed = self.blocks.remove(garbage)
+        if garbage:
+            log.info("gc: removed %d unused block(s), %d bytes", len(garbage), freed)
+        self._refresh()
+        return {"removed_blocks": len(garbage), "freed_bytes": freed}
 
-    # ---- housekeeping -------------------------------------------------------------
+    def _drop_dir(self, name: str) -> None:
+        shutil.rmtree(self.agent_dir(name), ignore_errors=True)
+        fsync_dir(self.agents_dir)
 
-    def _quarantine(self, name: str, path: Path, err: CacheFileError) -> None:
-        """Move a refused file aside (never delete what a user may want to inspect)."""
-        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
-        dest = self.quarantine_dir / f"{name}.{int(time.time() * 1000)}.{err.reason}{CACHE_SUFFIX}"
+    def _drop_manifest(self, name: str, err: CacheFileError) -> None:
+        moved = self._move_aside(self.agent_dir(name) / MANIFEST, name, err.reason)
+        self._problem(name, err.reason, str(err), moved)
+        self._manifests.pop(name, None)
+        self._drop_dir(name)
+        self.gc()
+
+    def _move_aside(self, path: Path, name: str, reason: str) -> str:
+        """Move a refused file to quarantine (never delete what a user may want to inspect)."""
+        self.quarantine_dir.mkdir(mode=0o700, exist_ok=True)
+        dest = self.quarantine_dir / f"{name}.{int(time.time() * 1000)}.{reason}.{path.name}"
         try:
             os.replace(path, dest)
+            return str(dest)
         except OSError as e:
-            log.error("agent %s: cannot move refused cache aside: %s", name, e)
-            dest = path
-        log.warning("agent %s: cache refused (%s), rebuilding from its transcript: %s", name, err.reason, err)
-        self.problems.append(CacheProblem(name, err.reason, str(err), str(dest), time.time()))
+            log.error("agent %s: cannot move %s aside: %s", name, path.name, e)
+            return str(path)
+
+    def _problem(self, name: str, reason: str, message: str, moved_to: str) -> None:
+        log.warning("agent %s: cache refused (%s), rebuilding from its transcript: %s", name, reason, message)
+        self.problems.append(CacheProblem(name, reason, message, moved_to, time.time()))
         del self.problems[:-MAX_PROBLEMS]
 
-    def _remove_temp_files(self) -> None:
-        """Temp files of writes a crash interrupted: never loaded, removed at start."""
+    # ---- start-up, recovery, accounting -------------------------------------------
+
+    def _scan(self) -> None:
+        """Load every manifest; remove temp files and agent folders no manifest completes."""
         for p in self.dir.iterdir():
-            if is_temp(p):
+            if p.is_file() and is_temp(p):
                 with contextlib.suppress(OSError):
                     p.unlink()
                 log.info("removed an interrupted write: %s", p.name)
-
-    def recover_records(self, records: Records) -> None:
-        """Cache files without a record (agents.db was lost or replaced): every file carries
-        a copy of its agent's record as of its last save, so the agent comes back with the
-        conversation up to that save instead of being silently dropped."""
-        for path in sorted(self.dir.glob("*" + CACHE_SUFFIX)):
-            name = path.name[: -len(CACHE_SUFFIX)]
-            if not path.is_file() or is_temp(path):
-                continue
+        for adir in sorted(self.agents_dir.iterdir()):
+            name = adir.name
             try:
                 validate_agent_name(name)
             except ProtocolError:
-                log.warning("ignoring %s: not the name of an agent's cache file", path.name)
+                continue
+            if not adir.is_dir():
+                continue
+            path = adir / MANIFEST
+            if not path.exists():
+                self._drop_dir(name)  # a first save or a delete that a crash cut short
+                continue
+            try:
+                self._manifests[name] = parse_manifest(path.read_bytes(), name)
+            except (OSError, ManifestError) as e:
+                reason = getattr(e, "reason", "unreadable")
+                self._problem(name, reason, str(e), self._move_aside(path, name, reason))
+                self._drop_dir(name)
+                continue
+            for p in adir.iterdir():
+                if is_temp(p):
+                    with contextlib.suppress(OSError):
+                        p.unlink()
+
+    def recover_records(self, records: Records) -> None:
+        """Stored caches without a record (agents.db was lost or replaced): every manifest
+        (and v1 file) carries a copy of its agent's record as of its last save, so the agent
+        comes back with the conversation up to that save instead of being silently dropped."""
+        stored = [(n, m.get("record"), None) for n, m in sorted(self._manifests.items())]
+        stored += [(p.name[: -len(LEGACY_SUFFIX)], None, p) for p in sorted(self.dir.glob("*" + LEGACY_SUFFIX))
+                   if p.is_file() and not is_temp(p) and p.name[: -len(LEGACY_SUFFIX)] not in self._manifests]
+        for name, record, legacy in stored:
+            try:
+                validate_agent_name(name)
+            except ProtocolError:
+                log.warning("ignoring stored cache %r: not the name of an agent", name)
                 continue
             if records.exists(name):
                 continue
             try:
-                rec = record_from_json(read_verified_header(path).get("agentd.record"), name)
+                rec = record_from_json(read_verified_header(legacy).get("agentd.record") if legacy else record, name)
             except CacheFileError as e:
-                self._quarantine(name, path, e)
+                self._refuse(name, legacy, e)
                 continue
             except (ValueError, KeyError, TypeError) as e:
-                self._quarantine(name, path, CacheFileError("record", f"{path.name}: no usable record copy ({e})"))
+                self._refuse(name, legacy, CacheFileError("record", f"{name}: no usable record copy ({e})"))
                 continue
             records.restore(rec)
-            log.warning("agent %s: its record was missing; recovered %d message(s) from its cache file",
+            log.warning("agent %s: its record was missing; recovered %d message(s) from its stored cache",
                         name, len(rec.messages))
+
+    def _refuse(self, name: str, legacy: Path | None, err: CacheFileError) -> None:
+        if legacy is None:
+            self._drop_manifest(name, err)
+        else:
+            self._problem(name, err.reason, str(err), self._move_aside(legacy, name, err.reason))
+
+    def _refresh(self) -> None:
+        """Recompute the snapshots `info` and `stats` hand to other threads."""
+        sizes = self.blocks.sizes()
+        refs: dict[str, int] = {}
+        info, own_total = {}, 0
+        for name, m in self._manifests.items():
+            own = 0
+            for part in (m["tail"], m["window"]):
+                with contextlib.suppress(OSError):
+                    own += (self.agent_dir(name) / part["file"]).stat().st_size if part else 0
+            for b in m["blocks"]:
+                refs[b] = refs.get(b, 0) + 1
+            own_total += own
+            info[name] = ColdInfo(m["n_tokens"], own + sum(sizes.get(b, 0) for b in m["blocks"]), m["saved_at"])
+        self._info = info
+        named = {b: r for b, r in refs.items() if b in sizes}
+        self._stats = {
+            "blocks": len(sizes),
+            "block_bytes": sum(sizes.values()),
+            "shared_blocks": sum(1 for r in named.values() if r > 1),
+            "shared_bytes": sum(sizes[b] for b, r in named.items() if r > 1),
+            "saved_by_sharing_bytes": sum(sizes[b] * (r - 1) for b, r in named.items()),
+            "agent_bytes": own_total,
+            "garbage_blocks": sum(1 for b in sizes if b not in refs),
+            "garbage_bytes": sum(s for b, s in sizes.items() if b not in refs),
+            "legacy_files": sum(1 for _ in self.dir.glob("*" + LEGACY_SUFFIX)),
+            "block_tokens": self.kv.block_tokens,
+            "kv_bits": self.kv.bits,
+        }
+
+    def stats(self) -> dict:
+        return dict(self._stats)
+
+    def info(self, name: str) -> ColdInfo:
+        """What is stored without loading it; zeros when there is nothing."""
+        if name in self._info:
+            return self._info[name]
+        legacy = self.legacy_path(name)
+        with contextlib.suppress(OSError):
+            return ColdInfo(0, legacy.stat().st_size, legacy.stat().st_mtime)
+        return ColdInfo()
 
 
 def record_to_json(rec: AgentRecord) -> str:

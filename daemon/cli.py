@@ -73,6 +73,12 @@ def _setup_logging(level: str, log_dir: Path) -> None:
               help="Load the N most recently used agents at start.")
 @click.option("--idle-timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True,
               envvar="AGENTD_IDLE_TIMEOUT", help="Close connections silent for this many seconds.")
+@click.option("--kv-bits", type=click.Choice(["8", "4"]), default=None, envvar="AGENTD_KV_BITS",
+              help="Quantize the KV cache of full-attention layers (mlx-lm QuantizedKVCache). Default: off.")
+@click.option("--kv-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
+              envvar="AGENTD_KV_GROUP_SIZE", help="Quantization group size for --kv-bits.")
+@click.option("--block-tokens", type=click.IntRange(min=8, max=4096), default=256, show_default=True,
+              envvar="AGENTD_BLOCK_TOKENS", help="Tokens per stored KV block (shared between agents).")
 @click.option("--http", "http", default=None, envvar="AGENTD_HTTP", metavar="ADDR",
               help="OpenAI-compatible HTTP on HOST:PORT (:0 picks a free port), or off. "
                    "[default: 127.0.0.1:8731; skipped with a warning if that port is taken]")
@@ -82,7 +88,7 @@ def _setup_logging(level: str, log_dir: Path) -> None:
               default="info", show_default=True, envvar="AGENTD_LOG_LEVEL")
 @click.version_option(__version__, prog_name="agentd")
 def main(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, min_available, preload,
-         idle_timeout, http, http_allow_remote, log_level):
+         idle_timeout, kv_bits, kv_group_size, block_tokens, http, http_allow_remote, log_level):
     """Keep LLM agents' KV caches in memory and on disk; serve them on a Unix socket."""
     from . import backend, blas
 
@@ -114,8 +120,11 @@ def main(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
         click.echo(f"agentd: {e}", err=True)
         sys.exit(EX_CONFIG)
     try:
+        from .kvstore import KVSettings
+
+        kv = KVSettings(int(kv_bits) if kv_bits else None, int(kv_group_size), block_tokens)
         code = _run(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, min_available, preload,
-                    idle_timeout, log, http_address, http_explicit=http is not None)
+                    idle_timeout, log, kv, http_address, http_explicit=http is not None)
     except Exception as e:
         from .server import StartupError
 
@@ -133,7 +142,7 @@ def main(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
 
 
 def _run(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, min_available, preload, idle_timeout,
-         log, http_address=None, http_explicit=False) -> int:
+         log, kv, http_address=None, http_explicit=False) -> int:
     from .server import Server, StartupError, acquire_instance_lock, bind_private_socket, check_socket_path, \
         claim_socket, prepare_socket_dir
 
@@ -157,7 +166,7 @@ def _run(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
         model_dir = ensure_default_model(paths.default_model_dir(home), progress=lambda m: log.info("%s", m))
     log.info("agentd %s (pid %d) loading %s", __version__, os.getpid(), model_dir)
     use_persistent_ptx_cache()  # before the first GPU kernel: compiled ones survive a reboot
-    engine = Engine(Path(model_dir).expanduser())
+    engine = Engine(Path(model_dir).expanduser(), kv_bits=kv.bits, kv_group_size=kv.group_size)
     log.info("model %s loaded in %.2fs (%s, %d MB)", engine.model_id, engine.load_s, engine.dtype,
              engine.model_bytes // 2**20)
     log.info("%s", describe(engine.plan))
@@ -169,7 +178,7 @@ def _run(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
         engine.warmup = warm_up(engine)
         log.info("GPU kernels warm in %.2fs (%d forward passes)", engine.warmup.seconds, engine.warmup.passes)
     settings = Settings(home=home, model_dir=Path(model_dir), flush_interval=flush_interval, max_hot=max_hot,
-                        cache_budget=cache_budget, min_available=min_available, preload=preload)
+                        cache_budget=cache_budget, min_available=min_available, preload=preload, kv=kv)
     daemon = Daemon(settings, engine)
 
     async def run() -> int:

@@ -18,7 +18,7 @@ import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -32,6 +32,7 @@ from .agents import AgentStore, ChatPlan
 from .bundle import BundleError
 from .engine import ContextTooLong, Engine
 from .errors import StartupError
+from .kvstore import KVSettings
 from .memory import Limits, MemoryProbe
 from .records import AlreadyExists, NotFound, RecordError, RecordsReplaced
 from .turns import Turns
@@ -55,6 +56,7 @@ class Settings:
     cache_budget: int = 4 * 10**9
     min_available: int = 1 * 10**9
     preload: int = 0
+    kv: KVSettings = field(default_factory=KVSettings)
 
 
 class Daemon:
@@ -63,7 +65,7 @@ class Daemon:
         self.engine = engine
         self.scheduler = Scheduler()
         try:
-            self.store: AgentStore = self.scheduler.open_store(lambda: AgentStore(settings.home, engine))
+            self.store: AgentStore = self.scheduler.open_store(lambda: AgentStore(settings.home, engine, kv=settings.kv))
         except (RecordError, sqlite3.DatabaseError) as e:
             raise StartupError(f"cannot open the records {settings.home / 'agents.db'}: {e}") from None
         self.memory = MemoryPolicy(Limits(settings.max_hot, settings.cache_budget, settings.min_available),
@@ -184,6 +186,7 @@ class Daemon:
             },
             "limits": self.memory.status(),
             "flush": self.flush.status(),
+            "store": self.store.repo.stats(),
             "scheduler": self.scheduler.status(),
             "problems": [pr.__dict__ for pr in self.store.problems],
             "http": self.http,
@@ -201,7 +204,8 @@ class Daemon:
         return {"agent": await self._io(self._info, req.name)}
 
     async def _op_fork(self, req: p.Fork, rid, emit) -> dict:
-        await self._io_write(self.store.fork, req.source, req.name)
+        # On the MLX thread, after the source's turn: a dirty source is saved first (MLX arrays).
+        await self._mlx(self.store.fork, req.source, req.name, agent=req.source)
         return {"agent": await self._io(self._info, req.name)}
 
     async def _op_list(self, req, rid, emit) -> dict:
@@ -247,6 +251,10 @@ class Daemon:
             raise p.ProtocolError(p.ErrorCode.BUSY, f"agent {req.name!r} has a request in flight")
         was_dirty = await self._mlx(self.store.evict, req.name, agent=req.name)
         return {"evicted": req.name, "was_dirty": was_dirty}
+
+    async def _op_gc(self, req, rid, emit) -> dict:
+        reclaimed = await self._mlx(self.store.gc)
+        return {**reclaimed, "store": self.store.repo.stats()}
 
     async def _op_export(self, req: p.Export, rid, emit) -> dict:
         return await transfer.export_op(self, req, rid, emit)

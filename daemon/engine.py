@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import (
+    KVCache,
+    QuantizedKVCache,
+    can_trim_prompt_cache,
+    make_prompt_cache,
+    trim_prompt_cache,
+)
 
 # Files whose bytes decide how text becomes tokens; a change to any invalidates caches.
 _TOKENIZER_FILES = (
@@ -113,8 +119,15 @@ def tokenizer_fingerprint(model_dir: Path, chat_template: str | None) -> str:
 class Engine:
     """A loaded model and tokenizer, with the fingerprints cache files are checked against."""
 
-    def __init__(self, model_dir: Path, progress: Callable[[str], None] | None = None):
+    def __init__(self, model_dir: Path, progress: Callable[[str], None] | None = None, *,
+                 kv_bits: int | None = None, kv_group_size: int = 64):
         from mlx_lm import load
+
+        if kv_bits not in (None, 4, 8):
+            raise ValueError("kv_bits must be 4, 8 or None")
+        # Quantized KV (mlx-lm QuantizedKVCache) for full-attention layers; part of every
+        # stored block's fingerprint, so caches of other bits are never loaded.
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
 
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").is_file():
@@ -160,14 +173,17 @@ class Engine:
 
         Parameters do not tell: a quantized model mixes float16 scales with float32 norms.
         """
-        cache = self.new_cache()
+        cache = make_prompt_cache(self.model)  # unquantized: the dtype the model computes in
         self.model(mx.array([[0]]), cache=cache)
         state = cache[0].state
         keys = state[0] if isinstance(state[0], mx.array) else None
         return str(keys.dtype).removeprefix("mlx.core.") if keys is not None else "unknown"
 
     def new_cache(self) -> list:
-        return make_prompt_cache(self.model)
+        cache = make_prompt_cache(self.model)
+        if self.kv_bits is None:
+            return cache
+        return [QuantizedKVCache(self.kv_group_size, self.kv_bits) if type(c) is KVCache else c for c in cache]
 
     def render(self, system: str, messages: list[dict], add_generation_prompt: bool = True,
                tools: list[dict] | None = None) -> list[int]:

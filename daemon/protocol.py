@@ -389,6 +389,11 @@ class Evict(_Named):
 
 
 @dataclass(frozen=True)
+class Gc(Request):
+    op: ClassVar[str] = "gc"
+
+
+@dataclass(frozen=True)
 class Export(_Named):
     op: ClassVar[str] = "export"
 
@@ -561,7 +566,7 @@ class GetResponse(Request):
 
 REQUEST_TYPES: dict[str, type[Request]] = {
     cls.op: cls
-    for cls in (Hello, Ping, Status, Create, Fork, List, Show, History, Delete, Reset, Chat, Save, Evict, Shutdown,
+    for cls in (Hello, Ping, Status, Create, Fork, List, Show, History, Delete, Reset, Chat, Save, Evict, Gc, Shutdown,
                 Turn, Complete, GetResponse, Export, Import, Chunk)
 }
 

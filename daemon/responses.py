@@ -29,6 +29,9 @@ Result fields per op:
               limits {max_hot, cache_budget, min_available},
               flush  {interval_s, last_flush_at, last_result, last_error,
                       consecutive_failures},
+              store  {blocks, block_bytes, shared_blocks, shared_bytes,
+                      saved_by_sharing_bytes, agent_bytes, garbage_blocks,
+                      garbage_bytes, legacy_files, block_tokens, kv_bits},
               scheduler {turns_in_flight, batched_steps (decode passes that carried
                       several turns), max_batch},
               problems [{agent, reason, message, moved_to, at}]   (refused cache files)
@@ -51,6 +54,7 @@ Result fields per op:
     response  response_id, agent: str | None, created_at, n_messages, body: {meta, result, ...}
     save      saved: [name]
     evict     evicted: name, was_dirty: bool
+    gc        removed_blocks: int, freed_bytes: int, store {...as in status}
     export    name, bytes (the bundle's size), sha256 (of the whole bundle, hex),
               messages, cache_tokens (0: no cache inside), cache_reason (why not, or None)
     import    agent: AgentInfo, bytes, sha256, cache_imported: bool, cache_tokens,

@@ -7,14 +7,13 @@ import errno
 import json
 import shutil
 import sqlite3
-import struct
 
 import mlx.core as mx
 import pytest
 
-from agentd import cachefile
 from agentd.agents import AgentStore
 from agentd.engine import Engine
+from agentd.kvstore import KVSettings
 from agentd.protocol import ProtocolError
 
 SYSTEM = "You are a technical specialist. Explain root causes and the steps to fix them. " * 3
@@ -78,35 +77,43 @@ def test_restore_from_disk_reuses_the_cache_even_past_a_wrapped_sliding_window(e
     assert restored.text == in_memory.text
 
 
-def test_saved_file_holds_only_used_tokens_and_round_trips_bit_identical(engine, home):
-    store = _store(home, engine)
+SMALL = KVSettings(block_tokens=16)  # several blocks and a tail even on short tiny-model prompts
+
+
+def test_saved_cache_holds_only_used_tokens_and_round_trips_bit_identical(engine, home):
+    store = _store(home, engine, kv=SMALL)
     store.create("a", "", SYSTEM)
     store.chat("a", TURN1, max_tokens=8)
     agent = store._hot["a"]
-    store.save("a")
-    loaded = cachefile.load_cache(store.cache_path("a"), store.expect)
+    assert store.save("a")
+    manifest = json.loads(store.cache_path("a").read_text())
+    assert manifest["n_tokens"] == len(agent.tokens) == len(manifest["tokens"])
+    if engine.model_id == "tiny-llama":
+        assert len(manifest["blocks"]) == len(agent.tokens) // 16 > 2
+        assert manifest["tail"]["start"] == 16 * len(manifest["blocks"])
+    loaded = _store(home, engine, kv=SMALL).repo.load("a")
     assert loaded.tokens == agent.tokens
-    meta = cachefile.read_header(store.cache_path("a"))
-    assert int(meta["agentd.n_tokens"]) == len(agent.tokens)
     for live, back in zip(agent.cache, loaded.cache):
         assert type(live) is type(back)
-        k_live, v_live = live.state[0], live.state[1]
-        k_back, v_back = back.state[0], back.state[1]
-        n = min(live.offset, k_live.shape[2]) if type(live).__name__ == "KVCache" else k_back.shape[2]
-        assert k_back.shape[2] == n  # trimmed: no preallocated rows on disk
-        assert mx.array_equal(k_live[..., :n, :], k_back).item()
-        assert mx.array_equal(v_live[..., :n, :], v_back).item()
         assert back.offset == live.offset
+        if type(live).__name__ == "KVCache":
+            n = live.offset  # rows past it are mlx-lm's preallocated room, not state
+            for a, b in zip(live.state[:2], back.state[:2]):
+                assert mx.array_equal(a[..., :n, :], b[..., :n, :]).item()
+        else:  # a sliding window: verbatim, ring position included
+            assert back._idx == live._idx
+            for a, b in zip(live.state[:2], back.state[:2]):
+                assert mx.array_equal(a, b).item()
 
 
-def _saved(engine, home):
-    store = _store(home, engine)
+def _saved(engine, home, kv=SMALL):
+    store = _store(home, engine, kv=kv)
     store.create("a", "role", SYSTEM)
     store.chat("a", TURN1, max_tokens=8)
     store.save("a")
-    path = store.cache_path("a")
+    manifest = json.loads(store.cache_path("a").read_text())
     store.close()
-    return path
+    return home / "caches", manifest
 
 
 def _flip(path, offset):
@@ -115,88 +122,91 @@ def _flip(path, offset):
     path.write_bytes(bytes(data))
 
 
-def _header_len(path):
-    return struct.unpack("<Q", path.read_bytes()[:8])[0]
+def _block(caches, manifest, i):
+    return caches / "blocks" / (manifest["blocks"][i] + ".kvb")
 
 
+def _tail(caches, manifest):
+    return caches / "agents" / "a" / manifest["tail"]["file"]
+
+
+# damage -> (what it hits, tokens still usable from disk given the manifest)
 CORRUPTIONS = {
-    "truncated": lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]),
-    "truncated-header": lambda p: p.write_bytes(p.read_bytes()[:20]),
-    "tensor-byte-flipped": lambda p: _flip(p, len(p.read_bytes()) - 5),
-    "header-byte-flipped": lambda p: _flip(p, 8 + _header_len(p) // 2),
-    "empty": lambda p: p.write_bytes(b""),
+    "block-byte-flipped": (lambda c, m: _flip(_block(c, m, 2), _block(c, m, 2).stat().st_size - 5), lambda m: 32),
+    "block-truncated": (lambda c, m: _block(c, m, 1).write_bytes(_block(c, m, 1).read_bytes()[:5000]), lambda m: 16),
+    "block-header-flipped": (lambda c, m: _flip(_block(c, m, 0), 40), lambda m: 0),
+    "block-missing": (lambda c, m: _block(c, m, 3).unlink(), lambda m: 48),
+    "tail-byte-flipped": (lambda c, m: _flip(_tail(c, m), 3), lambda m: m["tail"]["start"]),
+    "tail-truncated": (lambda c, m: _tail(c, m).write_bytes(b""), lambda m: m["tail"]["start"]),
+    "manifest-byte-flipped": (lambda c, m: _flip(c / "agents" / "a" / "manifest.json", 100), lambda m: 0),
+    "manifest-empty": (lambda c, m: (c / "agents" / "a" / "manifest.json").write_bytes(b""), lambda m: 0),
 }
 
 
 @pytest.mark.parametrize("damage", sorted(CORRUPTIONS))
-def test_corrupt_cache_is_refused_moved_aside_and_the_agent_rebuilt(engines, home, damage):
+def test_damage_is_refused_and_only_the_affected_suffix_is_prefilled_again(engines, home, tmp_path, damage):
     engine = engines["llama"]
-    path = _saved(engine, home)
-    CORRUPTIONS[damage](path)
-    with pytest.raises(cachefile.CacheFileError):
-        cachefile.load_cache(path, AgentStore(home, engine).expect)
-    store = _store(home, engine)
-    result = store.chat("a", TURN2, max_tokens=6)
-    assert result.cache_source == "rebuilt"
-    assert result.cached_tokens == 0
-    assert not path.exists() or store.is_hot("a")  # moved aside before the new save
-    quarantined = list((home / "caches" / "quarantine").iterdir())
-    assert len(quarantined) == 1
+    caches, manifest = _saved(engine, home)
+    fresh = tmp_path / "fresh"
+    shutil.copytree(home, fresh)
+    shutil.rmtree(fresh / "caches")
+    hit, usable = CORRUPTIONS[damage]
+    hit(caches, manifest)
+    store = _store(home, engine, kv=SMALL)
+    result = store.chat("a", TURN2, max_tokens=10)
+    from_transcript = _store(fresh, engine, kv=SMALL).chat("a", TURN2, max_tokens=10)
+    assert result.cached_tokens == usable(manifest)  # the intact blocks before the damage are used
+    assert result.cache_source == ("disk" if usable(manifest) else "rebuilt")
+    assert result.text == from_transcript.text  # and the answer is the one a rebuild gives
     assert store.problems and store.problems[0].agent == "a"
+    if damage != "block-missing" and not damage.startswith("tail"):
+        assert list((caches / "quarantine").iterdir()), "the refused file was not moved aside"
     history = store.records.get("a").messages
     assert [m["content"] for m in history if m["role"] == "user"] == [TURN1, TURN2]
+    assert store.save("a")  # the next save stores the damaged part again
+    assert _store(home, engine, kv=SMALL).chat("a", "again", max_tokens=2).cached_tokens > usable(manifest)
 
 
-def test_rebuilt_agent_answers_as_a_fresh_agent_with_the_same_transcript(engines, home, tmp_path):
-    engine = engines["llama"]
-    path = _saved(engine, home)
-    _flip(path, len(path.read_bytes()) - 5)
-    fresh_home = tmp_path / "fresh"
-    shutil.copytree(home, fresh_home)
-    (fresh_home / "caches" / "a.safetensors").unlink()
-    rebuilt = _store(home, engine).chat("a", TURN2, max_tokens=10)
-    from_transcript = _store(fresh_home, engine).chat("a", TURN2, max_tokens=10)
-    assert rebuilt.cache_source == from_transcript.cache_source == "rebuilt"
-    assert rebuilt.text == from_transcript.text
+def _rewrite_manifest(caches, **changes):
+    from agentd.kvstore import encode_manifest
 
-
-def _rewrite_meta(path, **changes):
-    tensors, meta = mx.load(str(path), return_metadata=True)
-    meta.update(changes)
-    meta["agentd.checksum"] = cachefile._digest(meta, tensors)
-    mx.save_safetensors(str(path), tensors, meta)
+    path = caches / "agents" / "a" / "manifest.json"
+    m = json.loads(path.read_text())
+    m.update(changes)
+    path.write_bytes(encode_manifest(m))
 
 
 @pytest.mark.parametrize(
     "field,value,reason",
     [
-        ("agentd.format_version", "0", "version"),
-        ("agentd.model", "0123456789abcdef", "model"),
-        ("agentd.tokenizer", "0123456789abcdef", "tokenizer"),
-        ("agentd.dtype", "float16", "dtype"),
+        ("model", "0123456789abcdef", "model"),
+        ("tokenizer", "0123456789abcdef", "tokenizer"),
+        ("dtype", "float16", "dtype"),
+        ("kv", {"bits": 8, "group_size": 64, "block_tokens": 16}, "kv-bits"),
     ],
 )
-def test_foreign_or_old_cache_is_refused_with_its_reason(engines, home, field, value, reason):
+def test_foreign_cache_is_refused_with_its_reason(engines, home, field, value, reason):
     engine = engines["llama"]
-    path = _saved(engine, home)
-    _rewrite_meta(path, **{field: value})
-    with pytest.raises(cachefile.CacheFileError) as err:
-        cachefile.load_cache(path, AgentStore(home, engine).expect)
-    assert err.value.reason == reason
-    store = _store(home, engine)
+    caches, _ = _saved(engine, home)
+    _rewrite_manifest(caches, **{field: value})
+    store = _store(home, engine, kv=SMALL)
     assert store.chat("a", TURN2, max_tokens=4).cache_source == "rebuilt"
     assert store.problems[0].reason == reason
 
 
-def test_cache_from_another_model_is_detected_by_fingerprint(tiny_llama_dir, home, tmp_path):
+def test_cache_from_another_model_or_kv_setting_is_never_loaded(tiny_llama_dir, home, tmp_path):
     import tinymodels
 
     other = Engine(tinymodels.make_tiny_llama(tmp_path / "other", seed=1))
     assert other.fingerprint != Engine(tiny_llama_dir).fingerprint
-    path = _saved(Engine(tiny_llama_dir), home)
-    with pytest.raises(cachefile.CacheFileError) as err:
-        cachefile.load_cache(path, AgentStore(home, other).expect)
-    assert err.value.reason == "model"
+    _saved(Engine(tiny_llama_dir), home)
+    store = _store(home, other, kv=SMALL)
+    assert store.chat("a", TURN2, max_tokens=4).cache_source == "rebuilt"
+    assert store.problems[0].reason == "model"
+    # Blocks of other settings have other ids: a same-model store with other KV settings
+    # finds no shared prefix in them.
+    assert _store(home, Engine(tiny_llama_dir), kv=KVSettings(block_tokens=32)).repo.stored_prefix(
+        Engine(tiny_llama_dir).render(SYSTEM, [])) == 0
 
 
 def test_changed_chat_template_is_detected(tiny_llama_dir, home, tmp_path):
@@ -208,39 +218,45 @@ def test_changed_chat_template_is_detected(tiny_llama_dir, home, tmp_path):
     assert Engine(copy).tokenizer_fingerprint != Engine(tiny_llama_dir).tokenizer_fingerprint
 
 
-def test_failed_write_leaves_the_old_file_intact_and_no_temp_behind(engines, home):
+def test_failed_write_leaves_the_old_cache_intact_and_no_temp_behind(engines, home):
     engine = engines["llama"]
-    path = _saved(engine, home)
-    before = path.read_bytes()
+    caches, manifest = _saved(engine, home)
+    files = lambda: {p: p.read_bytes() for p in caches.rglob("*") if p.is_file()}  # noqa: E731
+    before = files()
 
     def disk_full(path_, write):
         def half_then_enospc(tmp):
-            tmp.write_bytes(before[: len(before) // 2])
+            write(tmp)
+            tmp.write_bytes(tmp.read_bytes()[: tmp.stat().st_size // 2])
             raise OSError(errno.ENOSPC, "No space left on device")
 
         from agentd.atomic import atomic_replace
 
         atomic_replace(path_, half_then_enospc)
 
-    store = _store(home, engine, replace=disk_full)
-    store.chat("a", TURN2, max_tokens=4)
+    store = _store(home, engine, replace=disk_full, kv=SMALL)
+    store.chat("a", TURN2 * 3, max_tokens=4)  # long enough to need new blocks
     with pytest.raises(OSError) as err:
         store.save("a")
     assert err.value.errno == errno.ENOSPC
-    assert path.read_bytes() == before
-    assert sorted(p.name for p in path.parent.iterdir() if p.is_file()) == ["a.safetensors"]
+    assert files() == before  # old manifest, blocks and tail untouched; no temp file left
     assert store.snapshot()["a"]["dirty"]  # still dirty: a later flush retries
+    assert _store(home, engine, kv=SMALL).repo.load("a").tokens == manifest["tokens"]
 
 
-def test_leftover_temp_file_is_never_loaded_and_is_removed(engines, home):
+def test_leftover_temp_files_are_never_loaded_and_are_removed(engines, home):
     engine = engines["llama"]
-    path = _saved(engine, home)
-    partial = path.with_name(".tmp-0123456789ab-a.safetensors")
-    partial.write_bytes(b"half a file")
-    path.unlink()
-    store = _store(home, engine)
-    assert not partial.exists()
-    assert store.chat("a", TURN2, max_tokens=4).cache_source == "rebuilt"
+    caches, manifest = _saved(engine, home)
+    from agentd.atomic import temp_path
+
+    leftovers = [temp_path(caches / "agents" / "a" / "manifest.json"),
+                 temp_path(_block(caches, manifest, 0).with_name("f" * 64 + ".kvb")),
+                 temp_path(caches / "a.safetensors")]
+    for p in leftovers:
+        p.write_bytes(b"half a file")
+    store = _store(home, engine, kv=SMALL)
+    assert not any(p.exists() for p in leftovers)
+    assert store.chat("a", TURN2, max_tokens=4).cache_source == "disk"
 
 
 def test_evict_saves_a_dirty_agent_frees_memory_and_it_comes_back_from_disk(engines, home):
@@ -260,7 +276,7 @@ def test_evict_saves_a_dirty_agent_frees_memory_and_it_comes_back_from_disk(engi
     assert store.evict("b") is True
     assert mx.get_active_memory() < active_before
     assert store.lru() == ["c", "a"]
-    assert store.cache_path("b").exists()
+    assert store.cache_path("b").exists()  # its manifest
     assert store.chat("b", TURN2, max_tokens=4).cache_source == "disk"
 
 

@@ -55,7 +55,7 @@ def test_sigterm_flushes_dirty_agents_removes_the_socket_and_exits_0(home, tiny_
             c.create("a", system=SYSTEM)
             chat(c, "a", TURN1)
             assert c.status()["agents"][0]["dirty"] is True
-        cache = home / "data" / "caches" / "a.safetensors"
+        cache = home / "data" / "caches" / "agents" / "a" / "manifest.json"
         assert not cache.exists()
         assert d.stop(signal.SIGTERM) == 0
         assert cache.exists()
@@ -78,7 +78,7 @@ def test_eviction_under_max_hot_2_and_the_evicted_agent_resumes_exactly(home, ti
         roomy_states, reference = scenario(d)
     with DaemonProc(home, tiny_llama_dir, "--max-hot", "2") as d:
         states, evicted_then_resumed = scenario(d)
-        assert (home / "data" / "caches" / "a.safetensors").exists()
+        assert (home / "data" / "caches" / "agents" / "a" / "manifest.json").exists()
     assert roomy_states == {"a": "hot", "b": "hot", "c": "hot"}
     assert states == {"a": "cold", "b": "hot", "c": "hot"}
     assert reference["cache_source"] == "memory"
@@ -235,7 +235,7 @@ def test_agentctl_json_chat_and_status_shapes(home, tiny_llama_dir):
         assert bad.returncode != 0 and "Traceback" not in bad.stderr
 
 
-def test_fork_copies_the_transcript_and_rebuilds_the_same_context(home, tiny_llama_dir):
+def test_fork_copies_the_transcript_and_starts_from_the_sources_saved_cache(home, tiny_llama_dir):
     with DaemonProc(home, tiny_llama_dir) as d:
         with d.client() as c:
             c.create("a", role="Technical Specialist", system=SYSTEM)
@@ -243,11 +243,13 @@ def test_fork_copies_the_transcript_and_rebuilds_the_same_context(home, tiny_lla
             forked = c.fork("a", "b")["agent"]
             assert (forked["name"], forked["role"], forked["messages"]) == ("b", "Technical Specialist", 2)
             assert c.history("b") == c.history("a")
-            rebuilt = chat(c, "b", TURN2)
+            fork = chat(c, "b", TURN2)
             resumed = chat(c, "a", TURN2)
-            assert (rebuilt["cache_source"], resumed["cache_source"]) == ("rebuilt", "memory")
-            assert rebuilt["prompt_tokens"] == resumed["prompt_tokens"]
-            assert rebuilt["prefilled_tokens"] == rebuilt["prompt_tokens"] > resumed["prefilled_tokens"]
+            # The fork shares the source's saved blocks and tail: nothing is prefilled twice.
+            assert (fork["cache_source"], resumed["cache_source"]) == ("disk", "memory")
+            assert fork["prompt_tokens"] == resumed["prompt_tokens"]
+            assert fork["prefilled_tokens"] == resumed["prefilled_tokens"] < fork["prompt_tokens"]
+            assert fork["text"] == resumed["text"]
             with pytest.raises(AgentdError) as err:
                 c.fork("nobody", "c")
             assert err.value.code == "NOT_FOUND"

@@ -4,7 +4,9 @@ torn, and the daemon must come back (or refuse to start) with one clear line."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import os
 import random
 import shutil
@@ -17,10 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from agentctl.client import ClientError
-from agentd import cachefile
+from agentctl.client import AgentdError, ClientError
 from agentd.atomic import is_temp
+from agentd.blocks import BlockStore
+from agentd.cachefile import load_layers
 from agentd.engine import Engine
+from agentd.kvrows import RowLayout, RowTarget
+from agentd.kvstore import KVSettings, cache_fingerprint, parse_manifest, read_tail
 from daemonproc import DaemonProc
 
 SYSTEM = "You are a technical specialist. Explain root causes and the steps to fix them. "
@@ -40,11 +45,33 @@ def caches(d: DaemonProc) -> Path:
 
 
 def partials(d: DaemonProc) -> list[Path]:
-    return [p for p in caches(d).iterdir() if p.is_file() and is_temp(p)]
+    return [p for p in caches(d).rglob("*") if p.is_file() and is_temp(p) and "quarantine" not in p.parts]
 
 
-def finals(d: DaemonProc) -> list[Path]:
-    return [p for p in caches(d).iterdir() if p.is_file() and not is_temp(p)]
+def manifests(d: DaemonProc) -> list[Path]:
+    return sorted(caches(d).glob("agents/*/manifest.json"))
+
+
+def verify_store(d: DaemonProc, engine: Engine, kv: KVSettings) -> Counter:
+    """Without changing anything: every block under its final name is whole, and every
+    manifest is whole and names blocks, a tail and a window that verify (what a start loads)."""
+    seen = Counter()
+    blocks = BlockStore(caches(d) / "blocks", cache_fingerprint(engine.fingerprint, engine.dtype, kv),
+                        kv.block_tokens, clean=False)
+    for bid in blocks.sizes():
+        blocks.verify(bid)
+        seen["blocks"] += 1
+    for path in manifests(d):
+        m = parse_manifest(path.read_bytes(), path.parent.name)
+        assert set(m["blocks"]) <= set(blocks.sizes()), "a manifest names a block that is not there"
+        if m["tail"]:
+            target = RowTarget(RowLayout.from_json(m["layout"]), m["n_tokens"])
+            good, why = read_tail(path.parent / m["tail"]["file"], m["tail"], target, m["tail"]["start"])
+            assert why is None and good == m["n_tokens"], f"a torn tail: {why}"
+        if m["window"]:
+            load_layers(path.parent / m["window"]["file"], {})
+        seen["manifests"] += 1
+    return seen
 
 
 def turns(messages: list[dict]) -> list[tuple[str, str]]:
@@ -64,7 +91,7 @@ class Load(threading.Thread):
         super().__init__(daemon=True)
         self.d, self.rng, self.cycle = d, rng, cycle
         self.acked, self.maybe, self.first = acked, maybe, first
-        self.chats = self.saves = 0
+        self.chats = self.saves = self.gcs = 0
 
     def run(self) -> None:
         try:
@@ -83,6 +110,14 @@ class Load(threading.Thread):
                     if self.rng.random() < 0.5:
                         c.save()
                         self.saves += 1
+                    if self.rng.random() < 0.25:
+                        # A scratch agent saved and deleted: garbage blocks for gc to collect.
+                        with contextlib.suppress(AgentdError):
+                            c.create("scratch", system=SYSTEM * 30 + f"Scratch {self.cycle} {i}.")
+                        chat(c, "scratch", "scratch turn", max_tokens=2)
+                        c.save("scratch")
+                        c.delete("scratch") if self.rng.random() < 0.5 else c.gc()
+                        self.gcs += 1
         except ClientError:
             return  # the daemon was killed under us
 
@@ -91,11 +126,12 @@ class Load(threading.Thread):
 def test_kill_9_at_random_moments_loses_no_acknowledged_turn_and_tears_no_file(home, tiny_llama_dir):
     rng = random.Random(20240606)
     engine = Engine(tiny_llama_dir)
-    expect = cachefile.Expectation(engine.fingerprint, engine.tokenizer_fingerprint, engine.dtype)
+    kv = KVSettings(block_tokens=32)  # many blocks per agent: kills land in block writes and gc
+    args = ("--flush-interval", "0.2", "--block-tokens", "32")
     acked: dict[str, list] = {n: [] for n in AGENTS}
     maybe: set[str] = set()
     stats = Counter()
-    d = DaemonProc(home, tiny_llama_dir, "--flush-interval", "0.2")
+    d = DaemonProc(home, tiny_llama_dir, *args)
     with d:
         with d.client() as c:
             for n in AGENTS:
@@ -104,7 +140,7 @@ def test_kill_9_at_random_moments_loses_no_acknowledged_turn_and_tears_no_file(h
     deadline = time.monotonic() + 150
     while stats["kills"] < 60 and time.monotonic() < deadline:
         cycle = stats["kills"]
-        d = DaemonProc(home, tiny_llama_dir, "--flush-interval", "0.2")
+        d = DaemonProc(home, tiny_llama_dir, *args)
         if rng.random() < 0.1:
             # Sometimes during start itself: loading the model, removing leftovers, opening the records.
             d.proc = subprocess.Popen(d.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=d.env)
@@ -119,6 +155,7 @@ def test_kill_9_at_random_moments_loses_no_acknowledged_turn_and_tears_no_file(h
         with d.client() as c:
             status = c.status()
             assert status["problems"] == [], f"a cache file was refused after a kill: {status['problems']}"
+            stats["garbage_at_start"] += status["store"]["garbage_blocks"]  # collected at start: 0
             for n in AGENTS:
                 check_history(turns(c.history(n)["messages"]), acked[n], maybe)
         first: dict[str, str] = {}
@@ -133,14 +170,15 @@ def test_kill_9_at_random_moments_loses_no_acknowledged_turn_and_tears_no_file(h
         stats["kills"] += 1
         stats["chats"] += load.chats
         stats["saves"] += load.saves
+        stats["gcs"] += load.gcs
         left = partials(d)
         stats["kills_mid_write"] += bool(left)
         for src in first.values():
             assert src in ("disk", "rebuilt", "new")  # never "memory": it is a fresh process
             stats[f"source_{src}"] += 1
-        for path in finals(d):  # every file under its final name verifies, whenever the kill came
-            cachefile.load_cache(path, expect)
-            stats["files_verified"] += 1
+        seen = verify_store(d, engine, kv)  # every file under its final name verifies, whenever the kill came
+        stats["blocks_verified"] += seen["blocks"]
+        stats["manifests_verified"] += seen["manifests"]
     with d:
         with d.client() as c:
             assert c.status()["problems"] == []
@@ -150,6 +188,7 @@ def test_kill_9_at_random_moments_loses_no_acknowledged_turn_and_tears_no_file(h
     print(f"\nkill -9: {dict(stats)}; acknowledged turns: {sum(map(len, acked.values()))}")
     assert stats["kills"] >= 50
     assert stats["source_disk"] > 0 and stats["chats"] > 100
+    assert stats["gcs"] > 10 and stats["blocks_verified"] > 100 and stats["garbage_at_start"] == 0
 
 
 def check_history(history: list[tuple[str, str]], acked: list[tuple[str, str]], maybe: set[str]) -> None:
@@ -202,10 +241,12 @@ def test_full_disk_keeps_the_old_file_shows_the_error_backs_off_and_recovers(hom
             c.create("a", system=SYSTEM * 40)
             chat(c, "a", "first turn")
             assert wait_for(lambda: not c.status()["agents"][0]["dirty"])
-            cache = caches(d) / "a.safetensors"
+            cache = caches(d) / "agents" / "a" / "manifest.json"
             before = cache.read_bytes()
             filler = fill(tmpfs, leave=160 * 1024)  # room for the records' next commits, not for a cache file
-            acked = chat(c, "a", "second turn, while the disk is full")  # the turn commits; its cache cannot
+            # A long turn: a save writes only new rows, so they must outgrow the space left.
+            second = "second turn, while the disk is full. " + "More words to remember. " * 120
+            acked = chat(c, "a", second)  # the turn commits; its cache cannot
             status = wait_for(lambda: (s := c.status())["flush"]["last_result"] == "failed" and s)
             assert status, "the flush never reported the full disk"
             flush = status["flush"]
@@ -223,8 +264,7 @@ def test_full_disk_keeps_the_old_file_shows_the_error_backs_off_and_recovers(hom
                 capture_output=True, text=True, timeout=30,
             )
             assert "No space left on device" in rendered.stdout + rendered.stderr
-            assert c.ping()["pong"] and turns(c.history("a")["messages"])[-1] == (
-                "second turn, while the disk is full", acked["text"])
+            assert c.ping()["pong"] and turns(c.history("a")["messages"])[-1] == (second, acked["text"])
             filler.unlink()
             status = wait_for(lambda: (s := c.status())["flush"]["last_result"] == "ok" and s, timeout=15)
             assert status and status["flush"]["consecutive_failures"] == 0 and not status["agents"][0]["dirty"]
@@ -273,10 +313,10 @@ def test_injected_enospc_half_way_through_a_flush_backs_off_and_retries(home, ti
     def writer(path, write):
         def half_then_enospc(tmp):
             state["attempts"] += 1
-            if state["full"]:
-                tmp.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-                raise OSError(errno.ENOSPC, "No space left on device")
             write(tmp)
+            if state["full"]:
+                tmp.write_bytes(tmp.read_bytes()[: tmp.stat().st_size // 2])
+                raise OSError(errno.ENOSPC, "No space left on device")
 
         atomic_replace(path, half_then_enospc)
 
@@ -296,7 +336,7 @@ def test_injected_enospc_half_way_through_a_flush_backs_off_and_retries(home, ti
         path = daemon.store.cache_path("a")
         before = path.read_bytes()
         state["full"] = True
-        await call(p.Chat("a", "two", max_tokens=4))
+        await call(p.Chat("a", "two " * 100, max_tokens=4))  # a new tail file at least: a write that fails
         delays = []
         for expected in (1, 2, 3):
             t = time.time()
@@ -305,7 +345,7 @@ def test_injected_enospc_half_way_through_a_flush_backs_off_and_retries(home, ti
             assert flush["last_result"] == "failed" and flush["consecutive_failures"] == expected
             assert flush["last_error"] == "OSError: [Errno 28] No space left on device"
             delays.append(round(daemon.flush.next_due - t, 1))
-            assert path.read_bytes() == before and [q.name for q in path.parent.glob(".tmp-*")] == []
+            assert path.read_bytes() == before and [q.name for q in home.rglob(".tmp-*")] == []
         assert delays == [0.4, 0.8, 1.6]
         attempts = state["attempts"]
         await daemon.tick()  # not due yet: no attempt
@@ -331,47 +371,56 @@ def flip(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def header_len(path: Path) -> int:
-    return int.from_bytes(path.read_bytes()[:8], "little")
+def manifest_of(d: DaemonProc, name: str) -> Path:
+    return caches(d) / "agents" / name / "manifest.json"
 
 
-def rewrite_meta(path: Path, **changes) -> None:
-    """A valid file (checksum recomputed) with some metadata changed: an old version, say."""
-    import mlx.core as mx
-
-    tensors, meta = mx.load(str(path), return_metadata=True)
-    meta.update(changes)
-    meta["agentd.checksum"] = cachefile._digest(meta, tensors)
-    mx.save_safetensors(str(path), tensors, meta)
+def first_block(d: DaemonProc, name: str) -> Path:
+    m = json.loads(manifest_of(d, name).read_text())
+    return caches(d) / "blocks" / (m["blocks"][0] + ".kvb")
 
 
+def rewrite_manifest(path: Path, **changes) -> None:
+    """A valid manifest (checksum recomputed) with some fields changed: an old version, say."""
+    from agentd.kvstore import encode_manifest
+
+    m = json.loads(path.read_text())
+    m.update(changes)
+    path.write_bytes(encode_manifest(m))
+
+
+# damage -> the reason the daemon must give
 DAMAGE = {
-    "truncated": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size * 2 // 3]),
-    "tensor-byte": lambda p: flip(p, p.stat().st_size - 7),
-    "header-byte": lambda p: flip(p, 8 + header_len(p) // 2),
-    "older-format": lambda p: rewrite_meta(p, **{"agentd.format_version": "0"}),
-    "empty": lambda p: p.write_bytes(b""),
+    "truncated": (lambda d, n: manifest_of(d, n).write_bytes(manifest_of(d, n).read_bytes()[:200]), "corrupt"),
+    "block-byte": (lambda d, n: flip(first_block(d, n), first_block(d, n).stat().st_size - 7), "checksum"),
+    "block-truncated": (lambda d, n: first_block(d, n).write_bytes(first_block(d, n).read_bytes()[:9000]),
+                        "truncated"),
+    "manifest-byte": (lambda d, n: flip(manifest_of(d, n), manifest_of(d, n).stat().st_size // 2), "checksum"),
+    "older-format": (lambda d, n: rewrite_manifest(manifest_of(d, n), version=1), "version"),
+    "empty": (lambda d, n: manifest_of(d, n).write_bytes(b""), "corrupt"),
 }
 
 
 def test_damaged_old_and_foreign_caches_are_refused_in_one_line_and_rebuilt(home, tiny_llama_dir, tiny_gemma_dir,
                                                                            tmp_path):
     names = [*DAMAGE, "other-model"]
-    d = DaemonProc(home, tiny_llama_dir, "--flush-interval", "3600")
+    args = ("--flush-interval", "3600", "--block-tokens", "16")
+    d = DaemonProc(home, tiny_llama_dir, *args)
     with d:
         with d.client() as c:
             for n in names:
-                c.create(n, system=SYSTEM * 4)
+                c.create(n, system=f"{n}: " + SYSTEM * 4)  # each its own blocks: damage hits one agent
                 chat(c, n, "before the damage")
             assert sorted(c.save()["saved"]) == sorted(names)
-    with DaemonProc(tmp_path / "gemma", tiny_gemma_dir) as g:
+    with DaemonProc(tmp_path / "gemma", tiny_gemma_dir, "--block-tokens", "16") as g:
         with g.client() as c:
             c.create("other-model", system=SYSTEM)
             chat(c, "other-model", "a gemma turn")
             c.save()
-    shutil.copy(caches(g) / "other-model.safetensors", caches(d) / "other-model.safetensors")
-    for n, damage in DAMAGE.items():
-        damage(caches(d) / f"{n}.safetensors")
+    shutil.rmtree(caches(d) / "agents" / "other-model")
+    shutil.copytree(caches(g) / "agents" / "other-model", caches(d) / "agents" / "other-model")
+    for n, (damage, _) in DAMAGE.items():
+        damage(d, n)
     with d:
         with d.client() as c:
             for n in names:
@@ -379,9 +428,7 @@ def test_damaged_old_and_foreign_caches_are_refused_in_one_line_and_rebuilt(home
                 assert r["cache_source"] == "rebuilt", n
                 assert [u for u, _ in turns(c.history(n)["messages"])] == ["before the damage", "after the damage"]
             problems = {pr["agent"]: pr["reason"] for pr in c.status()["problems"]}
-        assert set(problems) == set(names)
-        assert problems["truncated"] == "truncated" and problems["tensor-byte"] == "checksum"
-        assert problems["older-format"] == "version" and problems["other-model"] == "model"
+        assert problems == {**{n: reason for n, (_, reason) in DAMAGE.items()}, "other-model": "model"}
         assert len(list((caches(d) / "quarantine").iterdir())) == len(names)  # moved aside, not deleted
         assert d.stop() == 0
     log = d.stderr()
@@ -392,6 +439,25 @@ def test_damaged_old_and_foreign_caches_are_refused_in_one_line_and_rebuilt(home
         with d.client() as c:
             assert c.status()["problems"] == []
             assert {chat(c, n, "again")["cache_source"] for n in names} == {"disk"}
+
+
+def test_a_v1_cache_file_is_loaded_and_converted_by_the_daemon(home, tiny_llama_dir):
+    """Today's single-file caches (format agentd-kv v1) keep working after an upgrade."""
+    (home / "data" / "caches").mkdir(parents=True)
+    shutil.copy(Path(__file__).parent / "data" / "legacy-v1-tiny-llama.safetensors",
+                home / "data" / "caches" / "legacy.safetensors")
+    d = DaemonProc(home, tiny_llama_dir, "--flush-interval", "3600")
+    with d:
+        with d.client() as c:
+            assert c.status()["store"]["legacy_files"] == 1
+            r = chat(c, "legacy", "after the upgrade")  # its record came from the v1 file
+            assert r["cache_source"] == "disk" and r["cached_tokens"] > 40
+        assert d.stop() == 0  # the final flush saves it as blocks
+    assert not (home / "data" / "caches" / "legacy.safetensors").exists() and manifest_of(d, "legacy").exists()
+    with d:
+        with d.client() as c:
+            assert c.status()["store"]["legacy_files"] == 0
+            assert chat(c, "legacy", "again")["cache_source"] == "disk"
 
 
 def test_lost_records_database_is_recovered_from_the_caches(home, tiny_llama_dir):
@@ -430,13 +496,14 @@ def test_a_cache_file_without_a_usable_record_is_quarantined_not_loaded(home, ti
                 chat(c, n, "hello")
             c.save()
     (d.home / "data" / "agents.db").unlink()
-    flip(caches(d) / "flipped.safetensors", 8 + header_len(caches(d) / "flipped.safetensors") // 3)
-    os.rename(caches(d) / "renamed.safetensors", caches(d) / "impostor.safetensors")
+    flip(manifest_of(d, "flipped"), manifest_of(d, "flipped").stat().st_size // 3)
+    os.rename(caches(d) / "agents" / "renamed", caches(d) / "agents" / "impostor")
     with d:
         with d.client() as c:
             assert c.list()["agents"] == []
             assert sorted(pr["agent"] for pr in c.status()["problems"]) == ["flipped", "impostor"]
-    assert sorted(p.name for p in finals(d)) == []
+            assert c.status()["store"]["blocks"] == 0  # what they named is garbage, collected
+    assert manifests(d) == []
     assert "Traceback" not in d.stderr()
 
 

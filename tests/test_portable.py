@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -275,15 +274,15 @@ def test_an_invalid_or_taken_new_name_is_refused_before_the_upload(victim, tmp_p
 
 def test_a_cache_file_is_not_a_bundle_and_a_missing_file_is_one_line(victim, tmp_path):
     d, _, root = victim
-    r = agentctl(d, "import", str(root / "data" / "caches" / "x.safetensors"), "--name", "y")
+    r = agentctl(d, "import", str(root / "data" / "caches" / "agents" / "x" / "manifest.json"), "--name", "y")
     assert r.returncode == 1 and r.stderr.decode() == "Error: not an agentd agent bundle\n"
     r = agentctl(d, "import", str(tmp_path / "nope.agent"))
     assert r.returncode == 1 and r.stderr.decode().startswith("Error: cannot read") and r.stderr.count(b"\n") == 1
 
 
-def test_export_refusals_leave_no_file(victim, tmp_path):
+def test_export_refusals_leave_no_file(victim, tmp_path, monkeypatch):
     d, _, _ = victim
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # agentctl export writes NAME.agent in the current directory
     r = agentctl(d, "--json", "export", "ghost")
     assert r.returncode == 1 and json.loads(r.stdout)["error"]["code"] == "NOT_FOUND"
     assert list(tmp_path.iterdir()) == []

@@ -28,6 +28,7 @@ EXAMPLES: list[p.Request] = [
     p.Save(),
     p.Save("alice"),
     p.Evict("alice"),
+    p.Gc(),
     p.Export("alice"),
     p.Import(),
     p.Import("alice-2"),

@@ -46,11 +46,13 @@ def conversation(d: DaemonProc, name: str):
     return turns
 
 
-def assert_cache_is_its_own(engine: Engine, path, expect):
+def assert_cache_is_its_own(engine: Engine, caches_dir, name, expect):
     """The saved cache holds keys and values of exactly its token list: it predicts the next
     token as a cache prefilled afresh from those tokens does (a row mixed up in a batch, or
     a padding row left in, would not)."""
-    loaded = cachefile.load_cache(path, expect)
+    from agentd.cacherepo import CacheRepository
+
+    loaded = CacheRepository(caches_dir, expect, engine.new_cache).load(name)
     fresh, _ = engine.prefill(engine.new_cache(), [], loaded.tokens)
     probe = loaded.tokens[-1]
     saved_logits = engine.decode_logits([probe], loaded.cache)
@@ -84,7 +86,7 @@ def test_concurrent_turns_on_several_agents_keep_transcripts_and_caches_apart(ho
             assert result["text"] == streamed and result["finish_reason"] in ("stop", "length")
             expected += [{"role": "user", "content": sent}, {"role": "assistant", "content": streamed}]
         assert histories[n] == expected
-        tokens = assert_cache_is_its_own(engine, home / "data" / "caches" / f"{n}.safetensors", expect)
+        tokens = assert_cache_is_its_own(engine, home / "data" / "caches", n, expect)
         # The tokens are this agent's transcript as the template renders it, up to the last
         # reply (whose final sampled id is never fed back).
         prompt = engine.render(f"{SYSTEM} You are agent {n}.", expected[:-1])

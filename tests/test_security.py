@@ -200,7 +200,7 @@ def test_issue16_item2_a_fresh_home_and_everything_in_it_is_private(home, tiny_l
             list(c.chat("a", "my password is hunter2", max_tokens=4))
             assert c.save("a")["saved"] == ["a"]
         modes = walk_modes(data)
-        assert {"agents.db", "agents.db-wal", "agents.db-shm", "caches/a.safetensors", "log/agentd.log"} <= set(modes)
+        assert {"agents.db", "agents.db-wal", "agents.db-shm", "caches/agents/a/manifest.json", "log/agentd.log"} <= set(modes)
         for path, mode in modes.items():
             expected = 0o700 if (data / path).is_dir() else 0o600
             assert mode == expected, f"{path} is {mode:o}"
@@ -223,7 +223,7 @@ def test_issue16_item3_a_link_planted_at_the_old_temp_path_is_not_written_throug
             list(c.chat("a", "hello", max_tokens=4))
             assert c.save("a")["saved"] == ["a"]
     assert victim.read_text() == "precious"
-    assert (home / "data" / "caches" / "a.safetensors").is_file()
+    assert (home / "data" / "caches" / "agents" / "a" / "manifest.json").is_file()
 
 
 def test_issue16_item3_temp_files_are_created_exclusively_and_never_through_a_link(tmp_path, monkeypatch):

@@ -86,7 +86,8 @@ def _write_weights(out: Path, model) -> None:
     mx.save_safetensors(str(out / "model.safetensors"), weights, {"format": "mlx"})
 
 
-def make_tiny_llama(out: Path, seed: int = 0) -> Path:
+def make_tiny_llama(out: Path, seed: int = 0, head_dim: int | None = None) -> Path:
+    """`head_dim` 32 or more lets mlx quantize the KV cache (--kv-bits needs groups of 32+)."""
     from mlx_lm.models import llama
 
     out.mkdir(parents=True, exist_ok=True)
@@ -106,6 +107,8 @@ def make_tiny_llama(out: Path, seed: int = 0) -> Path:
         "tie_word_embeddings": True,
         "max_position_embeddings": 4096,
     }
+    if head_dim:
+        config["head_dim"] = head_dim
     (out / "config.json").write_text(json.dumps(config))
     mx.random.seed(seed)
     _write_weights(out, llama.Model(llama.ModelArgs.from_dict(config)))

@@ -1,0 +1,156 @@
+"""The per-agent files of the block store: KV settings, manifests and tails.
+
+```
+caches/blocks/<id>.kvb                 full blocks, content-addressed, shared (blocks.py)
+caches/agents/<name>/manifest.json     the agent: record copy, token ids, block ids, tail, window
+caches/agents/<name>/tail.<gen>.kvt    rows after the last full block, appended segment by segment
+caches/agents/<name>/window.<gen>.safetensors   sliding-window layers, verbatim (Gemma 3)
+caches/<name>.safetensors              a format v1 file: loaded once, then converted
+```
+
+A tail file only grows while a manifest names it: each save appends the new rows past the
+last byte the durable manifest names (so a crash never touches named bytes) and the next
+manifest lists the segment with its xxh3-128. A tail that does not continue (the cache was
+trimmed into it, or a block boundary was crossed) is written whole under the next
+generation's name. The manifest is checked with SHA-256 (it is small).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .atomic import full_fsync
+from .kvrows import RowsError, RowTarget, digest, read_buffers, row_buffers, write_buffers
+
+FORMAT = "agentd-kv"
+FORMAT_VERSION = 2
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class KVSettings:
+    """How KV is stored: `bits` None (the model's dtype) or 8/4 (mlx-lm QuantizedKVCache)."""
+
+    bits: int | None = None
+    group_size: int = 64
+    block_tokens: int = 256
+
+    def to_json(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size if self.bits else None,
+                "block_tokens": self.block_tokens}
+
+
+def cache_fingerprint(model: str, dtype: str, kv: KVSettings) -> str:
+    """What a block's rows depend on besides the tokens: model, dtype and the KV setting."""
+    key = json.dumps({"model": model, "dtype": dtype, **kv.to_json()}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def manifest_digest(m: dict) -> str:
+    body = json.dumps({k: v for k, v in m.items() if k != "checksum"}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+class ManifestError(ValueError):
+    """A manifest that must not be used; `reason`: corrupt, checksum, version, agent."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def parse_manifest(data: bytes, name: str) -> dict:
+    """A manifest whose checksum holds and that is this agent's, or ManifestError."""
+    try:
+        m = json.loads(data)
+    except ValueError:
+        raise ManifestError("corrupt", f"{name}: manifest is not JSON (torn or damaged)") from None
+    if not isinstance(m, dict) or m.get("checksum") != manifest_digest(m):
+        raise ManifestError("checksum", f"{name}: manifest checksum mismatch (the file is corrupt)")
+    if m.get("format") != FORMAT or m.get("version") != FORMAT_VERSION:
+        raise ManifestError("version", f"{name}: manifest format {m.get('format')} v{m.get('version')}, "
+                                       f"this agentd reads v{FORMAT_VERSION}")
+    if m.get("agent") != name:
+        raise ManifestError("agent", f"{name}: the manifest in this folder is agent {m.get('agent')!r}'s")
+    return m
+
+
+def encode_manifest(m: dict) -> bytes:
+    m["checksum"] = manifest_digest(m)
+    return json.dumps(m, separators=(",", ":")).encode()
+
+
+def write_file(replace: Callable, path: Path, buffers: list) -> int:
+    """A new file from buffers, durably (temp, fsync, rename, fsync dir). Returns its size."""
+    written = [0]
+
+    def write(tmp: Path) -> None:
+        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)  # atomic_replace created it
+        try:
+            written[0] = write_buffers(fd, buffers)
+        finally:
+            os.close(fd)
+
+    replace(path, write)
+    return written[0]
+
+
+def _segment(at: int, count: int, offset: int, size: int, rows) -> list:
+    return [at, count, offset, size, digest(rows, f"{at}:{count}".encode())]
+
+
+def save_tail(replace: Callable, adir: Path, prev: dict | None, tokens: list[int], start: int, views,
+              gen: int, fingerprint: str) -> tuple[dict | None, int]:
+    """Rows [start, len(tokens)) in the tail: appended when the durable tail is a prefix of
+    them, else a new file. Returns the manifest's `tail` entry and the bytes written."""
+    n = len(tokens)
+    if n == start:
+        return None, 0
+    pt = prev and prev.get("tail")
+    if pt and pt["start"] == start and prev["fingerprint"] == fingerprint:
+        end = start + sum(seg[1] for seg in pt["segments"])
+        if end <= n and prev["tokens"][start:end] == tokens[start:end] and (adir / pt["file"]).exists():
+            segments = [list(s) for s in pt["segments"]]
+            if end == n:
+                return {"file": pt["file"], "start": start, "segments": segments}, 0
+            rows = row_buffers(views, end, n)
+            offset = segments[-1][2] + segments[-1][3]
+            fd = os.open(adir / pt["file"], os.O_WRONLY | os.O_NOFOLLOW)
+            try:
+                wrote = write_buffers(fd, rows, offset)  # past every byte the durable manifest names
+                full_fsync(fd)
+            finally:
+                os.close(fd)
+            segments.append(_segment(end, n - end, offset, wrote, rows))
+            return {"file": pt["file"], "start": start, "segments": segments}, wrote
+    rows = row_buffers(views, start, n)
+    tfile = f"tail.{gen}.kvt"
+    wrote = write_file(replace, adir / tfile, rows)
+    return {"file": tfile, "start": start, "segments": [_segment(start, n - start, 0, wrote, rows)]}, wrote
+
+
+def read_tail(path: Path, tail: dict, target: RowTarget, good: int) -> tuple[int, str | None]:
+    """Fill `target` from the tail's segments in order. Returns how far the cache is now
+    good and, if a segment was refused, why (`truncated`, `checksum`, `missing`)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return good, "missing"
+    try:
+        for at, count, offset, _size, checksum in tail["segments"]:
+            rows = target.buffers(at, at + count)
+            try:
+                read_buffers(fd, rows, offset)
+            except RowsError:
+                return at, "truncated"
+            if digest(rows, f"{at}:{count}".encode()) != checksum:
+                return at, "checksum"
+            good = at + count
+    finally:
+        os.close(fd)
+    return good, None

@@ -1,0 +1,213 @@
+"""The block store on tiny models: what a save writes, what agents share, what a fork and a
+v1 file become, what gc removes, and exact resume across restarts with 16-token blocks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from agentd.agents import AgentStore
+from agentd.blocks import ROOT, block_id, chain_ids
+from agentd.engine import Engine
+from agentd.kvrows import layout_of
+from agentd.kvstore import KVSettings
+
+SYSTEM = "You are a technical specialist. Explain root causes and the steps to fix them. " * 4
+TURN1 = "The payment API returns a 500 error when the card token expires during checkout."
+TURN2 = "What are the detailed steps to fix that API bug from our previous discussion?"
+SMALL = KVSettings(block_tokens=16)
+FIXTURE = Path(__file__).parent / "data" / "legacy-v1-tiny-llama.safetensors"
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama_dir):
+    return Engine(tiny_llama_dir)
+
+
+@pytest.fixture(scope="module")
+def gemma(tiny_gemma_dir):
+    return Engine(tiny_gemma_dir)
+
+
+def blocks_on_disk(home: Path) -> set[str]:
+    return {p.name[:64] for p in (home / "caches" / "blocks").glob("*.kvb")}
+
+
+def test_block_ids_are_a_hash_chain_over_the_fingerprint_and_tokens():
+    tokens = list(range(40))
+    ids = chain_ids("fp", tokens, 16)
+    assert len(ids) == 2  # the partial third block has no id
+    assert ids[0] == block_id("fp", ROOT, tokens[:16]) and ids[1] == block_id("fp", ids[0], tokens[16:32])
+    assert chain_ids("fp", tokens[:16] + [99] * 16, 16)[0] == ids[0]  # same prefix, same first block
+    assert chain_ids("fp", [99] + tokens[1:], 16)[1] != ids[1]  # a change anywhere before renames every later block
+    assert chain_ids("fp-8bit", tokens, 16)[0] != ids[0]
+
+
+def test_a_save_after_a_short_turn_writes_the_new_rows_and_a_manifest_not_the_cache(llama, home):
+    store = AgentStore(home, llama, kv=SMALL)
+    store.create("a", "", SYSTEM * 3)
+    store.chat("a", TURN1, max_tokens=6)
+    store.save("a")
+    first = store.repo.last_save.bytes_written
+    before = len(store._hot["a"].tokens)
+    row_bytes = layout_of(store._hot["a"].cache).row_bytes()
+    manifest_bytes = store.cache_path("a").stat().st_size
+    tail_file = json.loads(store.cache_path("a").read_text())["tail"]["file"]
+    store.chat("a", "ok", max_tokens=3)
+    new_tokens = len(store._hot["a"].tokens) - before
+    store.save("a")
+    report = store.repo.last_save
+    assert first > 20 * row_bytes * 16  # the first save wrote all its blocks
+    # At most one block boundary crossed: the new rows, at most one block, and a manifest.
+    assert report.bytes_written <= new_tokens * row_bytes + 16 * row_bytes + 4096 + manifest_bytes * 1.2
+    m = json.loads(store.cache_path("a").read_text())
+    if m["tail"] and m["tail"]["file"] == tail_file:  # the tail was appended to, not rewritten
+        assert len(m["tail"]["segments"]) >= 2
+
+
+def test_agents_with_one_system_prompt_store_it_once_and_prefill_only_their_own_suffix(llama, home, tmp_path):
+    store = AgentStore(home, llama, kv=SMALL)
+    prefilled, results = [], []
+    for i in range(4):
+        store.create(f"a{i}", "", SYSTEM * 3)
+        r = store.chat(f"a{i}", f"{TURN1} Agent {i}.", max_tokens=4)
+        store.save(f"a{i}")
+        prefilled.append(r.prefilled_tokens)
+        results.append(r)
+    system_tokens = len(llama.render(SYSTEM * 3, []))
+    assert prefilled[0] == results[0].prompt_tokens
+    for r in results[1:]:
+        assert r.cache_source == "disk" and r.cached_tokens >= system_tokens - 16
+        assert r.prefilled_tokens < r.prompt_tokens - system_tokens + 16
+    stats = store.repo.stats()
+    assert stats["shared_blocks"] >= system_tokens // 16 - 1 and stats["garbage_blocks"] == 0
+    # Shared blocks are stored once: far less than four copies.
+    one = store.repo.info("a0").bytes
+    assert stats["block_bytes"] + stats["agent_bytes"] < 2 * one
+    # Sharing changes no answer: a fresh store without the blocks answers alike.
+    fresh = AgentStore(tmp_path / "fresh", llama, kv=SMALL)
+    fresh.create("x", "", SYSTEM * 3)
+    assert fresh.chat("x", f"{TURN1} Agent 3.", max_tokens=4).text == results[3].text
+
+
+def test_a_fork_starts_from_the_sources_blocks_and_answers_as_the_source_would(llama, home):
+    store = AgentStore(home, llama, kv=SMALL)
+    store.create("src", "", SYSTEM)
+    store.chat("src", TURN1, max_tokens=8)
+    store.fork("src", "copy")
+    forked = store.chat("copy", TURN2, max_tokens=8)
+    original = store.chat("src", TURN2, max_tokens=8)
+    assert forked.cache_source == "disk" and forked.cached_tokens == original.cached_tokens
+    assert forked.text == original.text
+    assert set(json.loads(store.cache_path("copy").read_text())["blocks"]) <= blocks_on_disk(home)
+
+
+def test_delete_and_gc_remove_only_blocks_no_agent_names(llama, home):
+    store = AgentStore(home, llama, kv=SMALL)
+    for name, extra in (("keep", ""), ("gone", " Another prompt entirely, with words of its own.")):
+        store.create(name, "", SYSTEM + extra * 6 if extra else SYSTEM)
+        store.chat(name, TURN1, max_tokens=4)
+        store.save(name)
+    keep_blocks = set(json.loads(store.cache_path("keep").read_text())["blocks"])
+    gone_blocks = set(json.loads(store.cache_path("gone").read_text())["blocks"])
+    assert gone_blocks - keep_blocks and keep_blocks & gone_blocks
+    store.delete("gone")
+    assert blocks_on_disk(home) == keep_blocks
+    assert not (home / "caches" / "agents" / "gone").exists()
+    # A block no manifest names (a save a crash cut short before its manifest) is garbage.
+    orphan = home / "caches" / "blocks" / ("e" * 64 + ".kvb")
+    shutil.copy(home / "caches" / "blocks" / (sorted(keep_blocks)[0] + ".kvb"), orphan)
+    store.repo.blocks.rescan()
+    store.repo._refresh()
+    assert store.repo.stats()["garbage_blocks"] == 1
+    assert store.gc()["removed_blocks"] == 1 and not orphan.exists()
+    shutil.copy(home / "caches" / "blocks" / (sorted(keep_blocks)[0] + ".kvb"), orphan)
+    store.close()
+    AgentStore(home, llama, kv=SMALL)  # and at start
+    assert not orphan.exists() and blocks_on_disk(home) == keep_blocks
+
+
+@pytest.mark.parametrize("model", ["llama", "gemma"])
+def test_exact_resume_across_restarts_with_blocks_tail_and_window(model, llama, gemma, home, tmp_path):
+    engine = llama if model == "llama" else gemma
+    store = AgentStore(home, engine, kv=SMALL)
+    store.create("a", "", SYSTEM)
+    store.warm("a")  # the cache is the transcript: no trim needed, Gemma's windows wrap (16)
+    store.chat("a", TURN1, max_tokens=10)
+    for turn in range(2):
+        store.warm("a")  # a re-tokenized reply would need a trim a wrapped window cannot take
+        store.save("a")
+        store.close()
+        saved = tmp_path / f"saved-{turn}"
+        shutil.copytree(home, saved)
+        in_memory = store.chat("a", f"{TURN2} ({turn})", max_tokens=12)
+        restored_store = AgentStore(saved, engine, kv=SMALL)
+        restored = restored_store.chat("a", f"{TURN2} ({turn})", max_tokens=12)
+        assert restored.cache_source == "disk" and restored.cached_tokens > 16
+        assert restored.text == in_memory.text
+        assert (restored.cached_tokens, restored.prefilled_tokens) == (in_memory.cached_tokens,
+                                                                        in_memory.prefilled_tokens)
+    m = json.loads(store.cache_path("a").read_text())
+    assert (m["window"] is not None) == (model == "gemma")
+    if model == "gemma":  # sliding windows are per agent: nothing of Gemma's is shared
+        assert not store.repo.shareable and store.repo.stored_prefix(m["tokens"]) == 0
+
+
+def test_a_v1_file_loads_and_is_converted_to_blocks(llama, home):
+    # The fixture was written by agentd-kv v1 for tinymodels.make_tiny_llama(seed=0), which
+    # the session fixture recreates bit for bit (same fingerprint).
+    caches = home / "caches"
+    caches.mkdir(parents=True)
+    shutil.copy(FIXTURE, caches / "legacy.safetensors")
+    store = AgentStore(home, llama)  # no agents.db: the record comes back from the v1 file
+    rec = store.records.get("legacy")
+    assert rec.role == "Technical Specialist" and len(rec.messages) == 2
+    assert store.repo.stats()["legacy_files"] == 1
+    r = store.chat("legacy", TURN2, max_tokens=4)
+    assert r.cache_source == "disk" and r.cached_tokens >= 45
+    store.evict("legacy")
+    assert not (caches / "legacy.safetensors").exists()  # converted: the manifest took over
+    assert store.repo.stats()["legacy_files"] == 0
+    again = AgentStore(home, llama).chat("legacy", "and now?", max_tokens=2)
+    assert again.cache_source == "disk" and again.cached_tokens > r.cached_tokens
+
+
+def test_kv_bits_store_quantized_blocks_that_other_settings_never_load(tmp_path, home):
+    import tinymodels
+
+    model = tinymodels.make_tiny_llama(tmp_path / "hd32", head_dim=32)  # mlx quantizes groups of 32+
+    plain, q8 = Engine(model), Engine(model, kv_bits=8, kv_group_size=32)
+    kv8 = KVSettings(8, 32, 16)
+    store = AgentStore(home, q8, kv=kv8)
+    store.create("a", "", SYSTEM)
+    first = store.chat("a", TURN1, max_tokens=6)
+    store.save("a")
+    assert type(store._hot["a"].cache[0]).__name__ == "QuantizedKVCache"
+    restored = AgentStore(home, q8, kv=kv8).chat("a", TURN2, max_tokens=6)
+    assert restored.cache_source == "disk" and restored.text == store.chat("a", TURN2, max_tokens=6).text
+    other = AgentStore(home, plain, kv=SMALL)
+    assert other.chat("a", "hi", max_tokens=2).cache_source == "rebuilt"
+    assert other.problems[0].reason == "kv-bits"
+    assert first.text
+
+
+def test_where_arrays_cannot_be_filled_in_place_a_restore_stages_on_the_host(llama, home, monkeypatch):
+    """A discrete GPU's arrays are not host memory: reads go to host arrays, uploaded once."""
+    from agentd import kvrows
+
+    store = AgentStore(home, llama, kv=SMALL)
+    store.create("a", "", SYSTEM)
+    store.chat("a", TURN1, max_tokens=6)
+    store.save("a")
+    expected = store.chat("a", TURN2, max_tokens=8).text
+
+    def not_exportable(a):
+        raise TypeError("not host memory")
+
+    monkeypatch.setattr(kvrows, "_shared_view", not_exportable)
+    restored = AgentStore(home, llama, kv=SMALL).chat("a", TURN2, max_tokens=8)
+    assert restored.cache_source == "disk" and restored.cached_tokens > 32
+    assert restored.text == expected
