@@ -418,3 +418,22 @@ def test_export_and_import_over_http(tmp_path, tiny_llama_dir):
             imported = chat(c, "y", NEXT)
     assert imported["cache_source"] == "disk" and imported["text"] == original["text"]
     assert imported["cached_tokens"] == original["cached_tokens"]
+
+
+def test_a_bundle_made_with_other_kv_bits_brings_its_transcript_only(tmp_path):
+    import tinymodels
+
+    model = tinymodels.make_tiny_llama(tmp_path / "hd32", head_dim=32)  # mlx quantizes groups of 32+
+    with DaemonProc(tmp_path / "a", model, "--kv-bits", "8", "--kv-group-size", "32") as a:
+        with a.client() as c:
+            c.create("x", system=SYSTEM)
+            chat(c, "x", TURNS[0])
+            blob = bytearray()
+            c.export("x", blob.extend)
+    with DaemonProc(tmp_path / "b", model) as b:
+        with b.client() as c:
+            result = c.import_([bytes(blob)])
+            assert result["cache_imported"] is False
+            assert result["cache_reason"] == ("it was made with --kv-bits 8 (group 32); "
+                                              "this daemon runs a full-precision cache")
+            assert chat(c, "x", NEXT)["cache_source"] == "rebuilt"
