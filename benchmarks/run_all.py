@@ -767,8 +767,11 @@ def gpu_section(d: dict, split: dict | None = None) -> list[str]:
     L = ["## 12. NVIDIA GPU (MLX's CUDA backend)", ""]
     L.append(f"Measured {d['when']} on {m.get('nvidia_smi') or 'an NVIDIA GPU'}, {m['cpus']} CPUs ({m['cpu']}), "
              f"mlx {m['mlx']}, mlx-lm {m['mlx_lm']}, Python {m['python']}. Random-weight 4-bit models of real "
-             "shapes (benchmarks/gpu_models.py). agentd runs as a user starts it, with its kernel cache empty "
-             "at the first start (a fresh machine); time to first token (TTFT) as the daemon reports it "
+             "shapes (benchmarks/gpu_models.py). agentd runs as a user starts it"
+             + (", with its kernel cache empty at the first start (a fresh machine)"
+                if all(r.get("first_start", {}).get("fresh_caches") for r in d["models"].values())
+                else ", its kernel cache filled by an earlier run on the same machine")
+             + "; time to first token (TTFT) as the daemon reports it "
              "(restore + prefill + first token). Resumed: the agent's next turn after a restart (SIGTERM, new "
              "process), its cache read from disk; rebuilt: a fork of it made before the restart, whose whole "
              f"transcript is prefilled. Medians of {d['runs']} restarts (the first, with the cache files dropped "
@@ -808,7 +811,8 @@ def gpu_section(d: dict, split: dict | None = None) -> list[str]:
             L.append("")
     if split:
         L.append("Where a restore's time goes, in-process (`gpu.py split`): one KV cache saved by mlx-lm, medians of "
-                 "3, page cache hot; GB/s over the file's bytes.")
+                 f"{len(split['split'][0]['runs']) if split.get('split') else 0}, page cache hot; GB/s over the file's "
+                 "bytes; a placement counts allocating, filling from the file and the first GPU pass.")
         L.append("")
         disk = split.get("disk", {})
         for sp in split.get("split", []):
@@ -821,9 +825,9 @@ def gpu_section(d: dict, split: dict | None = None) -> list[str]:
                                "fill CPU-allocated + first GPU pass", "numpy, mx.array + first GPU pass"),
                               [(f"{sp['tokens']:,}", f"{gb:.2f} GB", rate("mlxlm_load_prompt_cache_s"),
                                 rate("read_threads_s"), rate("sha256_s"), rate("xxh3_128_s"), rate("xxh3_128_8threads_s"),
-                                f"{gb / (med['gpu_zeros_fill_s'] + med['gpu_zeros_first_gpu_pass_s']):.1f}"
+                                f"{gb / (med['gpu_zeros_alloc_s'] + med['gpu_zeros_fill_s'] + med['gpu_zeros_first_gpu_pass_s']):.1f}"
                                 if med.get("gpu_zeros_fill_s") else "-",
-                                f"{gb / (med['cpu_zeros_fill_s'] + med['cpu_zeros_first_gpu_pass_s']):.1f}"
+                                f"{gb / (med['cpu_zeros_alloc_s'] + med['cpu_zeros_fill_s'] + med['cpu_zeros_first_gpu_pass_s']):.1f}"
                                 if med.get("cpu_zeros_fill_s") else "-",
                                 f"{gb / (med['from_numpy_s'] + med['from_numpy_first_gpu_pass_s']):.1f}")]))
             L.append("")
