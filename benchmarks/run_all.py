@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["save_load", "ttft", "memory", "socket_overhead", "vs_mlx_server"]
+SCRIPTS = ["save_load", "ttft", "memory", "socket_overhead", "vs_mlx_server", "concurrency"]
 # The full run's settings, sized for the CPU fast path on a 2-core machine shared with others;
 # ttft.py skips rebuilds that would take over --max-rebuild-s (10 min) each.
 FULL_ARGS = {
@@ -34,6 +34,7 @@ FULL_ARGS = {
     "memory": ["--runs", "3"],
     "socket_overhead": ["--runs", "5", "--max-tokens", "128"],
     "vs_mlx_server": ["--runs", "3", "--restart-runs", "3", "--mlx-restart-runs", "2"],
+    "concurrency": ["--runs", "3"],
 }
 
 
@@ -162,6 +163,28 @@ def make_plots(data: dict, plots: Path) -> dict[str, Path]:
         fig.tight_layout()
         made["memory"] = plots / "memory_vs_agents.png"
         fig.savefig(made["memory"], dpi=110)
+        plt.close(fig)
+    if "concurrency" in data:
+        rows = data["concurrency"]["batched"]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
+        x = [r["agents"] for r in rows]
+        ax1.plot(x, [r["serial_wall_s"] for r in rows], "o-", label="one after another")
+        ax1.plot(x, [r["at_once_wall_s"] for r in rows], "s-", label="at once (batched)")
+        ax1.set_xlabel("agents, each asked for a reply")
+        ax1.set_ylabel("wall time (s)")
+        ax1.grid(True, alpha=0.3)
+        ax1.legend()
+        ax2.plot(x, [r["serial_tok_s"] for r in rows], "o-", label="one after another")
+        ax2.plot(x, [r["at_once_tok_s"] for r in rows], "s-", label="at once (batched)")
+        ax2.set_xlabel("agents")
+        ax2.set_ylabel("aggregate decode tokens/s")
+        ax2.grid(True, alpha=0.3)
+        ax2.legend()
+        fig.suptitle(f"Many agents at once ({data['concurrency'].get('model', {}).get('id', '')}, "
+                     f"{data['concurrency']['max_tokens']}-token replies)")
+        fig.tight_layout()
+        made["concurrency"] = plots / "concurrency.png"
+        fig.savefig(made["concurrency"], dpi=110)
         plt.close(fig)
     return made
 
@@ -385,6 +408,9 @@ def write_report(data: dict, runs_meta: dict, plots: dict, args, total_s: float 
         L.append(f"Command: `{command_of(d, runs_meta, 'vs_mlx_server')}`")
         L.append("")
 
+    if "concurrency" in data:
+        L += concurrency_section(data["concurrency"], plots.get("concurrency"), args.report)
+
     cpu = args.out_dir / "cpu_backend.json"
     if cpu.exists():
         L += cpu_backend_section(json.loads(cpu.read_text()))
@@ -413,6 +439,45 @@ def write_report(data: dict, runs_meta: dict, plots: dict, args, total_s: float 
         L += ["## Notes on this run", ""] + [f"- {n}" for n in args.notes] + [""]
     report.write_text("\n".join(L))
     c.log(f"wrote {report}")
+
+
+def concurrency_section(d: dict, plot: Path | None = None, report: Path | None = None) -> list[str]:
+    """Section 7, from benchmarks/concurrency.py."""
+    L = ["## 7. Many agents at once: the scheduler batches their turns", ""]
+    L.append(f"Measured {d['when']} on {d['model']['id']}, one daemon over its socket, median of {d['runs']} runs; "
+             f"load average {' '.join(d.get('load_before') or ['?'])} before, {' '.join(d.get('load_after') or ['?'])} "
+             f"after (a shared machine: ratios within one run are what to read). Each agent is asked for a "
+             f"{d['max_tokens']}-token reply; **at once**: N client threads released together (one decode "
+             f"forward pass carries every decoding turn); **one after another**: the same agents, the same "
+             f"question, in turn; the two alternate order between runs.")
+    L.append("")
+    L.append("| agents | one after another | at once | aggregate tok/s, one after another | at once | speed-up |")
+    L.append("|---:|---:|---:|---:|---:|---:|")
+    for r in d["batched"]:
+        L.append(f"| {r['agents']} | {r['serial_wall_s']:.2f} s | {r['at_once_wall_s']:.2f} s | "
+                 f"{r['serial_tok_s']:.1f} | {r['at_once_tok_s']:.1f} | **{r['speedup']:.2f}x** |")
+    L.append("")
+    pf = d["prefill"]
+    L.append(f"**A short turn beside a long prefill.** While agent `long` prefilled a {pf['prompt_tokens']:,}-token "
+             f"message ({pf['long_with_short_s_median']:.1f} s; alone {pf['long_alone_s_median']:.1f} s), agent "
+             f"`short` was asked a one-line question: answered in **{pf['short_beside_long_s_median']:.2f} s**, "
+             f"{pf['short_over_long']:.1%} of the prefill's time (alone: {pf['short_alone_s_median']:.2f} s).")
+    L.append("")
+    if "agreement" in d:
+        a = d["agreement"]
+        L.append(f"**Greedy agreement.** {a['agents']} agents asked at once (batched) vs their twins asked alone, "
+                 f"{a['max_tokens']}-token replies: **{a['same']} of {a['agents']}** token-exact"
+                 + ("." if a["same"] == a["agents"] else
+                    " (the others part at character " + ", ".join(str(p["first_difference_char"]) for p in a["pairs"]
+                                                          if not p["same"]) + ")."))
+        L.append("")
+    if plot is not None:
+        rel = os.path.relpath(plot, (report or plot).parent) if report else plot
+        L.append(f"![many agents at once]({rel})")
+        L.append("")
+    L.append(f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/' + d['argv'][0], *map(shlex.quote, d['argv'][1:])])}`")
+    L.append("")
+    return L
 
 
 def cpu_backend_section(d: dict) -> list[str]:
@@ -706,8 +771,11 @@ def gpu_section(d: dict, split: dict | None = None) -> list[str]:
     L = ["## 12. NVIDIA GPU (MLX's CUDA backend)", ""]
     L.append(f"Measured {d['when']} on {m.get('nvidia_smi') or 'an NVIDIA GPU'}, {m['cpus']} CPUs ({m['cpu']}), "
              f"mlx {m['mlx']}, mlx-lm {m['mlx_lm']}, Python {m['python']}. Random-weight 4-bit models of real "
-             "shapes (benchmarks/gpu_models.py). agentd runs as a user starts it, with its kernel cache empty "
-             "at the first start (a fresh machine); time to first token (TTFT) as the daemon reports it "
+             "shapes (benchmarks/gpu_models.py). agentd runs as a user starts it"
+             + (", with its kernel cache empty at the first start (a fresh machine)"
+                if all(r.get("first_start", {}).get("fresh_caches") for r in d["models"].values())
+                else ", its kernel cache filled by an earlier run on the same machine")
+             + "; time to first token (TTFT) as the daemon reports it "
              "(restore + prefill + first token). Resumed: the agent's next turn after a restart (SIGTERM, new "
              "process), its cache read from disk; rebuilt: a fork of it made before the restart, whose whole "
              f"transcript is prefilled. Medians of {d['runs']} restarts (the first, with the cache files dropped "
@@ -747,7 +815,8 @@ def gpu_section(d: dict, split: dict | None = None) -> list[str]:
             L.append("")
     if split:
         L.append("Where a restore's time goes, in-process (`gpu.py split`): one KV cache saved by mlx-lm, medians of "
-                 "3, page cache hot; GB/s over the file's bytes.")
+                 f"{len(split['split'][0]['runs']) if split.get('split') else 0}, page cache hot; GB/s over the file's "
+                 "bytes; a placement counts allocating, filling from the file and the first GPU pass.")
         L.append("")
         disk = split.get("disk", {})
         for sp in split.get("split", []):
@@ -760,9 +829,9 @@ def gpu_section(d: dict, split: dict | None = None) -> list[str]:
                                "fill CPU-allocated + first GPU pass", "numpy, mx.array + first GPU pass"),
                               [(f"{sp['tokens']:,}", f"{gb:.2f} GB", rate("mlxlm_load_prompt_cache_s"),
                                 rate("read_threads_s"), rate("sha256_s"), rate("xxh3_128_s"), rate("xxh3_128_8threads_s"),
-                                f"{gb / (med['gpu_zeros_fill_s'] + med['gpu_zeros_first_gpu_pass_s']):.1f}"
+                                f"{gb / (med['gpu_zeros_alloc_s'] + med['gpu_zeros_fill_s'] + med['gpu_zeros_first_gpu_pass_s']):.1f}"
                                 if med.get("gpu_zeros_fill_s") else "-",
-                                f"{gb / (med['cpu_zeros_fill_s'] + med['cpu_zeros_first_gpu_pass_s']):.1f}"
+                                f"{gb / (med['cpu_zeros_alloc_s'] + med['cpu_zeros_fill_s'] + med['cpu_zeros_first_gpu_pass_s']):.1f}"
                                 if med.get("cpu_zeros_fill_s") else "-",
                                 f"{gb / (med['from_numpy_s'] + med['from_numpy_first_gpu_pass_s']):.1f}")]))
             L.append("")

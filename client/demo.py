@@ -1,7 +1,9 @@
 """`agentctl demo`: three agents remember an incident across a real daemon restart.
 
-Session 1: a Technical Specialist and a Business Analyst answer a bug report; a
-Coordinator turns both answers into an action plan; everything is saved. Then the daemon
+Session 1: a Technical Specialist and a Business Analyst answer a bug report at the same
+time (two connections; the daemon batches their turns), and twins of them answer it one
+after another, so the time saved is measured in the same run; a Coordinator turns both
+answers into an action plan; everything is saved. Then the daemon
 process is stopped and a new one started. Session 2: the specialist answers a follow-up
 from its restored cache, and a fork of it with the same transcript but no cache answers
 the same question, so restoring and rebuilding are measured side by side in one run.
@@ -154,6 +156,46 @@ def _ask(client: Client, n: Narrator, name: str, message: str, max_tokens: int) 
     return result
 
 
+def _ask_at_once(socket_path: Path, n: Narrator, names: list[str], message: str, max_tokens: int) -> dict:
+    """Ask several agents the same message at once, one connection each (as a multi-agent
+    program's threads would): the daemon batches their turns. Replies are shown as each
+    completes, since their tokens arrive interleaved."""
+    n.say(f"\nuser -> {' and '.join(names)} (at once, one connection each): ", bold=True, nl=False)
+    n.say(message if len(message) < 300 else message[:300] + " [...]")
+    results: dict[str, dict] = {}
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def one(name: str) -> None:
+        try:
+            with Client(socket_path, timeout=3600) as c:
+                result = c.chat(name, message, max_tokens=max_tokens).wait()
+                result["cache_tokens_after"] = c.show(name)["agent"]["tokens"]
+            with lock:
+                results[name] = result
+                n.end_progress()
+                n.say(f"{name}: ", bold=True, nl=False)
+                n.say(result["text"])
+                n.say(f"   [{name}: {result['prefilled_tokens']} tokens prefilled, first token after "
+                      f"{result['ttft_ms'] / 1000:.2f} s, {result['generated_tokens']} tokens, done after "
+                      f"{time.perf_counter() - t0:.2f} s]", fg="cyan")
+        except BaseException as e:  # re-raised on the demo's thread below
+            errors.append(e)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(name,), daemon=True) for name in names]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        n.progress(f"   [{', '.join(names)} answering at once: {time.perf_counter() - t0:.0f} s]")
+        for t in threads:
+            t.join(timeout=1.0)
+    n.end_progress()
+    if errors:
+        raise errors[0]
+    return {"results": results, "wall_s": time.perf_counter() - t0}
+
+
 def _fmt_s(ms: float) -> str:
     return f"{ms / 1000:.2f} s"
 
@@ -164,6 +206,18 @@ def _tables(n: Narrator, figures: dict) -> None:
 
     s1, s2, rb = figures["session1"]["specialist"], figures["session2"]["specialist"], figures["rebuild"]
     console = Console(file=n.out, highlight=False)
+    cc = figures["concurrent"]
+    t = Table(title="The specialist and the analyst read the report: at once vs one after another (same run)")
+    for col in ("", "at once", "one after another", "saved"):
+        t.add_column(col, justify="right" if col else "left")
+    t.add_row("both answers done after", f"{cc['at_once_s']:.2f} s", f"{cc['one_after_another_s']:.2f} s",
+              f"{cc['saved_s']:.2f} s ({cc['speedup']:.2f}x)")
+    t.add_row("same answers", "", "", "yes" if cc["same_answers"] else "no (see note)")
+    console.print(t)
+    if not cc["same_answers"]:
+        n.say("Note: turns decoded in one batch run their matrix products on several rows at once; "
+              "floating-point sums in another order can tip a greedy choice (ARCHITECTURE.md, Determinism).",
+              dim=True)
     t = Table(title="The specialist, session 1 vs session 2 (after a daemon restart)")
     for col in ("", "session 1", "session 2"):
         t.add_column(col, justify="right" if col else "left")
@@ -231,8 +285,26 @@ def _run(n: Narrator, daemon: DaemonRun, short: bool, max_tokens: int) -> dict:
         for key, (role, _) in story.ROLES.items():
             c.create(key, role=role, system=story.system_prompt(key, short))
         n.say(f"Created {', '.join(story.ROLES)}: each holds its role and the shared incident brief.")
-        s1["specialist"] = _ask(c, n, "specialist", story.USER_REPORT, max_tokens)
-        s1["analyst"] = _ask(c, n, "analyst", story.USER_REPORT, max_tokens)
+        # Twins taken before anyone is asked (same role, same brief, no cache yet) answer the
+        # same report one after another, so the time saved by answering at once is measured.
+        for key in ("specialist", "analyst"):
+            c.fork(key, f"{key}-alone")
+    both = _ask_at_once(daemon.socket_path, n, ["specialist", "analyst"], story.USER_REPORT, max_tokens)
+    s1.update(both["results"])
+    n.say("\nFor comparison, their twins (same role and brief, no cache yet) answer the same report one "
+          "after another:")
+    with Client(daemon.socket_path, timeout=3600) as c:
+        t0 = time.perf_counter()
+        alone = {key: _ask(c, n, f"{key}-alone", story.USER_REPORT, max_tokens) for key in ("specialist", "analyst")}
+        serial_s = time.perf_counter() - t0
+        for key in alone:
+            c.delete(f"{key}-alone")
+        figures["concurrent"] = {
+            "at_once_s": round(both["wall_s"], 3), "one_after_another_s": round(serial_s, 3),
+            "saved_s": round(serial_s - both["wall_s"], 3), "speedup": round(serial_s / both["wall_s"], 2),
+            "same_answers": all(alone[k]["text"] == s1[k]["text"] for k in alone),
+            "alone_texts": {k: alone[k]["text"] for k in alone},
+        }
         ask = story.COORDINATOR_ASK.format(specialist=s1["specialist"]["text"], analyst=s1["analyst"]["text"])
         s1["coordinator"] = _ask(c, n, "coordinator", ask, max_tokens + max_tokens // 2)
         t0 = time.perf_counter()

@@ -231,13 +231,18 @@ class Daemon:
             await self._io(self.store.records.get, req.name, with_messages=False)  # NOT_FOUND for unknown names
             saved = [req.name] if await self._mlx(self.store.save, req.name, agent=req.name) else []
         else:
-            saved = await self._mlx(self.store.save_all)
-            # Agents mid-turn were skipped (their cache belongs to the turn): save each right
-            # after its turn, so "every dirty agent" holds when this returns.
-            for name, facts in self.store.hot.snapshot().items():
-                if facts.busy and await self._mlx(self.store.save, name, agent=name):
-                    saved.append(name)
+            saved = await self._save_every_dirty_agent()
         return {"saved": saved}
+
+    async def _save_every_dirty_agent(self) -> list[str]:
+        """save_all between steps; agents mid-turn are skipped there (their cache belongs to
+        the turn), so each is saved right after its turn retires: when this returns, every
+        agent that was dirty has been saved."""
+        saved = await self._mlx(self.store.save_all)
+        for name, facts in self.store.hot.snapshot().items():
+            if facts.busy and await self._mlx(self.store.save, name, agent=name):
+                saved.append(name)
+        return saved
 
     async def _op_evict(self, req: p.Evict, rid, emit) -> dict:
         await self._io(self.store.records.get, req.name, with_messages=False)
@@ -377,7 +382,7 @@ class Daemon:
     async def final_flush(self) -> list[str]:
         """After in-flight work is done: save every dirty agent, then close the records."""
         try:
-            saved = await self._mlx(self.store.save_all)
+            saved = await self._save_every_dirty_agent()  # cancelled turns retire at the next step
         except Exception as e:
             log.error("final flush failed: %s", e)
             saved = []

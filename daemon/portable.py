@@ -37,7 +37,9 @@ class Imported:
 
 def model_identity(store) -> dict:
     e = store.engine
-    return {"id": e.model_id, "fingerprint": e.fingerprint, "tokenizer": e.tokenizer_fingerprint, "dtype": e.dtype}
+    # kv_bits (None: full precision) and its group size decide the cache's classes and arrays.
+    return {"id": e.model_id, "fingerprint": e.fingerprint, "tokenizer": e.tokenizer_fingerprint, "dtype": e.dtype,
+            "kv_bits": getattr(e, "kv_bits", None), "kv_group_size": getattr(e, "kv_group_size", 64)}
 
 
 def export_agent(store, name: str) -> Exported:
@@ -69,6 +71,12 @@ def cache_mismatch(store, b: bundle.Bundle) -> str | None:
         return "it was made with another tokenizer or chat template"
     if there["dtype"] != here["dtype"]:
         return f"it was computed in {there['dtype']}; this daemon's model runs in {here['dtype']}"
+    kv_there = (there.get("kv_bits"), there.get("kv_group_size", 64) if there.get("kv_bits") else None)
+    kv_here = (here["kv_bits"], here["kv_group_size"] if here["kv_bits"] else None)
+    if kv_there != kv_here:
+        def kv(bits, group):
+            return f"--kv-bits {bits} (group {group})" if bits else "a full-precision cache"
+        return f"it was made with {kv(*kv_there)}; this daemon runs {kv(*kv_here)}"
     if b.cache.layout != bundle.LAYOUT:
         return f"its cache layout is {b.cache.layout}; this agentd reads {bundle.LAYOUT}"
     return None

@@ -353,7 +353,9 @@ class Chat(_Named):
 
     @property
     def sampling(self) -> Sampling:
-        return Sampling(self.max_tokens, self.temperature, self.top_p, self.seed, tuple(self.stop))
+        # A stop that is not a list reaches Sampling as it is, which names the bad type.
+        return Sampling(self.max_tokens, self.temperature, self.top_p, self.seed,
+                        tuple(self.stop) if isinstance(self.stop, (list, tuple)) else self.stop)
 
     def to_wire(self, request_id: int) -> dict[str, Any]:
         # top_p and stop came later: left out at their defaults, so a daemon from before

@@ -11,6 +11,8 @@ computation as a turn that runs by itself, so a lone turn is token-exact.
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
@@ -21,7 +23,7 @@ from .sequence import DECODE, PREFILL, Sequence
 # enough that a short turn beside a long prefill keeps answering (each of its decode steps
 # waits for at most this much prefill), large enough that the prefill still moves at most
 # of its full speed. benchmarks/concurrency.py measures the trade.
-INTERLEAVED_PREFILL_TOKENS = 64
+INTERLEAVED_PREFILL_TOKENS = int(os.environ.get("AGENTD_INTERLEAVED_PREFILL", "32"))  # env: benchmark sweeps
 
 
 def batchable(cache: list | None) -> bool:
@@ -87,8 +89,9 @@ class Stepper:
         prefilling = [s for s in seqs if s.phase == PREFILL]
         if decoding:
             self._decode(decoding)
-        alone = not decoding and len(prefilling) == 1
-        budget = self.engine.prefill_chunk if alone else self.interleaved_prefill
+        # Nobody decoding: prefill at full speed (the shortest first, so it starts decoding
+        # soonest). Someone decoding: a small budget, so their next token is not held up.
+        budget = self.interleaved_prefill if decoding else self.engine.prefill_chunk
         for s in sorted(prefilling, key=lambda s: s.prefill_left):
             if budget <= 0:
                 break

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["save_load", "ttft", "memory", "socket_overhead", "vs_mlx_server"]
+SCRIPTS = ["save_load", "ttft", "memory", "socket_overhead", "vs_mlx_server", "concurrency"]
 
 
 def test_run_all_quick_on_a_tiny_model(tiny_llama_dir, home):
@@ -37,7 +37,8 @@ def test_run_all_quick_on_a_tiny_model(tiny_llama_dir, home):
     if importlib.util.find_spec("matplotlib"):  # the `bench` extra; plots are skipped without it
         assert {p.name for p in plots.glob("*.png")} >= {"ttft_vs_context.png", "save_load_vs_context.png"}
     text = report.read_text()
-    for heading in ("## Machine", "## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "Headline", "benchmarks/ttft.py"):
+    for heading in ("## Machine", "## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 7.", "Headline", "benchmarks/ttft.py",
+                    "benchmarks/concurrency.py"):
         assert heading in text
     # Re-rendering from the JSON alone works and gives the same tables.
     again = subprocess.run(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -281,9 +280,9 @@ def test_a_cache_file_is_not_a_bundle_and_a_missing_file_is_one_line(victim, tmp
     assert r.returncode == 1 and r.stderr.decode().startswith("Error: cannot read") and r.stderr.count(b"\n") == 1
 
 
-def test_export_refusals_leave_no_file(victim, tmp_path):
+def test_export_refusals_leave_no_file(victim, tmp_path, monkeypatch):
     d, _, _ = victim
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # agentctl export writes NAME.agent in the current directory
     r = agentctl(d, "--json", "export", "ghost")
     assert r.returncode == 1 and json.loads(r.stdout)["error"]["code"] == "NOT_FOUND"
     assert list(tmp_path.iterdir()) == []
@@ -419,3 +418,22 @@ def test_export_and_import_over_http(tmp_path, tiny_llama_dir):
             imported = chat(c, "y", NEXT)
     assert imported["cache_source"] == "disk" and imported["text"] == original["text"]
     assert imported["cached_tokens"] == original["cached_tokens"]
+
+
+def test_a_bundle_made_with_other_kv_bits_brings_its_transcript_only(tmp_path):
+    import tinymodels
+
+    model = tinymodels.make_tiny_llama(tmp_path / "hd32", head_dim=32)  # mlx quantizes groups of 32+
+    with DaemonProc(tmp_path / "a", model, "--kv-bits", "8", "--kv-group-size", "32") as a:
+        with a.client() as c:
+            c.create("x", system=SYSTEM)
+            chat(c, "x", TURNS[0])
+            blob = bytearray()
+            c.export("x", blob.extend)
+    with DaemonProc(tmp_path / "b", model) as b:
+        with b.client() as c:
+            result = c.import_([bytes(blob)])
+            assert result["cache_imported"] is False
+            assert result["cache_reason"] == ("it was made with --kv-bits 8 (group 32); "
+                                              "this daemon runs a full-precision cache")
+            assert chat(c, "x", NEXT)["cache_source"] == "rebuilt"
