@@ -22,7 +22,6 @@ start, after a delete, after a save that dropped blocks, and by `gc`).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -39,9 +38,10 @@ from .cachefile import save_layers
 from .kvrows import RowLayout, RowTarget, is_row_layer, layout_of, row_buffers
 from .kvrows import _views as cache_views
 from .kvstore import MANIFEST, KVSettings, cache_fingerprint, encode_manifest, parse_manifest, read_tail, save_tail
-from .kvstore import FORMAT, FORMAT_VERSION, ManifestError, write_file
+from .kvstore import FORMAT, FORMAT_VERSION, ManifestError, record_from_json, record_to_json, summarize  # noqa: F401
+from .kvstore import write_file
 from .protocol import ProtocolError, validate_agent_name
-from .records import EXTRA_KEYS, AgentRecord, Records
+from .records import AgentRecord, Records
 
 log = logging.getLogger("agentd.cacherepo")
 
@@ -491,34 +491,11 @@ class CacheRepository:
             self._problem(name, err.reason, str(err), self._move_aside(legacy, name, err.reason))
 
     def _refresh(self) -> None:
-        """Recompute the snapshots `info` and `stats` hand to other threads."""
-        sizes = self.blocks.sizes()
-        refs: dict[str, int] = {}
-        info, own_total = {}, 0
-        for name, m in self._manifests.items():
-            own = 0
-            for part in (m["tail"], m["window"]):
-                with contextlib.suppress(OSError):
-                    own += (self.agent_dir(name) / part["file"]).stat().st_size if part else 0
-            for b in m["blocks"]:
-                refs[b] = refs.get(b, 0) + 1
-            own_total += own
-            info[name] = ColdInfo(m["n_tokens"], own + sum(sizes.get(b, 0) for b in m["blocks"]), m["saved_at"])
-        self._info = info
-        named = {b: r for b, r in refs.items() if b in sizes}
-        self._stats = {
-            "blocks": len(sizes),
-            "block_bytes": sum(sizes.values()),
-            "shared_blocks": sum(1 for r in named.values() if r > 1),
-            "shared_bytes": sum(sizes[b] for b, r in named.items() if r > 1),
-            "saved_by_sharing_bytes": sum(sizes[b] * (r - 1) for b, r in named.items()),
-            "agent_bytes": own_total,
-            "garbage_blocks": sum(1 for b in sizes if b not in refs),
-            "garbage_bytes": sum(s for b, s in sizes.items() if b not in refs),
-            "legacy_files": sum(1 for _ in self.dir.glob("*" + LEGACY_SUFFIX)),
-            "block_tokens": self.kv.block_tokens,
-            "kv_bits": self.kv.bits,
-        }
+        """Recompute the snapshots `info` and `stats` hand to other threads (replaced whole)."""
+        info, stats = summarize(self._manifests, self.blocks.sizes(), self.agent_dir)
+        self._info = {n: ColdInfo(*v) for n, v in info.items()}
+        self._stats = {**stats, "legacy_files": sum(1 for _ in self.dir.glob("*" + LEGACY_SUFFIX)),
+                       "block_tokens": self.kv.block_tokens, "kv_bits": self.kv.bits}
 
     def stats(self) -> dict:
         return dict(self._stats)
@@ -531,33 +508,3 @@ class CacheRepository:
         with contextlib.suppress(OSError):
             return ColdInfo(0, legacy.stat().st_size, legacy.stat().st_mtime)
         return ColdInfo()
-
-
-def record_to_json(rec: AgentRecord) -> str:
-    """A copy of the record inside the cache file, so a lost database can be recovered."""
-    return json.dumps(
-        {
-            "name": rec.name,
-            "role": rec.role,
-            "system": rec.system,
-            "created_at": rec.created_at,
-            "updated_at": rec.updated_at,
-            "messages": rec.messages,
-        }
-    )
-
-
-def record_from_json(text: str | None, name: str) -> AgentRecord:
-    """The inverse of record_to_json, checked: the copy must be of this agent and well-formed."""
-    if text is None:
-        raise ValueError("the file carries no record")
-    d = json.loads(text)
-    if d["name"] != name:
-        raise ValueError(f"the record inside is agent {d['name']!r}'s")
-    messages = [{k: m[k] for k in ("role", "content", *EXTRA_KEYS) if k in m} for m in d["messages"]]
-    if not all(isinstance(m["role"], str) and isinstance(m["content"], str) for m in messages):
-        raise TypeError("messages must be role and content strings")
-    if not isinstance(d["role"], str) or not isinstance(d["system"], str):
-        raise TypeError("role and system must be strings")
-    created, updated = float(d["created_at"]), float(d["updated_at"])
-    return AgentRecord(name, d["role"], d["system"], created, updated, updated, len(messages), messages)

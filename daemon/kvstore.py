@@ -17,6 +17,7 @@ generation's name. The manifest is checked with SHA-256 (it is small).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from .atomic import full_fsync
+from .records import EXTRA_KEYS, AgentRecord
 from .kvrows import RowsError, RowTarget, digest, read_buffers, row_buffers, write_buffers
 
 FORMAT = "agentd-kv"
@@ -154,3 +156,60 @@ def read_tail(path: Path, tail: dict, target: RowTarget, good: int) -> tuple[int
     finally:
         os.close(fd)
     return good, None
+
+
+def summarize(manifests: dict[str, dict], sizes: dict[str, int], agent_dir: Callable[[str], Path]):
+    """Per agent (tokens, bytes it references, saved_at), and the store's block accounting:
+    blocks on disk, those named by more than one agent, what sharing saves, garbage."""
+    refs: dict[str, int] = {}
+    info, own_total = {}, 0
+    for name, m in manifests.items():
+        own = 0
+        for part in (m["tail"], m["window"]):
+            with contextlib.suppress(OSError):
+                own += (agent_dir(name) / part["file"]).stat().st_size if part else 0
+        for b in m["blocks"]:
+            refs[b] = refs.get(b, 0) + 1
+        own_total += own
+        info[name] = (m["n_tokens"], own + sum(sizes.get(b, 0) for b in m["blocks"]), m["saved_at"])
+    named = {b: r for b, r in refs.items() if b in sizes}
+    return info, {
+        "blocks": len(sizes),
+        "block_bytes": sum(sizes.values()),
+        "shared_blocks": sum(1 for r in named.values() if r > 1),
+        "shared_bytes": sum(sizes[b] for b, r in named.items() if r > 1),
+        "saved_by_sharing_bytes": sum(sizes[b] * (r - 1) for b, r in named.items()),
+        "agent_bytes": own_total,
+        "garbage_blocks": sum(1 for b in sizes if b not in refs),
+        "garbage_bytes": sum(s for b, s in sizes.items() if b not in refs),
+    }
+
+
+def record_to_json(rec: AgentRecord) -> str:
+    """A copy of the record inside the manifest, so a lost database can be recovered."""
+    return json.dumps(
+        {
+            "name": rec.name,
+            "role": rec.role,
+            "system": rec.system,
+            "created_at": rec.created_at,
+            "updated_at": rec.updated_at,
+            "messages": rec.messages,
+        }
+    )
+
+
+def record_from_json(text: str | None, name: str) -> AgentRecord:
+    """The inverse of record_to_json, checked: the copy must be of this agent and well-formed."""
+    if text is None:
+        raise ValueError("the file carries no record")
+    d = json.loads(text)
+    if d["name"] != name:
+        raise ValueError(f"the record inside is agent {d['name']!r}'s")
+    messages = [{k: m[k] for k in ("role", "content", *EXTRA_KEYS) if k in m} for m in d["messages"]]
+    if not all(isinstance(m["role"], str) and isinstance(m["content"], str) for m in messages):
+        raise TypeError("messages must be role and content strings")
+    if not isinstance(d["role"], str) or not isinstance(d["system"], str):
+        raise TypeError("role and system must be strings")
+    created, updated = float(d["created_at"]), float(d["updated_at"])
+    return AgentRecord(name, d["role"], d["system"], created, updated, updated, len(messages), messages)
