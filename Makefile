@@ -59,6 +59,7 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	-@$(MAKE) --no-print-directory $(LLAMA_VENV)/.installed
 	$(PY) benchmarks/cpu_backend.py
+	$(PY) benchmarks/blocks.py
 	$(PY) benchmarks/few_rows.py
 	$(PY) benchmarks/http_endpoint.py
 	$(PY) benchmarks/portable.py

@@ -84,7 +84,7 @@ def part_flush(model: Path, tok: c.Tok, sizes: list[int], turns: int) -> dict:
     home = c.short_tmp("adb-bf-")
     row = row_bytes_of(model)
     out = []
-    with c.Daemon(home, model, "--flush-interval", "3600") as d, d.client() as cl:
+    with c.Daemon(home, model, "--flush-interval", "3600", "--idle-timeout", "3600") as d, d.client() as cl:
         for size in sizes:
             name = f"ctx{size}"
             cl.create(name, system=c.system_prompt(tok, size))
@@ -115,7 +115,7 @@ def part_share(model: Path, tok: c.Tok, system_tokens: int, agents: int) -> dict
     row = row_bytes_of(model)
     system = c.system_prompt(tok, system_tokens)
     out = []
-    with c.Daemon(home, model, "--flush-interval", "3600") as d, d.client() as cl:
+    with c.Daemon(home, model, "--flush-interval", "3600", "--idle-timeout", "3600") as d, d.client() as cl:
         for i in range(agents):
             name = f"agent{i + 1}"
             cl.create(name, system=system)
@@ -137,11 +137,11 @@ def part_fork(model: Path, tok: c.Tok, size: int, runs: int) -> dict:
     system = c.system_prompt(tok, size)
     fork_ms, rebuilt_ms, details = [], [], []
     home_a, home_b = c.short_tmp("adb-bk-"), c.short_tmp("adb-bk-")
-    with c.Daemon(home_a, model, "--flush-interval", "3600") as da, da.client() as ca:
+    with c.Daemon(home_a, model, "--flush-interval", "3600", "--idle-timeout", "3600") as da, da.client() as ca:
         ca.create("source", system=system)
         c.timed_chat(ca, "source", "Hello.", max_tokens=8)
         ca.save("source")
-        with c.Daemon(home_b, model, "--flush-interval", "3600") as db, db.client() as cb:
+        with c.Daemon(home_b, model, "--flush-interval", "3600", "--idle-timeout", "3600") as db, db.client() as cb:
             for i in range(runs):
                 t0 = time.perf_counter()
                 ca.fork("source", f"fork{i}")
@@ -180,7 +180,7 @@ def part_restore(model: Path, tok: c.Tok, size: int, runs: int) -> dict:
     src = np.ones(n_bytes, dtype=np.uint8)
     dst = np.empty_like(src)
     np.copyto(dst, src)  # fault the pages in first: a copy into fresh pages measures the kernel
-    load_s, copy_s = [], []
+    load_s, copy_s, fresh_s = [], [], []
     for _ in range(runs):
         loaded = None
         t0 = time.perf_counter()
@@ -189,13 +189,21 @@ def part_restore(model: Path, tok: c.Tok, size: int, runs: int) -> dict:
         t0 = time.perf_counter()
         np.copyto(dst, src)
         copy_s.append(time.perf_counter() - t0)
+        # A restore must also fault in the cache's new pages; so does a copy into new memory.
+        t0 = time.perf_counter()
+        fresh = np.empty_like(src)
+        np.copyto(fresh, src)
+        fresh_s.append(time.perf_counter() - t0)
+        del fresh
     assert len(loaded.tokens) * store.repo._layout.row_bytes() == n_bytes
     restore_gbs, copy_gbs = n_bytes / c.med(load_s) / 1e9, n_bytes / c.med(copy_s) / 1e9
+    fresh_gbs = n_bytes / c.med(fresh_s) / 1e9
     c.log(f"restore {len(loaded.tokens)} tokens, {n_bytes / 2**20:.0f} MiB: {restore_gbs:.2f} GB/s, memcpy "
-          f"{copy_gbs:.2f} GB/s ({restore_gbs / copy_gbs:.0%})")
+          f"{copy_gbs:.2f} GB/s ({restore_gbs / copy_gbs:.0%}), into new memory {fresh_gbs:.2f} GB/s")
     return {"tokens": len(loaded.tokens), "kv_bytes": n_bytes, "cache_nbytes": cache_nbytes(loaded.cache),
-            "load_s": load_s, "copy_s": copy_s, "restore_gb_s": restore_gbs, "memcpy_gb_s": copy_gbs,
-            "ratio": restore_gbs / copy_gbs}
+            "load_s": load_s, "copy_s": copy_s, "fresh_copy_s": fresh_s, "restore_gb_s": restore_gbs,
+            "memcpy_gb_s": copy_gbs, "memcpy_fresh_gb_s": fresh_gbs, "ratio": restore_gbs / copy_gbs,
+            "ratio_fresh": restore_gbs / fresh_gbs}
 
 
 # ---- KV quantization: bytes and quality --------------------------------------------------
@@ -282,6 +290,8 @@ def main() -> None:
     ap.add_argument("--sizes", help="comma-separated context sizes for the flush part")
     ap.add_argument("--only", help="comma-separated parts: flush,share,fork,restore,kvbits")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--fork-size", type=int, default=3300)
+    ap.add_argument("--restore-size", type=int, default=8192)
     ap.add_argument("--out", type=Path, default=c.OUT_DIR / f"{NAME}.json")
     args = ap.parse_args()
     parts = args.only.split(",") if args.only else ["flush", "share", "fork", "restore", "kvbits"]
@@ -296,13 +306,21 @@ def main() -> None:
     if "share" in parts:
         data["share"] = part_share(model, tok, 300 if q else 1830, 3 if q else 6)
     if "fork" in parts:
-        data["fork"] = part_fork(model, tok, 300 if q else 3300, 1 if q else 3)
+        data["fork"] = part_fork(model, tok, 300 if q else args.fork_size, 1 if q else 3)
     if "restore" in parts:
-        data["restore"] = part_restore(model, tok, 300 if q else 8192, 1 if q else args.runs)
+        data["restore"] = part_restore(model, tok, 300 if q else args.restore_size, 1 if q else args.runs)
     if "kvbits" in parts:
         data["kvbits"] = part_kvbits(model, 8 if q else 48, 128 if q else 2048)
     data["total_s"] = time.perf_counter() - t0
     data["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    this = [Path(sys.argv[0]).name, *sys.argv[1:]]
+    if args.only and args.out.exists():  # a run of some parts adds them to the file's others
+        import json
+
+        old = json.loads(args.out.read_text())
+        data = {**old, **data, "commands": [*old.get("commands", []), this]}
+    else:
+        data["commands"] = [this]
     c.write_json(args.out, data)
 
 

@@ -32,6 +32,14 @@ Running it on the lent H200 (what was learned; keep it here):
   keeps the PTX in MLX_PTX_CACHE_DIR (default /tmp/mlx/<version>/ptx); agentd points it at
   its own cache dir and compiles its shapes before it reports ready (agentd.warmup).
   A "fresh machine" is simulated with empty PTX and CUDA driver caches (CUDA_CACHE_PATH).
+  Cold, the first start compiles for 135-155 s (llama-8B): budget a call for it.
+- The machine stays warm 30 s after a call: a second call then finds /tmp/site, the kernel
+  cache and the built models still there (no second wheel transfer, no compile).
+- Models build in seconds (random weights on the GPU); their tokenizer must state the
+  model's context (`model_max_length`), or agentd refuses long prompts (CONTEXT_TOO_LONG).
+- `mx.array` and `mx.load` cannot take more than 2**31 elements in one dimension: reshape
+  byte buffers into rows of 1 MiB. Host reads of arrays MLX evaluated on the GPU stream
+  (CUDA managed memory) are slower than of arrays loaded on the CPU stream (`split`).
 """
 
 from __future__ import annotations

@@ -84,6 +84,10 @@ def _tokenizer(out: Path, config: dict) -> None:
         tinymodels._write_tokenizer(out, special, "<|im_start|>", "<|im_end|>", tinymodels.CHATML_TEMPLATE)
     # Plain vocabulary entries (" w123" as byte-level BPE spells it), not added tokens: a
     # quarter of a million added tokens make a 48 MB tokenizer.json that takes seconds to load.
+    # tinymodels writes a 4,096-token model_max_length, which agentd takes as the context limit.
+    tc = json.loads((out / "tokenizer_config.json").read_text())
+    tc["model_max_length"] = config["max_position_embeddings"]
+    (out / "tokenizer_config.json").write_text(json.dumps(tc))
     spec = json.loads((out / "tokenizer.json").read_text())
     vocab = spec["model"]["vocab"]
     taken = set(vocab.values()) | {t["id"] for t in spec.get("added_tokens", [])}
@@ -102,7 +106,8 @@ def build(name: str, out: Path, seed: int = 0) -> Path:
 
     out = Path(out)
     config = {**CONFIGS[name], "quantization": QUANTIZATION}
-    if (out / "config.json").is_file() and json.loads((out / "config.json").read_text()) == config:
+    if (out / "config.json").is_file() and json.loads((out / "config.json").read_text()) == config \
+            and json.loads((out / "tokenizer_config.json").read_text()).get("model_max_length") == config["max_position_embeddings"]:
         return out
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -602,7 +602,8 @@ def blocks_plots(d: dict, plots: Path) -> dict[str, Path]:
         pts = d["flush"]["points"]
         fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
         x = [p["tokens"] for p in pts]
-        ax.plot(x, [p["wchar"] / 2**20 for p in pts], "o", label="written by the save (wchar)")
+        ax.plot(x, [p["wchar"] / 2**20 for p in pts], "o", markersize=10, markerfacecolor="none", zorder=3,
+                label="written by the save (wchar)")
         ax.plot(x, [p["new_kv_bytes"] / 2**20 for p in pts], "s", label="the new tokens' KV")
         ax.plot(x, [p["v1_bytes"] / 2**20 for p in pts], "^:", label="a v1 file (the whole cache)")
         ax.set_xscale("log", base=2)
@@ -703,9 +704,11 @@ def blocks_section(d: dict, plots: Path, report: Path) -> list[str]:
         L.append(f"**Restore bandwidth.** `CacheRepository.load` (read + verify + rebuild the cache objects) of a "
                  f"{r['tokens']:,}-token agent ({r['kv_bytes'] / 2**20:,.0f} MiB of KV, files in the page cache), "
                  f"interleaved with a numpy copy of the same bytes, medians of {len(r['load_s'])}: restore "
-                 f"**{r['restore_gb_s']:.2f} GB/s**, memory copy {r['memcpy_gb_s']:.2f} GB/s: "
-                 f"**{r['ratio']:.0%}** of memcpy (v1: about 10%). The bytes are read once into the cache's own "
-                 "arrays (`preadv`) and hashed once (xxh3-128).")
+                 f"**{r['restore_gb_s']:.2f} GB/s**; a memory copy into memory already touched "
+                 f"{r['memcpy_gb_s']:.2f} GB/s (**{r['ratio']:.0%}**)"
+                 + (f", into newly allocated memory (the page faults a restore also takes) "
+                    f"{r['memcpy_fresh_gb_s']:.2f} GB/s (**{r['ratio_fresh']:.0%}**)" if "ratio_fresh" in r else "")
+                 + ". The bytes are read once into the cache's own arrays (`preadv`) and hashed once (xxh3-128).")
         L.append("")
     if "kvbits" in d:
         k = d["kvbits"]
@@ -723,8 +726,9 @@ def blocks_section(d: dict, plots: Path, report: Path) -> list[str]:
              f"{r['positionwise_agreement']:.1%}", f"{r['perplexity']:.3f}",
              f"{r['perplexity'] / base['perplexity'] - 1:+.2%}") for r in rows]))
         L.append("")
-    L.append(f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/' + d['argv'][0], *map(shlex.quote, d['argv'][1:])])}`")
-    L.append("")
+    for argv in d.get("commands") or [d["argv"]]:
+        L.append(f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/' + argv[0], *map(shlex.quote, argv[1:])])}`")
+        L.append("")
     return L
 
 
@@ -767,8 +771,11 @@ def gpu_section(d: dict, split: dict | None = None) -> list[str]:
     L = ["## 12. NVIDIA GPU (MLX's CUDA backend)", ""]
     L.append(f"Measured {d['when']} on {m.get('nvidia_smi') or 'an NVIDIA GPU'}, {m['cpus']} CPUs ({m['cpu']}), "
              f"mlx {m['mlx']}, mlx-lm {m['mlx_lm']}, Python {m['python']}. Random-weight 4-bit models of real "
-             "shapes (benchmarks/gpu_models.py). agentd runs as a user starts it, with its kernel cache empty "
-             "at the first start (a fresh machine); time to first token (TTFT) as the daemon reports it "
+             "shapes (benchmarks/gpu_models.py). agentd runs as a user starts it"
+             + (", with its kernel cache empty at the first start (a fresh machine)"
+                if all(r.get("first_start", {}).get("fresh_caches") for r in d["models"].values())
+                else ", its kernel cache filled by an earlier run on the same machine")
+             + "; time to first token (TTFT) as the daemon reports it "
              "(restore + prefill + first token). Resumed: the agent's next turn after a restart (SIGTERM, new "
              "process), its cache read from disk; rebuilt: a fork of it made before the restart, whose whole "
              f"transcript is prefilled. Medians of {d['runs']} restarts (the first, with the cache files dropped "
@@ -808,7 +815,8 @@ def gpu_section(d: dict, split: dict | None = None) -> list[str]:
             L.append("")
     if split:
         L.append("Where a restore's time goes, in-process (`gpu.py split`): one KV cache saved by mlx-lm, medians of "
-                 "3, page cache hot; GB/s over the file's bytes.")
+                 f"{len(split['split'][0]['runs']) if split.get('split') else 0}, page cache hot; GB/s over the file's "
+                 "bytes; a placement counts allocating, filling from the file and the first GPU pass.")
         L.append("")
         disk = split.get("disk", {})
         for sp in split.get("split", []):
@@ -821,9 +829,9 @@ def gpu_section(d: dict, split: dict | None = None) -> list[str]:
                                "fill CPU-allocated + first GPU pass", "numpy, mx.array + first GPU pass"),
                               [(f"{sp['tokens']:,}", f"{gb:.2f} GB", rate("mlxlm_load_prompt_cache_s"),
                                 rate("read_threads_s"), rate("sha256_s"), rate("xxh3_128_s"), rate("xxh3_128_8threads_s"),
-                                f"{gb / (med['gpu_zeros_fill_s'] + med['gpu_zeros_first_gpu_pass_s']):.1f}"
+                                f"{gb / (med['gpu_zeros_alloc_s'] + med['gpu_zeros_fill_s'] + med['gpu_zeros_first_gpu_pass_s']):.1f}"
                                 if med.get("gpu_zeros_fill_s") else "-",
-                                f"{gb / (med['cpu_zeros_fill_s'] + med['cpu_zeros_first_gpu_pass_s']):.1f}"
+                                f"{gb / (med['cpu_zeros_alloc_s'] + med['cpu_zeros_fill_s'] + med['cpu_zeros_first_gpu_pass_s']):.1f}"
                                 if med.get("cpu_zeros_fill_s") else "-",
                                 f"{gb / (med['from_numpy_s'] + med['from_numpy_first_gpu_pass_s']):.1f}")]))
             L.append("")

@@ -116,7 +116,7 @@ def test_no_kernel_is_compiled_inside_a_turn_and_restore_works(tiny_4bit_dir, ho
         with d.client() as c:
             r = c.chat("a", "And now?", max_tokens=4).wait()
         assert r["cache_source"] == "disk"
-        assert r["cached_tokens"] > 0 and r["prefilled_tokens"] < 20
+        assert r["cached_tokens"] > 1000 and r["prefilled_tokens"] < 40  # only the new turn
         assert before["messages"] == 12
     finally:
         d.kill()
