@@ -179,6 +179,7 @@ def main() -> None:
     ap.add_argument("--long-tokens", type=int, default=3000)
     ap.add_argument("--short-tokens", type=int, default=8)
     ap.add_argument("--agree-agents", type=int, default=4)
+    ap.add_argument("--parts", default="decode,prefill,agreement", help="which parts to run (comma-separated)")
     ap.add_argument("--model", help="an mlx-lm model folder [default: the default model]")
     ap.add_argument("--out", type=Path, default=c.OUT_DIR / f"{NAME}.json")
     args = ap.parse_args()
@@ -190,19 +191,24 @@ def main() -> None:
     load_before = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None
     home = c.short_tmp("adcc-")
     with c.Daemon(home, model, "--flush-interval", "3600", "--max-hot", "16") as d:
-        rows, scheduler = batched_decode(d, ns, args.runs, args.max_tokens)
-        prefill = short_beside_long(d, c.Tok(model), args.runs, args.long_tokens, args.short_tokens)
-        agree = agreement(d, args.agree_agents, args.max_tokens)
+        parts = set(args.parts.split(","))
+        rows, scheduler = batched_decode(d, ns, args.runs, args.max_tokens) if "decode" in parts else ([], None)
+        prefill = (short_beside_long(d, c.Tok(model), args.runs, args.long_tokens, args.short_tokens)
+                   if "prefill" in parts else None)
+        agree = agreement(d, args.agree_agents, args.max_tokens) if "agreement" in parts else None
         with d.client() as cl:
             scheduler_after = cl.status()["scheduler"]
     load_after = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None
-    print(c.table([(r["agents"], c.fmt(r["serial_wall_s"], 2), c.fmt(r["at_once_wall_s"], 2),
+    if rows:
+        print(c.table([(r["agents"], c.fmt(r["serial_wall_s"], 2), c.fmt(r["at_once_wall_s"], 2),
                     c.fmt(r["serial_tok_s"]), c.fmt(r["at_once_tok_s"]), c.fmt(r["speedup"], 2)) for r in rows],
                   ("agents", "one after another s", "at once s", "tok/s serial", "tok/s at once", "speed-up")))
-    print(f"short turn beside a {prefill['prompt_tokens']}-token prefill: {prefill['short_beside_long_s_median']:.2f} s "
+    if prefill:
+        print(f"short turn beside a {prefill['prompt_tokens']}-token prefill: {prefill['short_beside_long_s_median']:.2f} s "
           f"(alone {prefill['short_alone_s_median']:.2f} s); the prefill took {prefill['long_with_short_s_median']:.1f} s "
           f"(alone {prefill['long_alone_s_median']:.1f} s): {prefill['short_over_long']:.1%}")
-    print(f"greedy agreement, batched vs alone: {agree['same']} of {agree['agents']} replies token-exact")
+    if agree:
+        print(f"greedy agreement, batched vs alone: {agree['same']} of {agree['agents']} replies token-exact")
     c.write_json(args.out, {"model": {"id": model.name}, "machine": c.machine_info(), "load_before": load_before,
                             "load_after": load_after, "runs": args.runs, "max_tokens": args.max_tokens,
                             "batched": rows, "scheduler": scheduler, "scheduler_after": scheduler_after,
