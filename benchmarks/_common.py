@@ -235,10 +235,11 @@ def daemon_env() -> dict[str, str]:
     return env
 
 
-def timed_chat(client, name: str, message: str, max_tokens: int = 8) -> dict:
-    """One chat turn; adds the client-side time to the first token frame and to the end."""
+def timed_chat(client, name: str, message: str, max_tokens: int = 8, rebuild: bool = False) -> dict:
+    """One chat turn; adds the client-side time to the first token frame and to the end.
+    `rebuild` asks the daemon to prefill the whole transcript (no cache from memory or disk)."""
     t0 = time.perf_counter()
-    stream = client.chat(name, message, max_tokens=max_tokens, temperature=0.0)
+    stream = client.chat(name, message, max_tokens=max_tokens, temperature=0.0, rebuild=rebuild)
     first = None
     for _piece in stream:
         if first is None:

@@ -9,8 +9,9 @@ home. One agent per size gets a system prompt and a first turn of about that man
 prefilled and saved before the daemon starts (benchmarks/_build.py, untimed); then, for
 each run, the daemon is (re)started (SIGTERM flushes, a new process starts) and every agent
 is asked a short follow-up: its cache comes from disk ("resumed"). "Rebuilt" forks the
-agent before any follow-up (`Client.fork`: same system prompt and conversation, no cache
-file) and asks it the first run's follow-up, so the whole transcript is prefilled. Time to
+agent before any follow-up (`Client.fork`: same system prompt and conversation) and asks it
+the first run's follow-up with `rebuild=True` (the daemon ignores the fork's shared blocks),
+so the whole transcript is prefilled. Time to
 first token is measured at the client (request sent -> first text frame; the detokenizer
 may hold one token back) and by the daemon (`ttft_ms`: restore + prefill + first token).
 Large sizes take fewer rebuilt runs (`--big-runs`), since each one prefills the whole
@@ -109,7 +110,7 @@ def main() -> None:
                     continue
                 for k in range(rebuilt_runs[n]):
                     fork = f"f{n}-{k}"
-                    r = c.timed_chat(cl, fork, FOLLOW_UPS[0], args.max_tokens)
+                    r = c.timed_chat(cl, fork, FOLLOW_UPS[0], args.max_tokens, rebuild=True)
                     if r["cache_source"] != "rebuilt":
                         raise SystemExit(f"rebuilt run at {n}: cache came from {r['cache_source']}")
                     per[n]["rebuilt"].append(r)

@@ -475,15 +475,18 @@ def _interactive(client: Client, name: str, gen: dict[str, Any]) -> None:
 @click.option("--max-tokens", type=click.IntRange(1, 8192), default=256, show_default=True)
 @click.option("--temperature", type=click.FloatRange(0.0, 5.0), default=0.0, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Sampling seed (with --temperature > 0).")
+@click.option("--rebuild", is_flag=True,
+              help="Recompute the cache from the transcript instead of using the one in memory or on disk.")
 @pass_opts
 def chat(
-    opts: Options, name: str, message: str | None, max_tokens: int, temperature: float, seed: int | None
+    opts: Options, name: str, message: str | None, max_tokens: int, temperature: float, seed: int | None,
+    rebuild: bool,
 ) -> None:
     """Send MESSAGE to agent NAME and stream the reply.
 
     MESSAGE '-' reads it from stdin; without MESSAGE an interactive session starts.
     """
-    gen = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+    gen = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed, "rebuild": rebuild}
     if message == "-":
         message = sys.stdin.read().rstrip("\n")
         if not message.strip():

@@ -372,14 +372,16 @@ class Client:
         on_progress: Callable[[int, int], None] | None = None,
         top_p: float = 1.0,
         stop: list[str] | tuple[str, ...] = (),
+        rebuild: bool = False,
     ) -> ChatStream:
         """Send a message; iterate the returned stream for text, then read `.result`.
 
         `on_progress(done, total)` is called as the daemon prefills the prompt. `stop`
-        ends the reply before the first occurrence of any of its strings.
+        ends the reply before the first occurrence of any of its strings. `rebuild` makes the
+        daemon recompute the cache from the transcript instead of using a stored or hot one.
         """
         request = _build(p.Chat, name, message, max_tokens=max_tokens, temperature=temperature, seed=seed,
-                         top_p=top_p, stop=list(stop))
+                         top_p=top_p, stop=list(stop), rebuild=rebuild)
         self.connect()
         rid = self._send(request)
         self._stream = ChatStream(self, rid)

@@ -54,13 +54,13 @@ class ChatPlan:
     """The chat op as the scheduler runs it: `begin` on admission, `end` on retirement
     (plans for the other turn ops are in turns.py). `agent` orders turns of one agent."""
 
-    def __init__(self, name: str, new_messages: list[dict], sampling: Sampling, *, on_token=None, on_progress=None,
-                 should_stop=None):
-        self.agent, self.new_messages, self.sampling = name, new_messages, sampling
+    def __init__(self, name: str, new_messages: list[dict], sampling: Sampling, *, rebuild: bool = False,
+                 on_token=None, on_progress=None, should_stop=None):
+        self.agent, self.new_messages, self.sampling, self.rebuild = name, new_messages, sampling, rebuild
         self.callbacks = {"on_token": on_token, "on_progress": on_progress, "should_stop": should_stop}
 
     def begin(self, store: "AgentStore") -> Turn:
-        return store.begin_turn(self.agent, self.new_messages, self.sampling, **self.callbacks)
+        return store.begin_turn(self.agent, self.new_messages, self.sampling, rebuild=self.rebuild, **self.callbacks)
 
     def end(self, store: "AgentStore", turn: Turn) -> dict:
         return store.end_turn(turn).to_wire()
@@ -218,6 +218,7 @@ class AgentStore:
         sampling: Sampling,
         new_messages: list[dict],
         *,
+        adopt_stored: bool = True,
         on_token: Callable[[str], None] | None = None,
         on_progress: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
@@ -226,7 +227,7 @@ class AgentStore:
         evicted, saved or dropped) and its cache belongs to the sequence until close_turn.
         Where the block store holds a longer prefix of `prompt` than the cache, it is loaded first."""
         t0 = time.perf_counter()
-        if not agent.busy and self._adopt_stored_prefix(agent, prompt[:-1]):
+        if adopt_stored and not agent.busy and self._adopt_stored_prefix(agent, prompt[:-1]):
             source = "disk"
             restore_ms += (time.perf_counter() - t0) * 1000
         seq = Sequence(self.engine, agent.cache, agent.tokens, prompt, sampling,
@@ -255,6 +256,7 @@ class AgentStore:
         new_messages: list[dict],
         sampling: Sampling,
         *,
+        rebuild: bool = False,
         on_token: Callable[[str], None] | None = None,
         on_progress: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
@@ -263,6 +265,8 @@ class AgentStore:
 
         A prompt that leaves the model no room to reply raises ContextTooLong before the cache
         is loaded or anything is prefilled; the reply is cut at the context's end ("length").
+        `rebuild` starts from an empty cache (nothing from memory or the stored blocks): the
+        whole prompt is prefilled and the result says "rebuilt".
         """
         rec = self.records.get(name)
         prompt = self.engine.render(rec.system, rec.messages + new_messages)
@@ -271,7 +275,9 @@ class AgentStore:
         if room < sampling.max_tokens:
             sampling = dataclasses.replace(sampling, max_tokens=room)
         agent, source, restore_ms = self.acquire(name)
-        return self.open_turn(agent, source, restore_ms, prompt, sampling, new_messages,
+        if rebuild and not agent.busy:
+            agent.cache, agent.tokens, source, restore_ms = self.engine.new_cache(), [], "rebuilt", 0.0
+        return self.open_turn(agent, source, restore_ms, prompt, sampling, new_messages, adopt_stored=not rebuild,
                               on_token=on_token, on_progress=on_progress, should_stop=should_stop)
 
     def end_turn(self, turn: Turn) -> ChatResult:

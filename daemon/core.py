@@ -273,8 +273,8 @@ class Daemon:
         await self._io(self.store.records.get, req.name, with_messages=False)
 
         return await self._streamed(rid, emit, lambda on_token, should_stop, on_progress: ChatPlan(
-            req.name, req.new_messages, req.sampling, on_token=on_token, on_progress=on_progress,
-            should_stop=should_stop))
+            req.name, req.new_messages, req.sampling, rebuild=req.rebuild, on_token=on_token,
+            on_progress=on_progress, should_stop=should_stop))
 
     async def _op_turn(self, req: p.Turn, rid, emit) -> dict:
         await self._io(self.store.records.get, req.name, with_messages=False)

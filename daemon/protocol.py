@@ -25,6 +25,8 @@ sends `hello` first on every connection. Ops and fields (defaults in brackets):
               top_p: float [1.0] (0 < top_p <= 1), stop: [str] [[]] (<= 4, 1..256 chars each)
               (these five are `Sampling`; a seeded turn draws from its own random key,
               so it replies the same whatever other agents run beside it)
+              rebuild: bool [False] (recompute the cache from the transcript: nothing
+              from memory or the stored blocks; the result says "rebuilt")
     save      name: str | None [None]  (None: every dirty agent)
     evict     name
     export    name   (answered by `chunk` frames carrying the bundle's bytes, then a result;
@@ -340,9 +342,14 @@ class Chat(_Named):
     seed: int | None = None
     top_p: float = 1.0
     stop: list[str] | tuple[str, ...] = ()
+    # Recompute the cache from the transcript, ignoring the one in memory and the stored
+    # blocks: for comparing against a full re-read, or for distrusting a cache.
+    rebuild: bool = False
 
     def _validate(self) -> None:
         super()._validate()
+        if not isinstance(self.rebuild, bool):
+            raise _bad(f"rebuild must be true or false, not {type(self.rebuild).__name__}")
         _check_str("message", self.message, max_bytes=MAX_TEXT_BYTES)
         if not self.message:
             raise _bad("message must not be empty")
@@ -365,6 +372,8 @@ class Chat(_Named):
             del wire["top_p"]
         if not wire["stop"]:
             del wire["stop"]
+        if not wire["rebuild"]:
+            del wire["rebuild"]
         return wire
 
     @property
