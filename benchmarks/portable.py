@@ -52,8 +52,8 @@ def measure(model: Path, size: int, runs: int, root: Path) -> dict:
     name = f"a{size}"
     tok = c.Tok(model)
     built = c.build_agents(root / "a" / "data", model, [{"name": name, "system": c.system_prompt(tok, size)}])
-    cache_file = root / "a" / "data" / "caches" / f"{name}.safetensors"
-    cache_file_bytes = cache_file.stat().st_size
+    # The agent's stored cache, whatever its layout (blocks, tail and manifest): every file under caches/.
+    cache_file_bytes = sum(f.stat().st_size for f in (root / "a" / "data" / "caches").rglob("*") if f.is_file())
     bundle = root / f"{name}.agent"
     exports, imports, results = [], [], []
     with c.Daemon(root / "a", model) as a, c.Daemon(root / "b", model) as b:

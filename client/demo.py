@@ -293,10 +293,12 @@ def _run(n: Narrator, daemon: DaemonRun, short: bool, max_tokens: int) -> dict:
     both = _ask_at_once(daemon.socket_path, n, ["specialist", "analyst"], story.USER_REPORT, max_tokens)
     s1.update(both["results"])
     n.say("\nFor comparison, their twins (same role and brief, no cache yet) answer the same report one "
-          "after another:")
+          "after another, each re-reading the brief as the first two did:")
     with Client(daemon.socket_path, timeout=3600) as c:
         t0 = time.perf_counter()
-        alone = {key: _ask(c, n, f"{key}-alone", story.USER_REPORT, max_tokens) for key in ("specialist", "analyst")}
+        # rebuild: the brief the first two just stored must not spare the twins their prefill.
+        alone = {key: _ask(c, n, f"{key}-alone", story.USER_REPORT, max_tokens, rebuild=True)
+                 for key in ("specialist", "analyst")}
         serial_s = time.perf_counter() - t0
         for key in alone:
             c.delete(f"{key}-alone")

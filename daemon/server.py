@@ -325,6 +325,10 @@ class Server:
                     await self._send(writer, responses.error(None, p.ErrorCode.BAD_FRAME, str(e)))
                     raise ConnectionResetError("a bad frame in the middle of an upload") from None
                 if wire is None:
+                    # Half-closed: the client may still read, so it learns why nothing was imported.
+                    with contextlib.suppress(ConnectionError):
+                        await self._send(writer, responses.error(
+                            rid, p.ErrorCode.BAD_REQUEST, "the upload ended before its last (empty) chunk; nothing was imported"))
                     raise ConnectionResetError("the client went away in the middle of an upload")
                 return wire
 

@@ -437,3 +437,37 @@ def test_a_bundle_made_with_other_kv_bits_brings_its_transcript_only(tmp_path):
             assert result["cache_reason"] == ("it was made with --kv-bits 8 (group 32); "
                                               "this daemon runs a full-precision cache")
             assert chat(c, "x", NEXT)["cache_source"] == "rebuilt"
+
+
+def test_an_upload_cut_off_by_a_half_close_is_answered_and_imports_nothing(victim):
+    """A client that sends `import` and then half-closes (nc -N) gets one error frame saying
+    the upload ended early, instead of a silent hang-up; nothing is imported."""
+    import socket
+    import struct
+
+    from agentd.framing import decode_body, encode_frame
+
+    victim, _, _ = victim
+    before = home_files(victim)
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(30)
+    s.connect(str(victim.socket))
+    try:
+        s.sendall(encode_frame(p.Hello(protocol=p.PROTOCOL_VERSION).to_wire(1))
+                  + encode_frame(p.Import(name="cutoff").to_wire(2)))
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    finally:
+        s.close()
+    frames = []
+    while data:
+        (n,) = struct.unpack(">I", data[:4])
+        frames.append(decode_body(data[4:4 + n]))
+        data = data[4 + n:]
+    assert [f["type"] for f in frames] == ["result", "error"]
+    assert frames[1]["id"] == 2 and "ended before its last" in frames[1]["message"]
+    with victim.client() as c:
+        assert "cutoff" not in {a["name"] for a in c.list()["agents"]}
+    assert home_files(victim) == before
