@@ -37,6 +37,11 @@ def caches(d: DaemonProc) -> Path:
     return d.home / "data" / "caches"
 
 
+def stored(d: DaemonProc, name: str) -> Path:
+    """The agent's saved cache: its block-store manifest (blocks and tail are named inside)."""
+    return caches(d) / "agents" / name / "manifest.json"
+
+
 # ---- item 5: a stop with idle clients connected ---------------------------------------------
 
 
@@ -61,7 +66,7 @@ def test_issue16_item5_a_stop_with_an_idle_client_connected_flushes_and_exits_pr
     finally:
         idle.close()
         half_open.close()
-    assert (caches(d) / "a.safetensors").is_file()
+    assert stored(d, "a").is_file()
     assert took < 30 and DRAIN_TIMEOUT_S + CLOSE_TIMEOUT_S < 10
     log = d.stderr()
     assert "Traceback" not in log and "CancelledError" not in log, log
@@ -78,9 +83,9 @@ def test_issue16_item6_sighup_stops_like_sigterm_flushing_and_removing_the_socke
     with d.client() as c:
         c.create("a", system=SYSTEM)
         chat(c, "a", "hello")
-    assert not (caches(d) / "a.safetensors").exists()
+    assert not stored(d, "a").exists()
     assert d.stop(signal.SIGHUP) == 0
-    assert (caches(d) / "a.safetensors").is_file()
+    assert stored(d, "a").is_file()
     assert not d.socket.exists()
     assert "shutting down: SIGHUP" in d.stderr()
     assert "saved 1 agent(s) on shutdown" in d.stderr()
@@ -99,8 +104,7 @@ def test_issue16_item8_an_agent_named_x_partial_keeps_its_cache_across_restarts_
                 c.create(name, system=SYSTEM)
                 chat(c, name, "first")
             assert sorted(c.save()["saved"]) == sorted(names)
-        files = sorted(p.name for p in caches(d).iterdir() if p.is_file())
-        assert files == sorted(n + ".safetensors" for n in names)
+        assert all(stored(d, n).is_file() for n in names)
         assert d.stop() == 0
     with DaemonProc(home, tiny_llama_dir) as d:
         with d.client() as c:
@@ -324,9 +328,9 @@ def test_issue16_item11_a_cancelled_turn_leaves_no_cache_file_for_an_agent_with_
         with d.client() as c:
             assert c.save()["saved"] == []  # queued behind the cancelled turn: it has ended
             assert c.history("a")["messages"] == []
-        assert not (caches(d) / "a.safetensors").exists()
+        assert not stored(d, "a").exists()
         assert d.stop() == 0
-    assert not (caches(d) / "a.safetensors").exists()
+    assert not stored(d, "a").exists()
 
 
 # ---- item 14: messages ---------------------------------------------------------------------
