@@ -256,3 +256,26 @@ def test_fork_copies_the_transcript_and_starts_from_the_sources_saved_cache(home
             with pytest.raises(AgentdError) as err:
                 c.fork("a", "b")
             assert err.value.code == "ALREADY_EXISTS"
+
+
+def test_chat_rebuild_prefills_the_whole_transcript_and_answers_the_same(home, tiny_llama_dir):
+    """`chat --rebuild` ignores the hot cache and the stored blocks (the demo's and ttft's
+    "rebuilt" baseline now that forks share blocks): the whole prompt is prefilled, the
+    result says so, and a greedy reply is the one the cached agent gives."""
+    with DaemonProc(home, tiny_llama_dir) as d:
+        with d.client() as c:
+            c.create("a", system=SYSTEM)
+            chat(c, "a", TURN1)
+            c.save("a")
+            c.fork("a", "b")
+            cached = chat(c, "a", TURN2)
+            rebuilt = c.chat("b", TURN2, max_tokens=cached["generated_tokens"] or 1, rebuild=True).wait()
+            assert cached["cache_source"] == "memory" and cached["cached_tokens"] > 0
+            assert rebuilt["cache_source"] == "rebuilt"
+            assert (rebuilt["cached_tokens"], rebuilt["prefilled_tokens"]) == (0, rebuilt["prompt_tokens"])
+            assert rebuilt["prompt_tokens"] == cached["prompt_tokens"]
+            assert rebuilt["text"] == cached["text"]
+        out = subprocess.run([sys.executable, "-m", "agentctl.cli", "--socket", str(d.socket), "--json", "chat",
+                              "a", "--rebuild", "--max-tokens", "4", "once more"], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["cache_source"] == "rebuilt"
