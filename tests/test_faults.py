@@ -122,8 +122,18 @@ class Load(threading.Thread):
             return  # the daemon was killed under us
 
 
+@pytest.fixture(scope="module")
+def long_context_llama_dir(tmp_path_factory) -> Path:
+    """The tiny llama with a 64k context: on an idle machine the kill loop's conversations grow
+    past 4,096 tokens, and a refused turn (CONTEXT_TOO_LONG) would end its load early."""
+    import tinymodels
+
+    return tinymodels.make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama-64k", context=1 << 16)
+
+
 @pytest.mark.slow
-def test_kill_9_at_random_moments_loses_no_acknowledged_turn_and_tears_no_file(home, tiny_llama_dir):
+def test_kill_9_at_random_moments_loses_no_acknowledged_turn_and_tears_no_file(home, long_context_llama_dir):
+    tiny_llama_dir = long_context_llama_dir
     rng = random.Random(20240606)
     engine = Engine(tiny_llama_dir)
     kv = KVSettings(block_tokens=32)  # many blocks per agent: kills land in block writes and gc

@@ -61,7 +61,7 @@ def _train_tokenizer(special: list[str], bos: str, eos: str) -> Tokenizer:
     return tok
 
 
-def _write_tokenizer(out: Path, special: list[str], bos: str, eos: str, template: str) -> int:
+def _write_tokenizer(out: Path, special: list[str], bos: str, eos: str, template: str, context: int = 4096) -> int:
     tok = _train_tokenizer(special, bos, eos)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(
@@ -73,7 +73,7 @@ def _write_tokenizer(out: Path, special: list[str], bos: str, eos: str, template
                 "pad_token": eos,
                 "chat_template": template,
                 "add_bos_token": False,
-                "model_max_length": 4096,
+                "model_max_length": context,
             }
         )
     )
@@ -86,13 +86,14 @@ def _write_weights(out: Path, model) -> None:
     mx.save_safetensors(str(out / "model.safetensors"), weights, {"format": "mlx"})
 
 
-def make_tiny_llama(out: Path, seed: int = 0, head_dim: int | None = None) -> Path:
+def make_tiny_llama(out: Path, seed: int = 0, head_dim: int | None = None, context: int = 4096) -> Path:
     """`head_dim` 32 or more lets mlx quantize the KV cache (--kv-bits needs groups of 32+)."""
     from mlx_lm.models import llama
 
     out.mkdir(parents=True, exist_ok=True)
     vocab = _write_tokenizer(
-        out, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_start|>", "<|im_end|>", CHATML_TEMPLATE
+        out, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_start|>", "<|im_end|>", CHATML_TEMPLATE,
+        context,
     )
     config = {
         "model_type": "llama",
@@ -105,7 +106,7 @@ def make_tiny_llama(out: Path, seed: int = 0, head_dim: int | None = None) -> Pa
         "vocab_size": vocab,
         "rope_theta": 10000.0,
         "tie_word_embeddings": True,
-        "max_position_embeddings": 4096,
+        "max_position_embeddings": context,
     }
     if head_dim:
         config["head_dim"] = head_dim
