@@ -284,13 +284,13 @@ class CacheRepository:
         """Blocks in order into `target`; a refused one is quarantined and ends the prefix."""
         B = self.kv.block_tokens
         parents = [ROOT, *ids[:-1]]
-        jobs = [(bid, parents[i], tokens[i * B:(i + 1) * B], target.buffers(i * B, (i + 1) * B))
-                for i, bid in enumerate(ids)]
+        jobs = [(i, bid, parents[i], tokens[i * B:(i + 1) * B]) for i, bid in enumerate(ids)]
 
         def read(job) -> BlockError | None:
-            bid, parent, block_tokens, buffers = job
+            i, bid, parent, block_tokens = job
             try:
-                self.blocks.read_into(bid, parent, block_tokens, layout, buffers)
+                target.fill(i * B, (i + 1) * B,
+                            lambda buffers: self.blocks.read_into(bid, parent, block_tokens, layout, buffers))
             except BlockError as e:
                 return e
             return None
