@@ -47,7 +47,14 @@ log = logging.getLogger("agentd.cacherepo")
 
 LEGACY_SUFFIX = ".safetensors"
 MAX_PROBLEMS = 20
-READ_THREADS = 8  # blocks read at once in a restore (see _read_blocks)
+def _read_threads() -> int:
+    try:
+        return max(1, min(64, int(os.environ.get("AGENTD_READ_THREADS", "8"))))
+    except ValueError:
+        return 8
+
+
+READ_THREADS = _read_threads()  # blocks read at once in a restore (see _read_blocks); env AGENTD_READ_THREADS
 
 
 @dataclass
@@ -256,6 +263,7 @@ class CacheRepository:
         """Read blocks, tail and window into `cache`; returns how many tokens it holds."""
         n, B = m["n_tokens"], self.kv.block_tokens
         good = 0
+        t0 = time.perf_counter()
         if m["layout"] is not None:
             layout = RowLayout.from_json(m["layout"])
             self._layout = self._layout or layout
@@ -266,6 +274,11 @@ class CacheRepository:
                 if why:
                     self._problem(name, why, f"{name}: tail refused ({why}) at token {good}; prefilling from there", "")
             target.install(cache, good)
+            t = target.timings
+            log.info("restored %s: %d tokens, %.0f MB in %.0f ms (arrays %.0f ms; reading and checking %.0f ms, "
+                     "copies to the GPU %.0f ms, summed over %d fills on %d threads)", name, good,
+                     layout.row_bytes() * good / 1e6, (time.perf_counter() - t0) * 1000, t["arrays_ms"],
+                     t["read_ms"], t["copy_ms"], t["fills"], min(READ_THREADS, max(1, len(m["blocks"]))))
         if m["window"] is not None:
             if good < n and m["layout"] is not None:
                 return 0  # a window holds the state after all n tokens: useless for a prefix

@@ -29,6 +29,9 @@ log = logging.getLogger("agentd.cuda_copy")
 
 _MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: the pointers say which side they are on (UVA)
 _STREAM_NON_BLOCKING = 1
+# "device": each block crosses the bus in one copy and is laid out on the GPU; otherwise
+# (the default) one 2-D copy per array goes straight from pinned memory (benchmarks/gpu.py restore).
+MODE_ENV = "AGENTD_CUDA_STAGING"
 _RUNTIME_NAMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so")
 
 
@@ -57,13 +60,16 @@ class _Runtime:
         vp, sz = ctypes.c_void_p, ctypes.c_size_t
         lib.cudaHostAlloc.argtypes = [ctypes.POINTER(vp), sz, ctypes.c_uint]
         lib.cudaFreeHost.argtypes = [vp]
+        lib.cudaFree.argtypes = [vp]
         lib.cudaStreamCreateWithFlags.argtypes = [ctypes.POINTER(vp), ctypes.c_uint]
         lib.cudaStreamSynchronize.argtypes = [vp]
         lib.cudaMemcpy2DAsync.argtypes = [vp, sz, vp, sz, sz, sz, ctypes.c_int, vp]
+        lib.cudaMemcpyAsync.argtypes = [vp, vp, sz, ctypes.c_int, vp]
+        lib.cudaMalloc.argtypes = [ctypes.POINTER(vp), sz]
         lib.cudaGetErrorString.restype = ctypes.c_char_p
         lib.cudaGetErrorString.argtypes = [ctypes.c_int]
         for fn in ("cudaHostAlloc", "cudaFreeHost", "cudaStreamCreateWithFlags", "cudaStreamSynchronize",
-                   "cudaMemcpy2DAsync"):
+                   "cudaMemcpy2DAsync", "cudaMemcpyAsync", "cudaMalloc"):
             getattr(lib, fn).restype = ctypes.c_int
 
     def check(self, rc: int, what: str) -> None:
@@ -74,6 +80,14 @@ class _Runtime:
         ptr = ctypes.c_void_p()
         self.check(self.lib.cudaHostAlloc(ctypes.byref(ptr), nbytes, 0), f"cudaHostAlloc({nbytes})")
         return ptr.value
+
+    def device_alloc(self, nbytes: int) -> int:
+        ptr = ctypes.c_void_p()
+        self.check(self.lib.cudaMalloc(ctypes.byref(ptr), nbytes), f"cudaMalloc({nbytes})")
+        return ptr.value
+
+    def copy(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        self.check(self.lib.cudaMemcpyAsync(dst, src, nbytes, _MEMCPY_DEFAULT, stream), "cudaMemcpyAsync")
 
     def stream(self) -> int:
         s = ctypes.c_void_p()
@@ -91,11 +105,13 @@ class _Runtime:
 class Slot:
     """Pinned host memory and a stream of its own: one block in flight."""
 
-    def __init__(self, rt: _Runtime, nbytes: int):
+    def __init__(self, rt: _Runtime, nbytes: int, via_device: bool = False):
         self.nbytes = nbytes
         self.ptr = rt.host_alloc(nbytes)
         self.stream = rt.stream()
         self.host = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(self.ptr))
+        # The block crosses the bus in one copy, then is laid out by device-to-device copies.
+        self.device = rt.device_alloc(nbytes) if via_device else None
 
 
 class Staging:
@@ -103,9 +119,10 @@ class Staging:
     to allocate, so it is kept. Thread-safe: each of a restore's read threads takes a slot,
     and a slot is made when none is free, up to `max_slots`."""
 
-    def __init__(self, rt: _Runtime, max_slots: int = 8):
+    def __init__(self, rt: _Runtime, max_slots: int = 8, via_device: bool = False):
         self.rt = rt
         self.max_slots = max_slots
+        self.via_device = via_device
         self._free: queue.Queue[Slot] = queue.Queue()
         self._lock = threading.Lock()
         self._made = 0
@@ -114,7 +131,8 @@ class Staging:
     def reserve(self, nbytes: int, count: int) -> None:
         """Make `count` slots of at least `nbytes` now (the daemon does at start, so the
         first restore does not pay for pinning memory)."""
-        slots = [self.take(nbytes) for _ in range(min(count, self.max_slots))]
+        self.max_slots = max(self.max_slots, count)
+        slots = [self.take(nbytes) for _ in range(count)]
         for slot in slots:
             self.give(slot)
 
@@ -127,7 +145,7 @@ class Staging:
                 self._made += 1
         if make:
             try:
-                return Slot(self.rt, self._slot_bytes)
+                return Slot(self.rt, self._slot_bytes, self.via_device)
             except CudaError:
                 with self._lock:
                     self._made -= 1
@@ -140,7 +158,7 @@ class Staging:
             with self._lock:
                 self._made += 1
             try:
-                return Slot(self.rt, self._slot_bytes)
+                return Slot(self.rt, self._slot_bytes, self.via_device)
             except CudaError:
                 with self._lock:
                     self._made -= 1
@@ -156,11 +174,18 @@ class Staging:
         with self._lock:
             self._made -= 1
         self.rt.lib.cudaFreeHost(ctypes.c_void_p(slot.ptr))
+        if slot.device is not None:
+            self.rt.lib.cudaFree(ctypes.c_void_p(slot.device))
 
     def upload(self, slot: Slot, copies: list[tuple[int, int, int, int, int, int]]) -> None:
         """(dst, dpitch, src offset in the slot, spitch, width, height) each, then wait for them."""
+        src = slot.ptr
+        if slot.device is not None:
+            self.rt.copy(slot.device, slot.ptr, max(off + spitch * height for _d, _p, off, spitch, _w, height in copies),
+                         slot.stream)
+            src = slot.device
         for dst, dpitch, off, spitch, width, height in copies:
-            self.rt.copy_2d(dst, dpitch, slot.ptr + off, spitch, width, height, slot.stream)
+            self.rt.copy_2d(dst, dpitch, src + off, spitch, width, height, slot.stream)
         self.rt.sync(slot.stream)
 
 
@@ -181,7 +206,7 @@ def staging() -> Staging | None:
                 log.warning("CUDA runtime library not found: restores fill GPU arrays from the host")
                 _disabled = True
             else:
-                _staging = Staging(_Runtime(lib))
+                _staging = Staging(_Runtime(lib), via_device=os.environ.get(MODE_ENV, "").strip() == "device")
     return _staging
 
 

@@ -15,6 +15,8 @@ file is only read into caches laid out exactly as it was written.
 from __future__ import annotations
 
 import os
+import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -209,7 +211,10 @@ class RowTarget:
     """
 
     def __init__(self, layout: RowLayout, n_tokens: int, step: int = 256):
+        t0 = time.perf_counter()
         self.layout = layout
+        self._lock = threading.Lock()
+        self.timings = {"arrays_ms": 0.0, "read_ms": 0.0, "copy_ms": 0.0, "fills": 0}
         self.n_alloc = max(step, -(-n_tokens // step) * step)
         self.arrays: list[mx.array] | None = []
         self._staging = _cuda_staging()
@@ -234,6 +239,7 @@ class RowTarget:
             mx.synchronize()  # the zeros are written before any copy lands
             self._row_bytes = [s.width * getattr(mx, s.dtype).size for s in layout.arrays]
             self._dst = [v.ctypes.data for v in self.views]
+        self.timings["arrays_ms"] = (time.perf_counter() - t0) * 1000
 
     def buffers(self, lo: int, hi: int) -> list[memoryview]:
         """The arrays' own rows [lo, hi), in storage order (host-visible memory)."""
@@ -243,9 +249,11 @@ class RowTarget:
         """Rows [lo, hi) from `read`, which fills the buffers it is given in storage order and
         checks them (raising if they must not be used): nothing it refused reaches the cache.
         Safe to call from several threads for disjoint rows."""
+        t0 = time.perf_counter()
         staging = self._staging
         if staging is None:
             read(self.buffers(lo, hi))
+            self._count(t0, time.perf_counter())
             return
         from . import cuda_copy
 
@@ -254,26 +262,40 @@ class RowTarget:
         try:
             slot = staging.take(sum(sizes))
         except cuda_copy.CudaError as e:
-            cuda_copy.disable(str(e))
-            self._staging = None
+            self._give_up_staging(e)
             read(self.buffers(lo, hi))
+            self._count(t0, time.perf_counter())
             return
         try:
-            views, copies, off = [], [], 0
+            copies, off = [], 0
             for spec, rb, size, dst in zip(self.layout.arrays, self._row_bytes, sizes, self._dst):
-                views.append(slot.host[off:off + size].reshape(1, spec.heads, n, rb))
                 # one 2-D copy per array: a run of n rows for every head, heads n_alloc rows apart
                 copies.append((dst + lo * rb, self.n_alloc * rb, off, n * rb, n * rb, spec.heads))
                 off += size
-            read(row_buffers(views, 0, n))  # raises: nothing is copied
+            # In the slot the rows lie in storage order, back to back: one buffer to read
+            # into and hash (one iovec, not one per head and array).
+            read([memoryview(slot.host[:off])])  # raises: nothing is copied
+            t1 = time.perf_counter()
             try:
                 staging.upload(slot, copies)
             except cuda_copy.CudaError as e:
-                cuda_copy.disable(str(e))
-                self._staging = None
+                self._give_up_staging(e)
                 read(self.buffers(lo, hi))
+            self._count(t0, t1, time.perf_counter())
         finally:
             staging.give(slot)
+
+    def _give_up_staging(self, e: Exception) -> None:
+        from . import cuda_copy
+
+        cuda_copy.disable(str(e))
+        self._staging = None
+
+    def _count(self, t0: float, t1: float, t2: float | None = None) -> None:
+        with self._lock:
+            self.timings["read_ms"] += (t1 - t0) * 1000
+            self.timings["copy_ms"] += ((t2 or t1) - t1) * 1000
+            self.timings["fills"] += 1
 
     def install(self, cache: list, n_tokens: int) -> None:
         """Hand the filled arrays to the cache's full-attention layers, holding `n_tokens`."""

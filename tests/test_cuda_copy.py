@@ -41,6 +41,15 @@ class MemmoveRuntime:
         self.buffers.pop(ptr.value, None)
         return 0
 
+    device_alloc = host_alloc
+
+    def cudaFree(self, ptr) -> int:
+        return self.cudaFreeHost(ptr)
+
+    def copy(self, dst, src, nbytes, stream) -> None:
+        self.copies += 1
+        ctypes.memmove(dst, src, nbytes)
+
     def stream(self) -> int:
         return 1
 
@@ -60,11 +69,12 @@ def engine(tiny_llama_dir):
     return Engine(tiny_llama_dir)
 
 
-@pytest.fixture
-def staged(monkeypatch):
-    """RowTarget stages through a fresh pool on the memmove runtime; yields that runtime."""
+@pytest.fixture(params=["pinned", "device"])
+def staged(monkeypatch, request):
+    """RowTarget stages through a fresh pool on the memmove runtime, copying straight from
+    pinned memory or through a device buffer (AGENTD_CUDA_STAGING); yields that runtime."""
     rt = MemmoveRuntime()
-    pool = cuda_copy.Staging(rt, max_slots=3)
+    pool = cuda_copy.Staging(rt, max_slots=3, via_device=request.param == "device")
     monkeypatch.setattr(kvrows, "_cuda_staging", lambda: None if cuda_copy._disabled else pool)
     monkeypatch.setattr(cuda_copy, "_staging", pool)
     monkeypatch.setattr(cuda_copy, "_disabled", False)
@@ -103,8 +113,9 @@ def test_a_staged_restore_lands_every_row_in_place(engine, home, staged):
     arrays = sum(len(rows(layer)) for layer in hot.cache)
     segments = -(-n // 16)
     assert staged.copies >= arrays * segments
-    # The pool made at most its three slots, whatever the number of read threads.
-    assert 1 <= len(staged.buffers) <= 3
+    # The pool made at most its three slots (and their device buffers), whatever the number
+    # of read threads.
+    assert 1 <= len(staged.buffers) <= 6
 
 
 def test_a_block_that_fails_its_check_is_never_copied_to_the_device(engine, home, staged):
