@@ -106,7 +106,7 @@ def _shared_view(a: mx.array) -> np.ndarray:
     return view
 
 
-def _host_dtype(name: str) -> str:
+def host_dtype(name: str) -> str:
     return "uint16" if name == "bfloat16" else name
 
 
@@ -154,6 +154,11 @@ def digest(buffers: list[memoryview], prefix: bytes = b"") -> str:
     for b in buffers:
         h.update(b)
     return h.hexdigest()
+
+
+def segment_digest(buffers: list[memoryview], at: int, count: int) -> str:
+    """The checksum of a tail or block segment: rows `[at, at + count)`, their position included."""
+    return digest(buffers, f"{at}:{count}".encode())
 
 
 def nbytes(buffers: list[memoryview]) -> int:
@@ -220,7 +225,7 @@ class RowTarget:
             self.views = [_shared_view(a) for a in self.arrays]
         except (TypeError, ValueError, RuntimeError):
             self.arrays = None  # staged on the host instead
-            self.views = [np.zeros((1, s.heads, self.n_alloc, s.width), dtype=_host_dtype(s.dtype))
+            self.views = [np.zeros((1, s.heads, self.n_alloc, s.width), dtype=host_dtype(s.dtype))
                           for s in layout.arrays]
 
     def buffers(self, lo: int, hi: int) -> list[memoryview]:
