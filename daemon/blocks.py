@@ -26,8 +26,10 @@ immutable once named; which blocks are alive is decided by the manifests (`kvsto
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -39,7 +41,7 @@ from typing import Callable
 import numpy as np
 
 from .atomic import atomic_replace, fsync_dir, full_fsync, is_temp
-from .kvrows import RowLayout, RowsError, digest, host_dtype, nbytes, read_buffers, row_buffers, segment_digest
+from .kvrows import RowLayout, RowsError, _host_dtype, digest, nbytes, read_buffers, row_buffers, segment_digest
 from .kvrows import write_buffers
 
 log = logging.getLogger("agentd.blocks")
@@ -236,10 +238,11 @@ class BlockStore:
         return meta
 
     def read_into(self, bid: str, parent: str, tokens: list[int], layout: RowLayout,
-                  rows: Callable[[int, int], list[memoryview]]) -> None:
-        """Fill the block's rows (`rows(a, b)`: buffers for its rows `[a, b)`), verified;
-        raises BlockError if it is not exactly the block that `parent` and `tokens` name,
-        whole and intact."""
+                  targets: list[memoryview]) -> None:
+        """Fill `targets` (the block's rows in storage order, split anywhere: one buffer per
+        array and head, or one for all) with the block's rows, verified; raises BlockError
+        if it is not exactly the block that `parent` and `tokens` name, whole and intact."""
+        rows = _row_runs(targets, layout, self.block_tokens)
         if block_id(self.fingerprint, parent, tokens) != bid:
             raise BlockError("corrupt", f"block {bid[:12]}: the manifest's tokens do not name it")
         try:
@@ -292,8 +295,8 @@ class BlockStore:
             parent, tokens = meta["parent"], meta["tokens"]
         except (OSError, KeyError, TypeError, RowsError) as e:
             raise BlockError("corrupt", f"block {bid[:12]}: unreadable ({e})") from e
-        views = [np.zeros((1, s.heads, self.block_tokens, s.width), dtype=host_dtype(s.dtype)) for s in layout.arrays]
-        self.read_into(bid, parent, tokens, layout, lambda a, b: row_buffers(views, a, b))
+        views = [np.zeros((1, s.heads, self.block_tokens, s.width), dtype=_host_dtype(s.dtype)) for s in layout.arrays]
+        self.read_into(bid, parent, tokens, layout, row_buffers(views, 0, self.block_tokens))
 
     # ---- removal ------------------------------------------------------------------
 
@@ -322,3 +325,36 @@ class BlockStore:
         if ids:
             fsync_dir(self.root)
         return freed
+
+
+def _row_runs(targets: list[memoryview], layout: RowLayout, block_tokens: int) -> Callable[[int, int], list]:
+    """`rows(a, b)`: the pieces of `targets` that hold the block's rows [a, b) in a
+    segment's storage order (array by array, head by head, b - a rows each)."""
+    flat = [memoryview(t).cast("B") for t in targets]
+    starts = list(itertools.accumulate((len(t) for t in flat), initial=0))
+    if starts[-1] != layout.row_bytes() * block_tokens:
+        raise ValueError("the target buffers do not hold one block")
+
+    def piece(off: int, n: int) -> list[memoryview]:
+        out, i = [], bisect.bisect_right(starts, off) - 1
+        while n:
+            lo = off - starts[i]
+            take = min(n, len(flat[i]) - lo)
+            out.append(flat[i][lo:lo + take])
+            off, n, i = off + take, n - take, i + 1
+        return out
+
+    def rows(a: int, b: int) -> list[memoryview]:
+        out, base = [], 0
+        for spec in layout.arrays:
+            rb = spec.width * _itemsize(spec.dtype)
+            for _ in range(spec.heads):
+                out += piece(base + a * rb, (b - a) * rb)
+                base += block_tokens * rb
+        return out
+
+    return rows
+
+
+def _itemsize(dtype: str) -> int:
+    return np.dtype(_host_dtype(dtype)).itemsize

@@ -50,7 +50,14 @@ log = logging.getLogger("agentd.cacherepo")
 
 LEGACY_SUFFIX = ".safetensors"
 MAX_PROBLEMS = 20
-READ_THREADS = 8  # blocks read at once in a restore (see _read_blocks)
+def _read_threads() -> int:
+    try:
+        return max(1, min(64, int(os.environ.get("AGENTD_READ_THREADS", "8"))))
+    except ValueError:
+        return 8
+
+
+READ_THREADS = _read_threads()  # blocks read at once in a restore (see _read_blocks); env AGENTD_READ_THREADS
 
 
 @dataclass
@@ -275,6 +282,7 @@ class CacheRepository:
         """Read blocks, tail and window into `cache`; returns how many tokens it holds."""
         n, B = m["n_tokens"], self.kv.block_tokens
         good = 0
+        t0 = time.perf_counter()
         if m["layout"] is not None:
             layout = RowLayout.from_json(m["layout"])
             self._layout = self._layout or layout
@@ -290,6 +298,11 @@ class CacheRepository:
                     self._problem(name, why, f"{name}: tail refused ({why}) at token {good}; prefilling from there",
                                   moved)
             target.install(cache, good)
+            t = target.timings
+            log.info("restored %s: %d tokens, %.0f MB in %.0f ms (arrays %.0f ms; reading and checking %.0f ms, "
+                     "copies to the GPU %.0f ms, summed over %d fills on %d threads)", name, good,
+                     layout.row_bytes() * good / 1e6, (time.perf_counter() - t0) * 1000, t["arrays_ms"],
+                     t["read_ms"], t["copy_ms"], t["fills"], min(READ_THREADS, max(1, len(m["blocks"]))))
         if m["window"] is not None:
             if good < n and m["layout"] is not None:
                 return 0  # a window holds the state after all n tokens: useless for a prefix
@@ -308,12 +321,13 @@ class CacheRepository:
         """Blocks in order into `target`; a refused one is quarantined and ends the prefix."""
         B = self.kv.block_tokens
         parents = [ROOT, *ids[:-1]]
-        jobs = [(bid, parents[i], tokens[i * B:(i + 1) * B], i * B) for i, bid in enumerate(ids)]
+        jobs = [(i, bid, parents[i], tokens[i * B:(i + 1) * B]) for i, bid in enumerate(ids)]
 
         def read(job) -> BlockError | None:
-            bid, parent, block_tokens, lo = job
+            i, bid, parent, block_tokens = job
             try:
-                self.blocks.read_into(bid, parent, block_tokens, layout, lambda a, b: target.buffers(lo + a, lo + b))
+                target.fill(i * B, (i + 1) * B,
+                            lambda buffers: self.blocks.read_into(bid, parent, block_tokens, layout, buffers))
             except BlockError as e:
                 return e
             return None

@@ -170,13 +170,15 @@ def read_tail(path: Path, tail: dict, target: RowTarget, good: int) -> tuple[int
         return good, "missing"
     try:
         for at, count, offset, _size, checksum in tail["segments"]:
-            rows = target.buffers(at, at + count)
+            def read(rows, at=at, count=count, offset=offset, checksum=checksum) -> None:
+                read_buffers(fd, rows, offset)  # RowsError("truncated")
+                if segment_digest(rows, at, count) != checksum:
+                    raise RowsError("checksum")
+
             try:
-                read_buffers(fd, rows, offset)
-            except RowsError:
-                return at, "truncated"
-            if segment_digest(rows, at, count) != checksum:
-                return at, "checksum"
+                target.fill(at, at + count, read)
+            except RowsError as e:
+                return at, "truncated" if str(e) == "truncated" else "checksum"
             good = at + count
     finally:
         os.close(fd)

@@ -93,6 +93,21 @@ def test_a_save_after_a_short_turn_writes_the_new_rows_and_a_manifest_not_the_ca
     assert crossed >= 2
     for bid in blocks_on_disk(home):
         store.repo.blocks.verify(bid)
+    # A block made of several segments reads alike into one buffer per array and head and
+    # into one buffer for all (the staged CUDA restore reads so).
+    import numpy as np
+    from agentd.kvrows import RowLayout, row_buffers
+
+    blocks = store.repo.blocks
+    bid = next(b for b in m["blocks"] if len(trailer(blocks.path(b))["segments"]) >= 2)
+    i = m["blocks"].index(bid)
+    parent, toks = ROOT if i == 0 else m["blocks"][i - 1], m["tokens"][i * 16:(i + 1) * 16]
+    layout = RowLayout.from_json(m["layout"])
+    views = [np.zeros((1, s.heads, 16, s.width), dtype=np.float32) for s in layout.arrays]
+    blocks.read_into(bid, parent, toks, layout, row_buffers(views, 0, 16))
+    flat = bytearray(16 * row_bytes)
+    blocks.read_into(bid, parent, toks, layout, [memoryview(flat)])
+    assert bytes(flat) == b"".join(bytes(b) for b in row_buffers(views, 0, 16)) and any(flat)
 
 
 def test_agents_with_one_system_prompt_store_it_once_and_prefill_only_their_own_suffix(llama, home, tmp_path):
