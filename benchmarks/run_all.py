@@ -715,6 +715,15 @@ def blocks_section(d: dict, plots: Path, report: Path) -> list[str]:
                  + (f", into newly allocated memory (the page faults a restore also takes) "
                     f"{r['memcpy_fresh_gb_s']:.2f} GB/s (**{r['ratio_fresh']:.0%}**)" if "ratio_fresh" in r else "")
                  + ". The bytes are read once into the cache's own arrays (`preadv`) and hashed once (xxh3-128).")
+        if "floor" in r:
+            fl = r["floor"]
+            L[-1] += (f" Its parts on their own: `preadv` of the agent's {fl['files']} files from the page cache into "
+                      f"memory already touched {fl['preadv_gb_s']:.2f} GB/s (two threads {fl['preadv_threads_gb_s']:.2f}), "
+                      f"xxh3-128 {fl['xxh3_gb_s']:.1f} GB/s.")
+        for label, pts in (r.get("first_restore") or {}).items():
+            L[-1] += (f" First restore in a new process ({label}, {len(pts)} processes): "
+                      f"{c.med([p['load_s'] for p in pts]) * 1000:.0f} ms, "
+                      f"{r['kv_bytes'] / c.med([p['load_s'] for p in pts]) / 1e9:.2f} GB/s.")
         L.append("")
     if "kvbits" in d:
         k = d["kvbits"]
