@@ -14,7 +14,9 @@ Interface (what the rest of the daemon uses):
 
 A save writes the blocks the store does not have yet, appends the new tail rows, writes
 the window file (sliding-window layers) under a new generation name, then the manifest,
-atomically. A file is alive only while a durable manifest names it: stale tails and
+atomically. A tail that a turn filled up to a block boundary becomes that block (the
+rest of its rows and a trailer appended, the file hard-linked into blocks/), so a row is
+written once, whether it ends in a block or not. A file is alive only while a durable manifest names it: stale tails and
 windows go once their manifest is replaced, unnamed blocks are garbage (collected at
 start, after a delete, after a save that dropped blocks, and by `gc`).
 """
@@ -37,7 +39,8 @@ from .cachefile import CacheFileError, Expectation, UnsupportedCache, load_cache
 from .cachefile import save_layers
 from .kvrows import RowLayout, RowTarget, is_row_layer, layout_of, row_buffers
 from .kvrows import _views as cache_views
-from .kvstore import MANIFEST, KVSettings, cache_fingerprint, encode_manifest, parse_manifest, read_tail, save_tail
+from .kvstore import MANIFEST, KVSettings, append_rows, cache_fingerprint, durable_tail, encode_manifest, parse_manifest
+from .kvstore import read_tail, save_tail
 from .kvstore import FORMAT, FORMAT_VERSION, ManifestError, record_from_json, record_to_json, summarize  # noqa: F401
 from .kvstore import write_file
 from .protocol import ProtocolError, validate_agent_name
@@ -174,20 +177,36 @@ class CacheRepository:
         prev = self._manifests.get(name)
         written = new_blocks = 0
         ids = self.blocks.chain(tokens) if layout else []
-        parent = ROOT
-        for i, bid in enumerate(ids):
-            if not self.blocks.has(bid):
-                written += self.blocks.write(bid, parent, tokens[i * B:(i + 1) * B], layout,
-                                             row_buffers(views, i * B, (i + 1) * B))
-                new_blocks += 1
-            parent = bid
+        parents = [ROOT, *ids[:-1]]
         adir = self.agent_dir(name)
         if not adir.exists():
             adir.mkdir(mode=0o700)
             fsync_dir(self.agents_dir)
+        cont = durable_tail(adir, prev, tokens, self.fingerprint) if layout else None
+        # The turn may have completed the tail's block: then its rows are already in the
+        # tail file, and the rest up to the boundary and a trailer make that file the block
+        # (each row written once). A block another agent stored is not made again.
+        k = cont["start"] // B if cont and cont["start"] < len(ids) * B else None
+        for i, bid in enumerate(ids):
+            if i != k and not self.blocks.has(bid):
+                written += self.blocks.write(bid, parents[i], tokens[i * B:(i + 1) * B], layout,
+                                             row_buffers(views, i * B, (i + 1) * B), i * B)
+                new_blocks += 1
+        if k is not None:
+            if not self.blocks.has(ids[k]):
+                path = adir / cont["file"]
+                if cont["end"] < (k + 1) * B:
+                    written += append_rows(path, cont, views, (k + 1) * B)
+                wrote, linked = self.blocks.adopt(ids[k], parents[k], tokens[k * B:(k + 1) * B], layout, k * B,
+                                                  path, cont["segments"])
+                written += wrote
+                if not linked:  # no hard links here: the block from memory after all
+                    written += self.blocks.write(ids[k], parents[k], tokens[k * B:(k + 1) * B], layout,
+                                                 row_buffers(views, k * B, (k + 1) * B), k * B)
+                new_blocks += 1
+            cont = None  # the new tail starts past the boundary, in a new generation's file
         gen = prev["gen"] + 1 if prev else 1
-        tail, wrote = (save_tail(self._replace, adir, prev, tokens, len(ids) * B, views, gen, self.fingerprint)
-                       if layout else (None, 0))
+        tail, wrote = save_tail(self._replace, adir, cont, tokens, len(ids) * B, views, gen) if layout else (None, 0)
         written += wrote
         window = None
         if window_layers:
@@ -273,9 +292,14 @@ class CacheRepository:
             target = RowTarget(layout, n)
             good = self._read_blocks(name, m["blocks"], m["tokens"], layout, target)
             if good == len(m["blocks"]) * B and m["tail"]:
-                good, why = read_tail(self.agent_dir(name) / m["tail"]["file"], m["tail"], target, good)
+                path = self.agent_dir(name) / m["tail"]["file"]
+                good, why = read_tail(path, m["tail"], target, good)
                 if why:
-                    self._problem(name, why, f"{name}: tail refused ({why}) at token {good}; prefilling from there", "")
+                    # Moved aside, so that the next save starts a new tail instead of
+                    # appending to (or making a block of) a damaged file.
+                    moved = self._move_aside(path, name, why) if why != "missing" else ""
+                    self._problem(name, why, f"{name}: tail refused ({why}) at token {good}; prefilling from there",
+                                  moved)
             target.install(cache, good)
             t = target.timings
             log.info("restored %s: %d tokens, %.0f MB in %.0f ms (arrays %.0f ms; reading and checking %.0f ms, "

@@ -159,6 +159,11 @@ def digest(buffers: list[memoryview], prefix: bytes = b"") -> str:
     return h.hexdigest()
 
 
+def segment_digest(buffers: list[memoryview], at: int, count: int) -> str:
+    """The checksum of a tail or block segment: rows `[at, at + count)`, their position included."""
+    return digest(buffers, f"{at}:{count}".encode())
+
+
 def nbytes(buffers: list[memoryview]) -> int:
     return sum(b.nbytes for b in buffers)
 
