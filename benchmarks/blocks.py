@@ -13,7 +13,9 @@ Parts (all by default; `--only flush,share,fork,restore,kvbits`):
 - fork: TTFT of a fork of a saved ~3,300-token agent (its blocks) against a fresh agent
   prefilling the same context (rebuilt); interleaved, three runs each.
 - restore: in-process `CacheRepository.load` (read + verify + rebuild) of a saved agent,
-  its bytes per second against a numpy memory copy of the same bytes, interleaved.
+  its bytes per second against a numpy memory copy of the same bytes, interleaved; then
+  the first load in new processes (as after a restart), plain and with glibc's hugetlb
+  tunable (transparent huge pages for malloc).
 - kvbits: unquantized vs --kv-bits 8 and 4 (group 64): bytes per token, greedy agreement
   on fixed prompts, perplexity on a fixed text (README.md as of commit 757017b).
 Writes benchmarks/out/blocks.json.
@@ -171,7 +173,8 @@ def part_restore(model: Path, tok: c.Tok, size: int, runs: int) -> dict:
 
     engine = Engine(model)
     speed_up(engine)
-    store = AgentStore(c.short_tmp("adb-br-"), engine)
+    home = c.short_tmp("adb-br-")
+    store = AgentStore(home, engine)
     store.create("r", system=c.system_prompt(tok, size))
     store.warm("r")
     store.evict("r")
@@ -200,10 +203,95 @@ def part_restore(model: Path, tok: c.Tok, size: int, runs: int) -> dict:
     fresh_gbs = n_bytes / c.med(fresh_s) / 1e9
     c.log(f"restore {len(loaded.tokens)} tokens, {n_bytes / 2**20:.0f} MiB: {restore_gbs:.2f} GB/s, memcpy "
           f"{copy_gbs:.2f} GB/s ({restore_gbs / copy_gbs:.0%}), into new memory {fresh_gbs:.2f} GB/s")
+    floor = read_floor(store, "r", runs)
+    c.log(f"floor: preadv of the files into touched memory {floor['preadv_gb_s']:.2f} GB/s (1 thread), "
+          f"{floor['preadv_threads_gb_s']:.2f} GB/s (2 threads); xxh3 {floor['xxh3_gb_s']:.2f} GB/s")
+    store.close()
+    first = {label: [first_restore(home, model, env) for _ in range(runs)] for label, env in FIRST_RESTORE_ENVS}
+    for label, pts in first.items():
+        c.log(f"first restore in a new process ({label}): {c.med([p['load_s'] for p in pts]) * 1000:.1f} ms, "
+              f"memcpy there {n_bytes / c.med([p['copy_s'] for p in pts]) / 1e9:.2f} GB/s")
     return {"tokens": len(loaded.tokens), "kv_bytes": n_bytes, "cache_nbytes": cache_nbytes(loaded.cache),
             "load_s": load_s, "copy_s": copy_s, "fresh_copy_s": fresh_s, "restore_gb_s": restore_gbs,
             "memcpy_gb_s": copy_gbs, "memcpy_fresh_gb_s": fresh_gbs, "ratio": restore_gbs / copy_gbs,
-            "ratio_fresh": restore_gbs / fresh_gbs}
+            "ratio_fresh": restore_gbs / fresh_gbs, "first_restore": first, "floor": floor}
+
+
+def read_floor(store, name: str, runs: int) -> dict:
+    """What a restore cannot beat: the agent's block and tail files read from the page cache
+    into memory already touched (one file after another, and on two threads), and xxh3 over
+    those bytes, each a median of `runs`."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import xxhash
+
+    repo = store.repo
+    m = repo._manifests[name]
+    files = [repo.blocks.path(b) for b in m["blocks"]] + ([repo.agent_dir(name) / m["tail"]["file"]] if m["tail"] else [])
+    bufs = [np.ones(p.stat().st_size, dtype=np.uint8) for p in files]
+    total = sum(b.nbytes for b in bufs)
+
+    def read(i: int) -> None:
+        fd = os.open(files[i], os.O_RDONLY)
+        try:
+            os.preadv(fd, [memoryview(bufs[i])], 0)
+        finally:
+            os.close(fd)
+
+    def timed(fn) -> float:
+        ts = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return total / c.med(ts) / 1e9
+
+    one = timed(lambda: [read(i) for i in range(len(files))])
+    with ThreadPoolExecutor(2) as pool:
+        two = timed(lambda: list(pool.map(read, range(len(files)))))
+    xx = timed(lambda: [xxhash.xxh3_128(b).digest() for b in bufs])
+    return {"bytes": total, "files": len(files), "preadv_gb_s": one, "preadv_threads_gb_s": two, "xxh3_gb_s": xx}
+
+
+# A restore right after a start (the daemon's common case) gets all-new memory: its page
+# faults are most of the cost of the arrays. glibc's hugetlb tunable makes malloc ask for
+# transparent huge pages (THP is `madvise` on this machine), 512x fewer faults.
+FIRST_RESTORE_ENVS = [("plain", {}), ("GLIBC_TUNABLES=glibc.malloc.hugetlb=1", {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})]
+
+FIRST_RESTORE = """
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+import numpy as np
+from agentd.agents import AgentStore
+from agentd.engine import Engine
+from _build import speed_up
+engine = Engine(Path(sys.argv[2]))
+speed_up(engine)
+store = AgentStore(Path(sys.argv[1]), engine)
+t0 = time.perf_counter()
+loaded = store.repo.load("r")
+load_s = time.perf_counter() - t0
+n = len(loaded.tokens) * store.repo._layout.row_bytes()
+src = np.ones(n, dtype=np.uint8)
+dst = np.empty_like(src)
+np.copyto(dst, src)
+t0 = time.perf_counter()
+np.copyto(dst, src)
+print(json.dumps({"load_s": load_s, "copy_s": time.perf_counter() - t0, "tokens": len(loaded.tokens)}))
+"""
+
+
+def first_restore(home: Path, model: Path, env: dict) -> dict:
+    """The first `load` in a new process (files in the page cache), and a memcpy there."""
+    import json
+    import os
+
+    out = subprocess.run([sys.executable, "-c", FIRST_RESTORE, str(home), str(model), str(Path(__file__).parent)],
+                         capture_output=True, text=True, check=True, env={**os.environ, **env})
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # ---- KV quantization: bytes and quality --------------------------------------------------

@@ -4,6 +4,8 @@ vs re-prefill after a restart, save/load against the disk and the host-to-device
     python benchmarks/gpu.py [--models llama-8b,gemma3-12b] [--contexts 8192,32768]
                              [--runs 3] [--models-dir DIR] [--out FILE] [--quick]
     python benchmarks/gpu.py probe [--model llama-8b] [--out FILE]   (kernel-compile probe)
+    python benchmarks/gpu.py split [--contexts 8192]       (a restore's pieces, in-process)
+    python benchmarks/gpu.py restore [--contexts 8192,32768]   (agentd's restore, each placement)
 
 Models are random-weight, 4-bit, of real shapes (benchmarks/gpu_models.py), since no
 weights can be downloaded on the GPU machine. For each model and context:
@@ -12,9 +14,10 @@ weights can be downloaded on the GPU machine. For each model and context:
 - through agentd: the daemon as a user starts it (`python -m agentd`, fresh home), its
   start-up time to ready (kernel warm-up included) and the first turn's prefill and decode;
 - after a restart (SIGTERM flushes, a new process starts): the agent's next turn restored
-  from its cache file ("resumed") against a fork of it made before the restart, whose
-  whole transcript is re-prefilled ("rebuilt"); time to first token as the daemon reports
-  it (restore + prefill + first token) and as the client sees it;
+  from its blocks ("resumed") against a fork of it made before the restart, asked with
+  `rebuild` so that its whole transcript is prefilled ("rebuilt": a fork alone would load
+  the blocks it shares); time to first token as the daemon reports it (restore + prefill +
+  first token) and as the client sees it;
 - a warm restore: the agent evicted and reloaded in the same process;
 - save/load GB/s of agentd's cache file against the disk (write+fsync; read with the page
   cache dropped and hot) and the host-to-device copy of the same bytes.
@@ -47,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -276,6 +280,7 @@ def _read_hash_place(path: Path, threads: int = 8) -> dict:
             r[f"{label}_error"] = str(e)
         del a
         mx.clear_cache()
+    r.update(_staged_place(path, size, rows, pool, threads))
     t0 = time.perf_counter()
     a = mx.array(host)
     mx.eval(a)
@@ -283,6 +288,50 @@ def _read_hash_place(path: Path, threads: int = 8) -> dict:
     r["from_numpy_first_gpu_pass_s"] = _timed(lambda: gpu_pass(a))
     del a
     pool.shutdown()
+    return r
+
+
+def _staged_place(path: Path, size: int, rows: int, pool, threads: int, chunk: int = 32 * 2**20) -> dict:
+    """What agentd's restore does on CUDA (agentd.cuda_copy): each thread reads a 32 MiB
+    piece into a pinned slot, hashes it there and has the copy engine move it into an array
+    MLX zeroed on the GPU; then the first GPU pass (no page faults left to take)."""
+    import mlx.core as mx
+    import numpy as np
+    import xxhash
+
+    from agentd import cuda_copy
+
+    staging = cuda_copy.staging()
+    if staging is None:
+        return {"staged_error": "no CUDA runtime"}
+    r: dict = {}
+    r["staged_pin_s"] = _timed(lambda: staging.reserve(chunk, threads))
+    a = mx.zeros((rows, 2**20), dtype=mx.uint8)
+    mx.eval(a)
+    mx.synchronize()
+    dst = np.asarray(memoryview(a)).ctypes.data
+    fd = os.open(path, os.O_RDONLY)
+
+    def piece(lo: int) -> None:
+        n = min(chunk, size - lo)
+        slot = staging.take(chunk)
+        try:
+            buf = memoryview(slot.host[:n])
+            done = 0
+            while done < n:
+                done += os.preadv(fd, [buf[done:]], lo + done)
+            xxhash.xxh3_128(buf).digest()
+            staging.upload(slot, [(dst + lo, n, 0, n, n, 1)])
+        finally:
+            staging.give(slot)
+
+    try:
+        r["staged_fill_s"] = _timed(lambda: list(pool.map(piece, range(0, size, chunk))))
+    finally:
+        os.close(fd)
+    r["staged_first_gpu_pass_s"] = _timed(lambda: mx.eval(a.sum()))
+    del a
+    mx.clear_cache()
     return r
 
 
@@ -331,6 +380,96 @@ def split_main(args) -> None:
             "split": [restore_split(model_dir, n, work, runs=args.runs) for n in args.contexts]}
     c.write_json(Path(args.out), data)
     print(json.dumps(data["split"], indent=1)[:6000])
+
+
+def restore_variants(n_tokens: int, work: Path, runs: int = 3) -> dict:
+    """agentd's restore code (BlockStore.read_into into RowTarget.fill, as `CacheRepository`
+    runs it) on synthetic blocks of llama-8B's layout (32 layers, 8 KV heads of 128, bfloat16;
+    128 KiB a token), page cache hot, each way it can place them: staged copies from pinned
+    memory (2-D, one per array and block) or through a device buffer, on 8 or 16 threads;
+    host writes into the managed arrays; and reading and checking alone (no placement).
+    Each timed to the end of the first GPU pass over the restored arrays."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import mlx.core as mx
+    import numpy as np
+
+    from agentd import cuda_copy, kvrows
+    from agentd.blocks import ROOT, BlockStore, chain_ids
+    from agentd.kvrows import ArraySpec, RowLayout, row_buffers
+
+    B = 256
+    layout = RowLayout(tuple(ArraySpec(layer, 8, 128, "bfloat16") for layer in range(32) for _ in range(2)))
+    root = Path(tempfile.mkdtemp(prefix="blocks-", dir=work))
+    store = BlockStore(root, "bench", B)
+    tokens = list(range(n_tokens // B * B))
+    ids = chain_ids("bench", tokens, B)
+    parents = [ROOT, *ids[:-1]]
+    rng = np.random.default_rng(0)
+    piece = [rng.integers(0, 65535, (1, 8, B, 128), dtype=np.uint16) for _ in layout.arrays]
+    for i, bid in enumerate(ids):  # random rows, the same for every block (ids differ by tokens)
+        store.write(bid, parents[i], tokens[i * B:(i + 1) * B], layout, row_buffers(piece, 0, B))
+    nbytes = layout.row_bytes() * len(tokens)
+    real_staging = kvrows._cuda_staging
+
+    def restore(threads: int, staging, read_only: bool = False) -> tuple[float, float]:
+        kvrows._cuda_staging = lambda: staging
+        t0 = time.perf_counter()
+        target = kvrows.RowTarget(layout, len(tokens))
+
+        def one(i: int) -> None:
+            def read(bufs):
+                store.read_into(ids[i], parents[i], tokens[i * B:(i + 1) * B], layout, bufs)
+            if read_only:
+                slot = staging.take(layout.row_bytes() * B)
+                try:
+                    read([memoryview(slot.host[:layout.row_bytes() * B])])
+                finally:
+                    staging.give(slot)
+            else:
+                target.fill(i * B, (i + 1) * B, read)
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(one, range(len(ids))))
+        arrays = target.arrays
+        t1 = time.perf_counter()
+        mx.eval([a.sum() for a in arrays])
+        t2 = time.perf_counter()
+        exact = read_only or all(  # rows where they belong: first, middle and last block of some arrays
+            bool(mx.array_equal(arrays[j][:, :, i * B:(i + 1) * B, :].view(mx.uint16), mx.array(piece[j])))
+            for j in (0, 1, len(arrays) // 2, len(arrays) - 1) for i in (0, len(ids) // 2, len(ids) - 1))
+        del target, arrays
+        mx.clear_cache()
+        return t1 - t0, t2 - t1, exact
+
+    pinned = cuda_copy.staging()
+    rt = pinned.rt if pinned is not None else None
+    variants = {}
+    if rt is not None:
+        via_dev = cuda_copy.Staging(rt, 16, via_device=True)
+        variants = {"pinned_2d_8threads": (8, pinned), "pinned_2d_16threads": (16, pinned),
+                    "via_device_8threads": (8, via_dev), "via_device_16threads": (16, via_dev),
+                    "read_and_check_only_8threads": (8, pinned, True), "read_and_check_only_16threads": (16, pinned, True)}
+        pinned.max_slots = 16
+    variants["host_writes_8threads"] = (8, None)
+    out = {"tokens": len(tokens), "bytes": nbytes}
+    for label, (threads, staging, *ro) in variants.items():
+        restore(threads, staging, *ro)  # slots pinned, pages in the page cache
+        times = [restore(threads, staging, *ro) for _ in range(runs)]
+        fill, first = c.med([t[0] for t in times]), c.med([t[1] for t in times])
+        out[label] = {"fill_s": fill, "first_gpu_pass_s": first, "gbps": nbytes / (fill + first) / 1e9,
+                      "exact": all(t[2] for t in times)}
+        c.log(f"restore {len(tokens)} tokens, {label}: {out[label]}")
+    kvrows._cuda_staging = real_staging
+    shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def restore_main(args) -> None:
+    work = Path(tempfile.mkdtemp(prefix="restore-", dir=args.work))
+    data = {"machine": {**c.machine_info(), **gpu_info()},
+            "restore": [restore_variants(n, work, runs=args.runs) for n in args.contexts]}
+    c.write_json(Path(args.out), data)
 
 
 # ---- through agentd ----------------------------------------------------------------------
@@ -384,10 +523,10 @@ def drop_page_cache(d: Path) -> int:
     return total
 
 
-def _turn(d: "c.Daemon", name: str, message: str, max_tokens: int, ptx: Path) -> dict:
+def _turn(d: "c.Daemon", name: str, message: str, max_tokens: int, ptx: Path, rebuild: bool = False) -> dict:
     before = len(_files_under(ptx))
     with d.client() as cl:
-        r = c.timed_chat(cl, name, message, max_tokens=max_tokens)
+        r = c.timed_chat(cl, name, message, max_tokens=max_tokens, rebuild=rebuild)
     r["kernels_compiled"] = (len(_files_under(ptx)) - before) // 3  # .cu, .ptx, .txt per kernel
     keep = ("cache_source", "cached_tokens", "prefilled_tokens", "generated_tokens", "prompt_tokens", "restore_ms",
             "ttft_ms", "decode_tokens_per_s", "client_ttft_ms", "client_total_ms", "kernels_compiled")
@@ -463,7 +602,8 @@ def bench_model(name: str, args, cache_home: Path, save) -> dict:
                 q = FOLLOW_UPS[run % len(FOLLOW_UPS)]
                 res = _turn(d, f"a{n}", q, 8, ptx)
                 res["page_cache_dropped_bytes"] = dropped
-                reb = _turn(d, f"r{n}-{run}", q, 8, ptx)
+                # A fork shares its source's blocks: `rebuild` makes it prefill the transcript.
+                reb = _turn(d, f"r{n}-{run}", q, 8, ptx, rebuild=True)
                 contexts[str(n)]["resumed"].append(res)
                 contexts[str(n)]["rebuilt"].append(reb)
                 c.log(f"{name} {n} run {run}: resumed {res['ttft_ms']} ms ({res['restore_ms']} restore), "
@@ -564,7 +704,7 @@ def main() -> None:
         print(json.dumps(inproc_main(Path(sys.argv[2]), [int(x) for x in sys.argv[3].split(",")], int(sys.argv[4]))))
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", nargs="?", default="bench", choices=["bench", "probe", "split"])
+    ap.add_argument("what", nargs="?", default="bench", choices=["bench", "probe", "split", "restore"])
     ap.add_argument("--model", default="llama-8b", help="for probe/split: one of " + ", ".join(gpu_models.CONFIGS))
     ap.add_argument("--models", default="llama-8b,gemma3-12b")
     ap.add_argument("--contexts", default="8192,32768")
@@ -584,6 +724,8 @@ def main() -> None:
         probe_main(args)
     elif args.what == "split":
         split_main(args)
+    elif args.what == "restore":
+        restore_main(args)
     else:
         bench_main(args)
 

@@ -663,15 +663,21 @@ def blocks_section(d: dict, plots: Path, report: Path) -> list[str]:
              f"{p['wchar'] / 1e6:.2f} MB", f"**{p['ratio']:.2f}x**", f"{p['v1_bytes'] / 1e6:,.0f} MB",
              f"{p['save_ms']:.0f}") for p in f["points"]]))
         L.append("")
-        within = [p["ratio"] for p in f["points"] if p["ratio"] < 2]
-        crossing = [p["ratio"] for p in f["points"] if p["ratio"] >= 2]
+        B = d.get("block_tokens", 256)
+        crossed = [p for p in f["points"] if p["tokens"] // B != (p["tokens"] - p["new_tokens"]) // B]
+        within = [p["ratio"] for p in f["points"] if p not in crossed]
+        cross = [p["ratio"] for p in crossed]
         L.append(f"A save within a block writes the new rows, appended to the tail, and a manifest: "
                  f"{min(within, default=0):.2f}-{max(within, default=0):.2f}x the new KV ({len(within)} of "
-                 f"{len(f['points'])} saves)."
-                 + (f" A save whose turn crosses a block boundary also writes the finished block from memory "
-                    f"({len(crossing)} saves here, {min(crossing):.1f}-{max(crossing):.1f}x; the sizes sit just below "
-                    "multiples of 256, so each size's first short turn crossed one): over a long conversation each "
-                    "row is written twice, once to the tail and once in its block." if crossing else ""))
+                 f"{len(f['points'])} saves).")
+        if cross:
+            L[-1] += (f" A save whose turn crossed a block boundary ({len(cross)} here: the sizes sit just below "
+                      f"multiples of {B}) wrote {min(cross):.2f}-{max(cross):.2f}x: "
+                      + ("the tail file, which already held the block's first rows, became the block (the rows up "
+                         "to the boundary and a trailer appended, then a hard link), so every row is written once."
+                         if max(cross) < 1.5 else
+                         "it also wrote the finished block from memory, so each row is written twice, once to the "
+                         "tail and once in its block."))
         L.append("")
         if "flush" in made:
             L.append(f"![flush bytes and time]({rel(made['flush'], report)})")
@@ -709,6 +715,15 @@ def blocks_section(d: dict, plots: Path, report: Path) -> list[str]:
                  + (f", into newly allocated memory (the page faults a restore also takes) "
                     f"{r['memcpy_fresh_gb_s']:.2f} GB/s (**{r['ratio_fresh']:.0%}**)" if "ratio_fresh" in r else "")
                  + ". The bytes are read once into the cache's own arrays (`preadv`) and hashed once (xxh3-128).")
+        if "floor" in r:
+            fl = r["floor"]
+            L[-1] += (f" Its parts on their own: `preadv` of the agent's {fl['files']} files from the page cache into "
+                      f"memory already touched {fl['preadv_gb_s']:.2f} GB/s (two threads {fl['preadv_threads_gb_s']:.2f}), "
+                      f"xxh3-128 {fl['xxh3_gb_s']:.1f} GB/s.")
+        for label, pts in (r.get("first_restore") or {}).items():
+            L[-1] += (f" First restore in a new process ({label}, {len(pts)} processes): "
+                      f"{c.med([p['load_s'] for p in pts]) * 1000:.0f} ms, "
+                      f"{r['kv_bytes'] / c.med([p['load_s'] for p in pts]) / 1e9:.2f} GB/s.")
         L.append("")
     if "kvbits" in d:
         k = d["kvbits"]

@@ -9,17 +9,27 @@ matching. Only the naming needs a cryptographic hash, and it runs over token ids
 hundred bytes a block). The rows themselves are checked with xxh3-128, which runs faster
 than memory copy.
 
-File `caches/blocks/<id>.kvb`: `MAGIC`, a little-endian u32 header length, the header
-(JSON: id, parent, tokens, layout, checksum), zero padding to a 4 KiB boundary, then the
-rows in `kvrows` storage order. Written to a temp name, fsynced, renamed, the directory
-fsynced (`atomic.atomic_replace`): a crash leaves a whole block or none. A block is
+File `caches/blocks/<id>.kvb` (format 2): the rows first, as one or more segments in
+`kvrows` storage order (each segment a run of tokens `[at, at + count)`: array by array,
+head by head), then the trailer: a JSON header (id, parent, tokens, layout, the block's
+first token `start`, segments `[at, count, offset, bytes, xxh3]`), its u32 length and
+`MAGIC2`. That is the form of an agent's tail file (kvstore.py), so the tail that reaches
+a block boundary becomes the block by appending the last rows and the trailer and
+hard-linking it here (`adopt`): each row is written once. A block made from memory (a
+turn that crossed more than one boundary, a tail that cannot be linked) is one segment
+and the trailer, written to a temp name, fsynced, renamed, the directory fsynced
+(`atomic.atomic_replace`). Either way a crash leaves a whole block or none under its name.
+Format 1 (`MAGIC` first, a u32 header length, the JSON header with one checksum over all
+rows, zeros to 4 KiB, then the rows) is still read: stores on disk hold it. A block is
 immutable once named; which blocks are alive is decided by the manifests (`kvstore`).
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -30,12 +40,15 @@ from typing import Callable
 
 import numpy as np
 
-from .atomic import atomic_replace, fsync_dir, is_temp
-from .kvrows import RowLayout, RowsError, digest, read_buffers, write_buffers
+from .atomic import atomic_replace, fsync_dir, full_fsync, is_temp
+from .kvrows import RowLayout, RowsError, _host_dtype, digest, nbytes, read_buffers, row_buffers, segment_digest
+from .kvrows import write_buffers
 
 log = logging.getLogger("agentd.blocks")
 
-MAGIC = b"AGKVBLK\x01"
+MAGIC = b"AGKVBLK\x01"  # format 1: header first (read, no longer written)
+MAGIC2 = b"AGKVBLK\x02"  # format 2: the last 8 bytes, after the trailer and its length
+TRAILER_READ = 16384  # one pread from the end gets a 256-token trailer whole
 SUFFIX = ".kvb"
 ALIGN = 4096
 MAX_HEADER = 1 << 20
@@ -109,37 +122,127 @@ class BlockStore:
 
     # ---- writing ------------------------------------------------------------------
 
-    def write(self, bid: str, parent: str, tokens: list[int], layout: RowLayout, rows: list[memoryview]) -> int:
-        """Store a block (unless it is already there). Returns the bytes written."""
-        if bid in self._sizes:
-            return 0
+    def _check(self, bid: str, parent: str, tokens: list[int]) -> None:
         if len(tokens) != self.block_tokens or block_id(self.fingerprint, parent, tokens) != bid:
             raise ValueError("block id does not match its parent and tokens")
-        header = json.dumps({"id": bid, "parent": parent, "tokens": list(map(int, tokens)),
-                             "layout": layout.to_json(), "checksum": digest(rows)},
-                            separators=(",", ":")).encode()
-        head = MAGIC + struct.pack("<I", len(header)) + header
-        head += b"\0" * (-len(head) % ALIGN)
+
+    def _trailer(self, bid: str, parent: str, tokens: list[int], layout: RowLayout, start: int,
+                 segments: list) -> bytes:
+        meta = json.dumps({"id": bid, "parent": parent, "tokens": list(map(int, tokens)), "layout": layout.to_json(),
+                           "start": start, "segments": segments}, separators=(",", ":")).encode()
+        return meta + struct.pack("<I", len(meta)) + MAGIC2
+
+    def write(self, bid: str, parent: str, tokens: list[int], layout: RowLayout, rows: list[memoryview],
+              start: int) -> int:
+        """Store a block from memory (unless it is already there): rows `[start, start +
+        block_tokens)` as one segment, then the trailer. Returns the bytes written."""
+        if bid in self._sizes:
+            return 0
+        self._check(bid, parent, tokens)
+        size = nbytes(rows)
+        trailer = self._trailer(bid, parent, tokens, layout, start,
+                                [[start, self.block_tokens, 0, size, segment_digest(rows, start, self.block_tokens)]])
         written = [0]
 
         def write(tmp: Path) -> None:
             fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)  # atomic_replace created it
             try:
-                written[0] = write_buffers(fd, [head, *rows])
+                written[0] = write_buffers(fd, [*rows, trailer])
             finally:
                 os.close(fd)
 
-        path = self.path(bid)
-        self.replace(path, write)
+        self.replace(self.path(bid), write)
         self._sizes[bid] = written[0]
         return written[0]
 
+    def adopt(self, bid: str, parent: str, tokens: list[int], layout: RowLayout, start: int, tail: Path,
+              segments: list) -> tuple[int, bool]:
+        """Make an agent's tail file the block: its `segments` hold exactly rows `[start,
+        start + block_tokens)`, durable. Appends the trailer past the last segment, fsyncs,
+        hard-links the file under the block's name and fsyncs this directory. Returns the
+        bytes written and whether the block now exists; False (a filesystem without hard
+        links, say): the caller writes it from memory. The trailer lies past every byte a
+        manifest names, and a tail file that is also a block is never appended to again."""
+        self._check(bid, parent, tokens)
+        expect_at, expect_off = start, 0
+        for at, count, offset, size, _ in segments:
+            if at != expect_at or offset != expect_off or size != count * layout.row_bytes():
+                raise ValueError("the tail's segments are not this block's rows, in order")
+            expect_at, expect_off = at + count, offset + size
+        if expect_at != start + self.block_tokens:
+            raise ValueError("the tail's segments do not end at the block boundary")
+        trailer = self._trailer(bid, parent, tokens, layout, start, segments)
+        fd = os.open(tail, os.O_WRONLY | os.O_NOFOLLOW)
+        try:
+            wrote = write_buffers(fd, [trailer], expect_off)
+            os.ftruncate(fd, expect_off + wrote)  # a trailer an interrupted save left further on
+            full_fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tail, self.path(bid))
+        except OSError as e:
+            log.info("block %s: cannot link the tail as the block (%s); writing it from memory", bid[:12], e)
+            return wrote, False
+        fsync_dir(self.root)
+        self._sizes[bid] = expect_off + wrote
+        return wrote, True
+
     # ---- reading ------------------------------------------------------------------
+
+    def _segments(self, fd: int, bid: str) -> tuple[dict, list, int]:
+        """The block file's header and its row segments `(row in block, count, offset,
+        bytes or None: as the layout says, checksum, checksum prefix)` and where its rows
+        must end (either format)."""
+        size = os.fstat(fd).st_size
+        end = os.pread(fd, min(size, TRAILER_READ), max(0, size - TRAILER_READ))
+        if len(end) >= 12 and end[-8:] == MAGIC2:
+            (n,) = struct.unpack("<I", end[-12:-8])
+            if n + 12 > size or n > MAX_HEADER:
+                raise BlockError("corrupt", f"block {bid[:12]}: implausible trailer length")
+            if n + 12 > len(end):
+                end = os.pread(fd, n + 12 - len(end), size - n - 12) + end
+            meta = self._json(end[-12 - n:-12], bid)
+            try:
+                start, segs = int(meta["start"]), meta["segments"]
+                out = [(int(at) - start, int(count), int(offset), int(nb), str(checksum), f"{at}:{count}".encode())
+                       for at, count, offset, nb, checksum in segs]
+            except (KeyError, TypeError, ValueError):
+                raise BlockError("corrupt", f"block {bid[:12]}: trailer unreadable") from None
+            data_end = size - n - 12
+        else:
+            head = os.pread(fd, ALIGN, 0)
+            if len(head) < 12 or head[:8] != MAGIC:
+                # Format 2 is written whole before its name exists: a file without its
+                # trailer was cut short or damaged after the fact.
+                raise BlockError("truncated", f"block {bid[:12]}: no trailer (truncated or damaged)")
+            (n,) = struct.unpack("<I", head[8:12])
+            if n > MAX_HEADER:
+                raise BlockError("corrupt", f"block {bid[:12]}: implausible header length")
+            if 12 + n > len(head):
+                head += os.pread(fd, 12 + n - len(head), len(head))
+            meta = self._json(head[12:12 + n], bid)
+            data = -(-(12 + n) // ALIGN) * ALIGN
+            out = [(0, self.block_tokens, data, None, meta.get("checksum"), b"")]
+            data_end = size
+        return meta, out, data_end
+
+    @staticmethod
+    def _json(raw: bytes, bid: str) -> dict:
+        try:
+            meta = json.loads(raw)
+        except ValueError:
+            raise BlockError("corrupt", f"block {bid[:12]}: header unreadable") from None
+        if not isinstance(meta, dict):
+            raise BlockError("corrupt", f"block {bid[:12]}: header unreadable")
+        return meta
 
     def read_into(self, bid: str, parent: str, tokens: list[int], layout: RowLayout,
                   targets: list[memoryview]) -> None:
-        """Fill `targets` with the block's rows, verified; raises BlockError if it is not
-        exactly the block that `parent` and `tokens` name, whole and intact."""
+        """Fill `targets` (the block's rows in storage order, split anywhere: one buffer per
+        array and head, or one for all) with the block's rows, verified; raises BlockError
+        if it is not exactly the block that `parent` and `tokens` name, whole and intact."""
+        rows = _row_runs(targets, layout, self.block_tokens)
         if block_id(self.fingerprint, parent, tokens) != bid:
             raise BlockError("corrupt", f"block {bid[:12]}: the manifest's tokens do not name it")
         try:
@@ -149,26 +252,30 @@ class BlockStore:
         except OSError as e:
             raise BlockError("unreadable", f"block {bid[:12]}: {e.strerror or e}") from e
         try:
-            head = os.pread(fd, ALIGN, 0)
-            if len(head) < 12 or head[:8] != MAGIC:
-                raise BlockError("truncated" if len(head) < 12 else "corrupt", f"block {bid[:12]}: bad header")
-            (n,) = struct.unpack("<I", head[8:12])
-            if n > MAX_HEADER:
-                raise BlockError("corrupt", f"block {bid[:12]}: implausible header length")
-            if 12 + n > len(head):
-                head += os.pread(fd, 12 + n - len(head), len(head))
+            meta, segments, data_end = self._segments(fd, bid)
             try:
-                meta = json.loads(head[12 : 12 + n])
-                ok = (meta["id"] == bid and meta["parent"] == parent and meta["tokens"] == list(tokens))
-            except (ValueError, KeyError, TypeError):
-                raise BlockError("corrupt", f"block {bid[:12]}: header unreadable") from None
+                ok = meta["id"] == bid and meta["parent"] == parent and meta["tokens"] == list(tokens)
+            except (KeyError, TypeError):
+                ok = False
             if not ok:
                 raise BlockError("corrupt", f"block {bid[:12]}: header names another block")
-            if RowLayout.from_json(meta["layout"]) != layout:
+            if RowLayout.from_json(meta.get("layout")) != layout:
                 raise BlockError("layout", f"block {bid[:12]}: rows laid out for another cache")
-            read_buffers(fd, targets, -(-(12 + n) // ALIGN) * ALIGN)
-            if digest(targets) != meta["checksum"]:
-                raise BlockError("checksum", f"block {bid[:12]}: checksum mismatch (the file is corrupt)")
+            row, pos = 0, segments[0][2] if segments else 0
+            for at, count, offset, nb, _, _ in segments:
+                nb = count * layout.row_bytes() if nb is None else nb
+                if at != row or count <= 0 or offset != pos or nb != count * layout.row_bytes():
+                    raise BlockError("corrupt", f"block {bid[:12]}: segments do not cover its rows in order")
+                row, pos = at + count, offset + nb
+            if row != self.block_tokens or pos > data_end:
+                raise BlockError("truncated", f"block {bid[:12]}: shorter than its rows")
+            if pos != data_end:
+                raise BlockError("corrupt", f"block {bid[:12]}: wrong size")
+            for at, count, offset, _, checksum, prefix in segments:
+                buffers = rows(at, at + count)
+                read_buffers(fd, buffers, offset)
+                if digest(buffers, prefix) != checksum:
+                    raise BlockError("checksum", f"block {bid[:12]}: checksum mismatch (the file is corrupt)")
         except RowsError as e:
             raise BlockError("truncated" if str(e) == "truncated" else "corrupt", f"block {bid[:12]}: {e}") from e
         except OSError as e:
@@ -177,23 +284,19 @@ class BlockStore:
             os.close(fd)
 
     def verify(self, bid: str) -> None:
-        """Check a stored block on its own (header, id, size, checksum); BlockError if not whole."""
+        """Check a stored block on its own (header, id, size, checksums); BlockError if not whole."""
         try:
-            with open(self.path(bid), "rb") as f:
-                head = f.read(ALIGN)
-                (n,) = struct.unpack("<I", head[8:12]) if len(head) >= 12 else (0,)
-                if head[:8] != MAGIC or n > MAX_HEADER:
-                    raise BlockError("corrupt", f"block {bid[:12]}: bad header")
-                f.seek(12)
-                meta = json.loads(f.read(n))
-        except (OSError, ValueError, struct.error) as e:
+            fd = os.open(self.path(bid), os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                meta, _, _ = self._segments(fd, bid)
+            finally:
+                os.close(fd)
+            layout = RowLayout.from_json(meta["layout"])
+            parent, tokens = meta["parent"], meta["tokens"]
+        except (OSError, KeyError, TypeError, RowsError) as e:
             raise BlockError("corrupt", f"block {bid[:12]}: unreadable ({e})") from e
-        layout = RowLayout.from_json(meta["layout"])
-        buf = bytearray(layout.row_bytes() * self.block_tokens)
-        views = np.frombuffer(buf, dtype=np.uint8)
-        if self.path(bid).stat().st_size != -(-(12 + n) // ALIGN) * ALIGN + len(buf):
-            raise BlockError("truncated", f"block {bid[:12]}: wrong size")
-        self.read_into(bid, meta["parent"], meta["tokens"], layout, [memoryview(views)])
+        views = [np.zeros((1, s.heads, self.block_tokens, s.width), dtype=_host_dtype(s.dtype)) for s in layout.arrays]
+        self.read_into(bid, parent, tokens, layout, row_buffers(views, 0, self.block_tokens))
 
     # ---- removal ------------------------------------------------------------------
 
@@ -222,3 +325,36 @@ class BlockStore:
         if ids:
             fsync_dir(self.root)
         return freed
+
+
+def _row_runs(targets: list[memoryview], layout: RowLayout, block_tokens: int) -> Callable[[int, int], list]:
+    """`rows(a, b)`: the pieces of `targets` that hold the block's rows [a, b) in a
+    segment's storage order (array by array, head by head, b - a rows each)."""
+    flat = [memoryview(t).cast("B") for t in targets]
+    starts = list(itertools.accumulate((len(t) for t in flat), initial=0))
+    if starts[-1] != layout.row_bytes() * block_tokens:
+        raise ValueError("the target buffers do not hold one block")
+
+    def piece(off: int, n: int) -> list[memoryview]:
+        out, i = [], bisect.bisect_right(starts, off) - 1
+        while n:
+            lo = off - starts[i]
+            take = min(n, len(flat[i]) - lo)
+            out.append(flat[i][lo:lo + take])
+            off, n, i = off + take, n - take, i + 1
+        return out
+
+    def rows(a: int, b: int) -> list[memoryview]:
+        out, base = [], 0
+        for spec in layout.arrays:
+            rb = spec.width * _itemsize(spec.dtype)
+            for _ in range(spec.heads):
+                out += piece(base + a * rb, (b - a) * rb)
+                base += block_tokens * rb
+        return out
+
+    return rows
+
+
+def _itemsize(dtype: str) -> int:
+    return np.dtype(_host_dtype(dtype)).itemsize

@@ -155,6 +155,7 @@ def _run(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
     prepare_socket_dir(socket_path)
     claim_socket(socket_path)
 
+    from .cacherepo import READ_THREADS
     from .convert import ensure_default_model
     from .core import Daemon, Settings
     from .device import describe
@@ -175,7 +176,7 @@ def _run(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
         # machine that never ran this model; under a second once they are cached).
         notify("STATUS=compiling GPU kernels")
         log.info("warming up GPU kernels (kernel cache %s)", os.environ.get(PTX_ENV, "MLX's default"))
-        engine.warmup = warm_up(engine)
+        engine.warmup = warm_up(engine, kv.block_tokens, READ_THREADS)
         log.info("GPU kernels warm in %.2fs (%d forward passes)", engine.warmup.seconds, engine.warmup.passes)
     settings = Settings(home=home, model_dir=Path(model_dir), flush_interval=flush_interval, max_hot=max_hot,
                         cache_budget=cache_budget, min_available=min_available, preload=preload, kv=kv)

@@ -15,7 +15,10 @@ file is only read into caches laid out exactly as it was written.
 from __future__ import annotations
 
 import os
+import threading
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -156,6 +159,11 @@ def digest(buffers: list[memoryview], prefix: bytes = b"") -> str:
     return h.hexdigest()
 
 
+def segment_digest(buffers: list[memoryview], at: int, count: int) -> str:
+    """The checksum of a tail or block segment: rows `[at, at + count)`, their position included."""
+    return digest(buffers, f"{at}:{count}".encode())
+
+
 def nbytes(buffers: list[memoryview]) -> int:
     return sum(b.nbytes for b in buffers)
 
@@ -201,36 +209,106 @@ class RowTarget:
 
     `n_alloc` rounds up to mlx-lm's 256-token step, so the next turn's tokens go into rows
     already there instead of a grow-and-copy of the whole cache. Where MLX's arrays are
-    host memory it can export (CPU, Apple unified memory) reads land in them directly;
-    elsewhere (a discrete GPU) they land in host arrays, uploaded once by `install`.
+    host memory it can export (CPU, Apple unified memory) reads land in them directly.
+    On CUDA they land in pinned host memory and the copy engine moves them into the arrays
+    (`cuda_copy`); without a usable CUDA runtime, straight into the managed arrays; where
+    MLX exports no writable buffer at all, in host arrays uploaded once by `install`.
     """
 
     def __init__(self, layout: RowLayout, n_tokens: int, step: int = 256):
+        t0 = time.perf_counter()
         self.layout = layout
+        self._lock = threading.Lock()
+        self.timings = {"arrays_ms": 0.0, "read_ms": 0.0, "copy_ms": 0.0, "fills": 0}
         self.n_alloc = max(step, -(-n_tokens // step) * step)
         self.arrays: list[mx.array] | None = []
+        self._staging = _cuda_staging()
+        # With staged copies the arrays are made in their host dtypes (bfloat16 as uint16),
+        # so their buffers export directly, and are viewed back by `install`.
+        dtype = (lambda s: getattr(mx, _host_dtype(s.dtype))) if self._staging else (lambda s: getattr(mx, s.dtype))
         for spec in layout.arrays:
-            # Zeroed on the default stream. On CUDA that is a GPU kernel, and the host's
-            # reads then fill managed pages the GPU holds; measured on an H200 (gpu.py split,
-            # 1.07 GB) that is still the fastest: zeros 0.002 s + fill 0.11 s + first GPU
-            # pass 0.09 s, against 0.37 + 0.05 + 0.10 s zeroed on the CPU stream.
-            self.arrays.append(mx.zeros((1, spec.heads, self.n_alloc, spec.width), dtype=getattr(mx, spec.dtype)))
+            # Zeroed on the default stream. On CUDA that is a GPU kernel, so the pages start
+            # out on the GPU, where the staged copies write them (and where a host fill
+            # faults them over: still faster than zeroing on the CPU stream, measured on an
+            # H200 with gpu.py split, 1.07 GB: 0.002 + 0.11 + 0.09 s for zeros, fill and
+            # first GPU pass against 0.37 + 0.05 + 0.10 s).
+            self.arrays.append(mx.zeros((1, spec.heads, self.n_alloc, spec.width), dtype=dtype(spec)))
         mx.eval(self.arrays)
         try:
             self.views = [_shared_view(a) for a in self.arrays]
         except (TypeError, ValueError, RuntimeError):
-            self.arrays = None  # staged on the host instead
+            self.arrays, self._staging = None, None  # staged on the host instead
             self.views = [np.zeros((1, s.heads, self.n_alloc, s.width), dtype=_host_dtype(s.dtype))
                           for s in layout.arrays]
+        if self._staging is not None:
+            mx.synchronize()  # the zeros are written before any copy lands
+            self._row_bytes = [s.width * getattr(mx, s.dtype).size for s in layout.arrays]
+            self._dst = [v.ctypes.data for v in self.views]
+        self.timings["arrays_ms"] = (time.perf_counter() - t0) * 1000
 
     def buffers(self, lo: int, hi: int) -> list[memoryview]:
+        """The arrays' own rows [lo, hi), in storage order (host-visible memory)."""
         return row_buffers(self.views, lo, hi)
+
+    def fill(self, lo: int, hi: int, read: Callable[[list[memoryview]], None]) -> None:
+        """Rows [lo, hi) from `read`, which fills the buffers it is given in storage order and
+        checks them (raising if they must not be used): nothing it refused reaches the cache.
+        Safe to call from several threads for disjoint rows."""
+        t0 = time.perf_counter()
+        staging = self._staging
+        if staging is None:
+            read(self.buffers(lo, hi))
+            self._count(t0, time.perf_counter())
+            return
+        from . import cuda_copy
+
+        n = hi - lo
+        sizes = [s.heads * n * rb for s, rb in zip(self.layout.arrays, self._row_bytes)]
+        try:
+            slot = staging.take(sum(sizes))
+        except cuda_copy.CudaError as e:
+            self._give_up_staging(e)
+            read(self.buffers(lo, hi))
+            self._count(t0, time.perf_counter())
+            return
+        try:
+            copies, off = [], 0
+            for spec, rb, size, dst in zip(self.layout.arrays, self._row_bytes, sizes, self._dst):
+                # one 2-D copy per array: a run of n rows for every head, heads n_alloc rows apart
+                copies.append((dst + lo * rb, self.n_alloc * rb, off, n * rb, n * rb, spec.heads))
+                off += size
+            # In the slot the rows lie in storage order, back to back: one buffer to read
+            # into and hash (one iovec, not one per head and array).
+            read([memoryview(slot.host[:off])])  # raises: nothing is copied
+            t1 = time.perf_counter()
+            try:
+                staging.upload(slot, copies)
+            except cuda_copy.CudaError as e:
+                self._give_up_staging(e)
+                read(self.buffers(lo, hi))
+            self._count(t0, t1, time.perf_counter())
+        finally:
+            staging.give(slot)
+
+    def _give_up_staging(self, e: Exception) -> None:
+        from . import cuda_copy
+
+        cuda_copy.disable(str(e))
+        self._staging = None
+
+    def _count(self, t0: float, t1: float, t2: float | None = None) -> None:
+        with self._lock:
+            self.timings["read_ms"] += (t1 - t0) * 1000
+            self.timings["copy_ms"] += ((t2 or t1) - t1) * 1000
+            self.timings["fills"] += 1
 
     def install(self, cache: list, n_tokens: int) -> None:
         """Hand the filled arrays to the cache's full-attention layers, holding `n_tokens`."""
         arrays = self.arrays
         if arrays is None:  # one upload per array
-            arrays = [mx.array(v).view(getattr(mx, s.dtype)) for v, s in zip(self.views, self.layout.arrays)]
+            arrays = [mx.array(v) for v in self.views]
+        arrays = [a if a.dtype == getattr(mx, s.dtype) else a.view(getattr(mx, s.dtype))
+                  for a, s in zip(arrays, self.layout.arrays)]
         it = iter(arrays)
         for i in self.layout.layers:
             layer = cache[i]
@@ -242,3 +320,14 @@ class RowTarget:
             layer.offset = n_tokens
         self.views = []  # drop the numpy views: the cache owns the memory now
 
+
+
+def _cuda_staging():
+    """The CUDA staging pool when MLX computes on CUDA and its runtime is usable, else None."""
+    from .backend import CUDA, backend
+
+    if backend() != CUDA:
+        return None
+    from . import cuda_copy
+
+    return cuda_copy.staging()

@@ -10,9 +10,12 @@ caches/<name>.safetensors              a format v1 file: loaded once, then conve
 
 A tail file only grows while a manifest names it: each save appends the new rows past the
 last byte the durable manifest names (so a crash never touches named bytes) and the next
-manifest lists the segment with its xxh3-128. A tail that does not continue (the cache was
-trimmed into it, or a block boundary was crossed) is written whole under the next
-generation's name. The manifest is checked with SHA-256 (it is small).
+manifest lists the segment with its xxh3-128. A tail starts at a block boundary, and its
+segments are a block file's rows (blocks.py): when a turn crosses the boundary, the rows
+up to it are appended, then the block's trailer, and the file is hard-linked as the block;
+the rows past the boundary start the next generation's tail. A tail that does not
+continue (the cache was trimmed into it) is written whole under the next generation's
+name. The manifest is checked with SHA-256 (it is small).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Callable
 
 from .atomic import full_fsync
 from .records import EXTRA_KEYS, AgentRecord
-from .kvrows import RowsError, RowTarget, digest, read_buffers, row_buffers, write_buffers
+from .kvrows import RowsError, RowTarget, read_buffers, row_buffers, segment_digest, write_buffers
 
 FORMAT = "agentd-kv"
 FORMAT_VERSION = 2
@@ -103,33 +106,55 @@ def write_file(replace: Callable, path: Path, buffers: list) -> int:
 
 
 def _segment(at: int, count: int, offset: int, size: int, rows) -> list:
-    return [at, count, offset, size, digest(rows, f"{at}:{count}".encode())]
+    return [at, count, offset, size, segment_digest(rows, at, count)]
 
 
-def save_tail(replace: Callable, adir: Path, prev: dict | None, tokens: list[int], start: int, views,
-              gen: int, fingerprint: str) -> tuple[dict | None, int]:
-    """Rows [start, len(tokens)) in the tail: appended when the durable tail is a prefix of
-    them, else a new file. Returns the manifest's `tail` entry and the bytes written."""
+def durable_tail(adir: Path, prev: dict | None, tokens: list[int], fingerprint: str) -> dict | None:
+    """The durable manifest's tail if its rows are rows of this cache (the tokens agree up
+    to its end) and its file may be appended to; with `end`, the token after its last row."""
+    pt = prev and prev.get("tail")
+    if not pt or prev["fingerprint"] != fingerprint:
+        return None
+    end = pt["start"] + sum(seg[1] for seg in pt["segments"])
+    if end > len(tokens) or prev["tokens"][:end] != tokens[:end]:  # a row depends on every token before it
+        return None
+    try:
+        links = os.stat(adir / pt["file"], follow_symlinks=False).st_nlink
+    except OSError:
+        return None
+    if links != 1:
+        return None  # also a block (a save failed after linking it): never written again
+    return {"file": pt["file"], "start": pt["start"], "segments": [list(s) for s in pt["segments"]], "end": end}
+
+
+def append_rows(path: Path, tail: dict, views, hi: int) -> int:
+    """Append rows `[tail end, hi)` to the tail file as a segment, past every byte the
+    durable manifest names, and fsync; `tail` (from `durable_tail`) gains the segment."""
+    lo = tail["end"]
+    rows = row_buffers(views, lo, hi)
+    last = tail["segments"][-1]
+    offset = last[2] + last[3]
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    try:
+        wrote = write_buffers(fd, rows, offset)
+        full_fsync(fd)
+    finally:
+        os.close(fd)
+    tail["segments"].append(_segment(lo, hi - lo, offset, wrote, rows))
+    tail["end"] = hi
+    return wrote
+
+
+def save_tail(replace: Callable, adir: Path, cont: dict | None, tokens: list[int], start: int, views,
+              gen: int) -> tuple[dict | None, int]:
+    """Rows [start, len(tokens)) in the tail: appended to `cont` (the `durable_tail`) when it
+    starts there too, else a new file. Returns the manifest's `tail` entry and the bytes written."""
     n = len(tokens)
     if n == start:
         return None, 0
-    pt = prev and prev.get("tail")
-    if pt and pt["start"] == start and prev["fingerprint"] == fingerprint:
-        end = start + sum(seg[1] for seg in pt["segments"])
-        if end <= n and prev["tokens"][start:end] == tokens[start:end] and (adir / pt["file"]).exists():
-            segments = [list(s) for s in pt["segments"]]
-            if end == n:
-                return {"file": pt["file"], "start": start, "segments": segments}, 0
-            rows = row_buffers(views, end, n)
-            offset = segments[-1][2] + segments[-1][3]
-            fd = os.open(adir / pt["file"], os.O_WRONLY | os.O_NOFOLLOW)
-            try:
-                wrote = write_buffers(fd, rows, offset)  # past every byte the durable manifest names
-                full_fsync(fd)
-            finally:
-                os.close(fd)
-            segments.append(_segment(end, n - end, offset, wrote, rows))
-            return {"file": pt["file"], "start": start, "segments": segments}, wrote
+    if cont and cont["start"] == start:
+        wrote = append_rows(adir / cont["file"], cont, views, n) if cont["end"] < n else 0
+        return {"file": cont["file"], "start": start, "segments": cont["segments"]}, wrote
     rows = row_buffers(views, start, n)
     tfile = f"tail.{gen}.kvt"
     wrote = write_file(replace, adir / tfile, rows)
@@ -145,13 +170,15 @@ def read_tail(path: Path, tail: dict, target: RowTarget, good: int) -> tuple[int
         return good, "missing"
     try:
         for at, count, offset, _size, checksum in tail["segments"]:
-            rows = target.buffers(at, at + count)
+            def read(rows, at=at, count=count, offset=offset, checksum=checksum) -> None:
+                read_buffers(fd, rows, offset)  # RowsError("truncated")
+                if segment_digest(rows, at, count) != checksum:
+                    raise RowsError("checksum")
+
             try:
-                read_buffers(fd, rows, offset)
-            except RowsError:
-                return at, "truncated"
-            if digest(rows, f"{at}:{count}".encode()) != checksum:
-                return at, "checksum"
+                target.fill(at, at + count, read)
+            except RowsError as e:
+                return at, "truncated" if str(e) == "truncated" else "checksum"
             good = at + count
     finally:
         os.close(fd)

@@ -94,10 +94,12 @@ CONCURRENT_TURNS = ((5, 4, 0.0), (9, 6, 0.7), (17, 8, 0.0), (33, 10, 0.7), (70, 
                     (260, 9, 0.0), (3, 3, 0.7))
 
 
-def warm_up(engine) -> WarmupReport:
+def warm_up(engine, block_tokens: int = 256, read_threads: int = 8) -> WarmupReport:
     """Run every shape class a turn uses through `engine`'s model once, on throwaway caches:
     one sequence over the lengths of `warm_lengths`, then `CONCURRENT_TURNS` at once through
-    the daemon's own stepper (batched decode, as when several agents answer together)."""
+    the daemon's own stepper (batched decode, as when several agents answer together).
+    Also pins the host memory a restore stages its blocks in (`cuda_copy`), one block per
+    read thread, so the first restore does not pay for it."""
     import mlx.core as mx
 
     from .protocol import Sampling
@@ -115,6 +117,7 @@ def warm_up(engine) -> WarmupReport:
         model(mx.array(ids)[None], cache=cache)
         mx.eval([c.state for c in cache])
         start += n
+    _reserve_staging(cache, block_tokens, read_threads)
     del cache
     stepper = Stepper(engine)
     seqs = [Sequence(engine, engine.new_cache(), [], [(7 * i + j) % vocab for j in range(n)],
@@ -129,3 +132,17 @@ def warm_up(engine) -> WarmupReport:
             seqs.remove(s)
     mx.clear_cache()
     return WarmupReport(time.perf_counter() - t0, len(lengths) + steps, lengths, stepper.max_batch)
+
+
+def _reserve_staging(cache: list, block_tokens: int, read_threads: int) -> None:
+    from . import cuda_copy
+    from .kvrows import layout_of
+
+    layout = layout_of(cache)
+    staging = cuda_copy.staging()
+    if layout is None or staging is None:
+        return
+    try:
+        staging.reserve(layout.row_bytes() * block_tokens, read_threads)
+    except cuda_copy.CudaError as e:
+        cuda_copy.disable(str(e))

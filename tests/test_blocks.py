@@ -20,6 +20,10 @@ TURN1 = "The payment API returns a 500 error when the card token expires during 
 TURN2 = "What are the detailed steps to fix that API bug from our previous discussion?"
 SMALL = KVSettings(block_tokens=16)
 FIXTURE = Path(__file__).parent / "data" / "legacy-v1-tiny-llama.safetensors"
+# A store written before blocks carried their header as a trailer (format 1: header first),
+# by commit fe7635a for tinymodels.make_tiny_llama(seed=0) with 16-token blocks: agent
+# "old", 57 tokens, 3 blocks and a 9-row tail.
+FORMAT1_STORE = Path(__file__).parent / "data" / "blocks-format1-tiny-llama"
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +38,14 @@ def gemma(tiny_gemma_dir):
 
 def blocks_on_disk(home: Path) -> set[str]:
     return {p.name[:64] for p in (home / "caches" / "blocks").glob("*.kvb")}
+
+
+def trailer(path: Path) -> dict:
+    """A format-2 block's header: JSON before its u32 length and the magic, at the end."""
+    data = path.read_bytes()
+    assert data[-8:] == b"AGKVBLK\x02"
+    n = int.from_bytes(data[-12:-8], "little")
+    return json.loads(data[-12 - n:-12])
 
 
 def test_block_ids_are_a_hash_chain_over_the_fingerprint_and_tokens():
@@ -52,20 +64,50 @@ def test_a_save_after_a_short_turn_writes_the_new_rows_and_a_manifest_not_the_ca
     store.chat("a", TURN1, max_tokens=6)
     store.save("a")
     first = store.repo.last_save.bytes_written
-    before = len(store._hot["a"].tokens)
     row_bytes = layout_of(store._hot["a"].cache).row_bytes()
-    manifest_bytes = store.cache_path("a").stat().st_size
-    tail_file = json.loads(store.cache_path("a").read_text())["tail"]["file"]
-    store.chat("a", "ok", max_tokens=3)
-    new_tokens = len(store._hot["a"].tokens) - before
-    store.save("a")
-    report = store.repo.last_save
-    assert first > 20 * row_bytes * 16  # the first save wrote all its blocks
-    # At most one block boundary crossed: the new rows, at most one block, and a manifest.
-    assert report.bytes_written <= new_tokens * row_bytes + 16 * row_bytes + 4096 + manifest_bytes * 1.2
-    m = json.loads(store.cache_path("a").read_text())
-    if m["tail"] and m["tail"]["file"] == tail_file:  # the tail was appended to, not rewritten
-        assert len(m["tail"]["segments"]) >= 2
+    assert first > len(store._hot["a"].tokens) // 16 * 16 * row_bytes  # the first save wrote all its blocks
+    crossed = 0
+    for turn in range(4):  # 18 new tokens a turn: most turns cross a 16-token boundary
+        before = len(store._hot["a"].tokens)
+        prev = json.loads(store.cache_path("a").read_text())
+        tail_file, had = (prev["tail"] or {}).get("file"), len(prev["blocks"])
+        store.chat("a", f"ok {turn}", max_tokens=3)
+        new_tokens = len(store._hot["a"].tokens) - before
+        store.save("a")
+        report = store.repo.last_save
+        manifest_bytes = store.cache_path("a").stat().st_size
+        # Each new row once (the tail that reached a boundary became the block), a block
+        # trailer and a manifest: never a block's rows written again.
+        assert report.bytes_written <= new_tokens * row_bytes + 4096 + manifest_bytes
+        m = json.loads(store.cache_path("a").read_text())
+        if report.blocks_written:
+            crossed += 1
+            block = home / "caches" / "blocks" / (m["blocks"][had] + ".kvb")
+            # Made from the tail: its earlier segments, the rows up to the boundary, a trailer
+            # (a second boundary in the same turn is a block written from memory, one segment).
+            assert tail_file is None or len(trailer(block)["segments"]) >= 2
+            assert (m["tail"] or {}).get("file") != tail_file
+            assert tail_file is None or not (store.repo.agent_dir("a") / tail_file).exists()
+        else:  # the tail was appended to, not rewritten
+            assert m["tail"]["file"] == tail_file and len(m["tail"]["segments"]) >= 2
+    assert crossed >= 2
+    for bid in blocks_on_disk(home):
+        store.repo.blocks.verify(bid)
+    # A block made of several segments reads alike into one buffer per array and head and
+    # into one buffer for all (the staged CUDA restore reads so).
+    import numpy as np
+    from agentd.kvrows import RowLayout, row_buffers
+
+    blocks = store.repo.blocks
+    bid = next(b for b in m["blocks"] if len(trailer(blocks.path(b))["segments"]) >= 2)
+    i = m["blocks"].index(bid)
+    parent, toks = ROOT if i == 0 else m["blocks"][i - 1], m["tokens"][i * 16:(i + 1) * 16]
+    layout = RowLayout.from_json(m["layout"])
+    views = [np.zeros((1, s.heads, 16, s.width), dtype=np.float32) for s in layout.arrays]
+    blocks.read_into(bid, parent, toks, layout, row_buffers(views, 0, 16))
+    flat = bytearray(16 * row_bytes)
+    blocks.read_into(bid, parent, toks, layout, [memoryview(flat)])
+    assert bytes(flat) == b"".join(bytes(b) for b in row_buffers(views, 0, 16)) and any(flat)
 
 
 def test_agents_with_one_system_prompt_store_it_once_and_prefill_only_their_own_suffix(llama, home, tmp_path):
@@ -173,6 +215,32 @@ def test_a_v1_file_loads_and_is_converted_to_blocks(llama, home):
     assert store.repo.stats()["legacy_files"] == 0
     again = AgentStore(home, llama).chat("legacy", "and now?", max_tokens=2)
     assert again.cache_source == "disk" and again.cached_tokens > r.cached_tokens
+
+
+def test_blocks_of_format_1_still_load_and_are_kept_as_they_are(llama, home, tmp_path):
+    shutil.copytree(FORMAT1_STORE, home / "caches")
+    old = {p.name: p.read_bytes() for p in (home / "caches" / "blocks").iterdir()}
+    assert all(data.startswith(b"AGKVBLK\x01") for data in old.values())
+    store = AgentStore(home, llama, kv=SMALL)  # no agents.db: the record comes back from the manifest
+    store.close()
+    fresh = tmp_path / "fresh"
+    shutil.copytree(home, fresh)
+    shutil.rmtree(fresh / "caches")
+    store = AgentStore(home, llama, kv=SMALL)
+    for bid in old:
+        store.repo.blocks.verify(bid[:64])
+    r = store.chat("old", TURN2, max_tokens=8)
+    assert r.cache_source == "disk" and r.cached_tokens == 57 and not store.problems
+    assert r.text == AgentStore(fresh, llama, kv=SMALL).chat("old", TURN2, max_tokens=8).text
+    store.save("old")  # crossed boundaries: new blocks in format 2, the old ones untouched
+    m = json.loads(store.cache_path("old").read_text())
+    assert len(m["blocks"]) > 3
+    for bid in m["blocks"][3:]:
+        assert trailer(home / "caches" / "blocks" / (bid + ".kvb"))["id"] == bid
+    assert {p.name: p.read_bytes() for p in (home / "caches" / "blocks").iterdir() if p.name in old} == old
+    store.close()
+    again = AgentStore(home, llama, kv=SMALL).chat("old", "and now?", max_tokens=2)
+    assert again.cache_source == "disk" and again.cached_tokens > 57
 
 
 def test_kv_bits_store_quantized_blocks_that_other_settings_never_load(tmp_path, home):

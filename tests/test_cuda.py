@@ -120,3 +120,51 @@ def test_no_kernel_is_compiled_inside_a_turn_and_restore_works(tiny_4bit_dir, ho
         assert before["messages"] == 12
     finally:
         d.kill()
+
+
+
+def _rows(layer) -> list:
+    """A full-attention layer's arrays: keys and values, or their quantized triples."""
+    return [*layer.keys, *layer.values] if isinstance(layer.keys, tuple) else [layer.keys, layer.values]
+
+
+def _host(a: mx.array):
+    import numpy as np
+
+    return np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)
+
+
+def test_a_restore_reaches_the_gpu_by_dma_bit_for_bit(tiny_4bit_dir, home):
+    """Blocks and tail are read into pinned memory and copied to the GPU by the copy engine
+    (agentd.cuda_copy): the restored cache equals the saved one, and the next turn after the
+    restore answers exactly as a twin whose cache never left memory."""
+    import numpy as np
+
+    from agentd import cuda_copy
+    from agentd.agents import AgentStore
+    from agentd.engine import Engine
+    from agentd.kvstore import KVSettings
+
+    for bits in (None, 8):
+        engine = Engine(tiny_4bit_dir, kv_bits=bits)
+        store = AgentStore(home / f"bits-{bits}", engine, kv=KVSettings(bits, 64, block_tokens=16))
+        for name in ("a", "twin"):
+            store.create(name, "", "You are a technical specialist. " * 20)
+            store.chat(name, "The payment API returns a 500 error.", max_tokens=9)
+            if len(store._hot[name].tokens) % 16 == 0:  # a tail too, not only blocks
+                store.chat(name, "Fine, go on.", max_tokens=3)
+            store.save(name)
+        hot = store._hot["a"]
+        loaded = store.repo.load("a")
+        assert loaded.tokens == hot.tokens and len(hot.tokens) % 16 and len(hot.tokens) > 3 * 16  # blocks + tail
+        n = len(hot.tokens)
+        for want, got in zip(hot.cache, loaded.cache):
+            assert want.offset == got.offset == n
+            for x, y in zip(_rows(want), _rows(got)):
+                assert np.array_equal(_host(x[..., :n, :]), _host(y[..., :n, :]))
+        staging = cuda_copy.staging()
+        assert staging is not None and staging._made > 0, "the restore did not stage through pinned memory"
+        store.evict("a")  # its next turn restores from disk; the twin stays hot
+        follow = [store.chat(n, "What should we check first?", max_tokens=12) for n in ("a", "twin")]
+        assert follow[0].cache_source == "disk" and follow[1].cache_source == "memory"
+        assert follow[0].text == follow[1].text

@@ -61,6 +61,9 @@ def verify_store(d: DaemonProc, engine: Engine, kv: KVSettings) -> Counter:
     for bid in blocks.sizes():
         blocks.verify(bid)
         seen["blocks"] += 1
+        data = blocks.path(bid).read_bytes()
+        n = int.from_bytes(data[-12:-8], "little")
+        seen["blocks_from_tails"] += len(json.loads(data[-12 - n:-12])["segments"]) > 1  # a linked tail
     for path in manifests(d):
         m = parse_manifest(path.read_bytes(), path.parent.name)
         assert set(m["blocks"]) <= set(blocks.sizes()), "a manifest names a block that is not there"
@@ -189,6 +192,7 @@ def test_kill_9_at_random_moments_loses_no_acknowledged_turn_and_tears_no_file(h
         seen = verify_store(d, engine, kv)  # every file under its final name verifies, whenever the kill came
         stats["blocks_verified"] += seen["blocks"]
         stats["manifests_verified"] += seen["manifests"]
+        stats["blocks_from_tails"] = max(stats["blocks_from_tails"], seen["blocks_from_tails"])
     with d:
         with d.client() as c:
             assert c.status()["problems"] == []
@@ -199,6 +203,7 @@ def test_kill_9_at_random_moments_loses_no_acknowledged_turn_and_tears_no_file(h
     assert stats["kills"] >= 50
     assert stats["source_disk"] > 0 and stats["chats"] > 100
     assert stats["gcs"] > 10 and stats["blocks_verified"] > 100 and stats["garbage_at_start"] == 0
+    assert stats["blocks_from_tails"] > 0  # kills landed in a store whose tails became blocks
 
 
 def check_history(history: list[tuple[str, str]], acked: list[tuple[str, str]], maybe: set[str]) -> None:
@@ -207,6 +212,76 @@ def check_history(history: list[tuple[str, str]], acked: list[tuple[str, str]], 
     extra = [t for t in history if t not in acked]
     assert all(u in maybe for u, _ in extra), f"unexpected turns recorded: {extra}"
     assert [t for t in history if t in acked] == acked, "an acknowledged turn is missing"
+
+
+def test_a_crash_between_linking_the_tail_as_a_block_and_the_manifest(home, tiny_llama_dir, tmp_path, monkeypatch):
+    """A turn that crosses a block boundary makes the tail file the block (rows up to the
+    boundary, a trailer, a hard link), then writes the next tail and the manifest. A crash
+    in between leaves a block no manifest names, on the same file as the tail the old
+    manifest names: the next start collects it and resumes the old cache exactly. A save
+    that fails there in-process keeps the block intact and never appends to that tail."""
+    from agentd import cacherepo
+    from agentd.agents import AgentStore
+    from agentd.kvstore import MANIFEST
+
+    engine, kv = Engine(tiny_llama_dir), KVSettings(block_tokens=16)
+    store = AgentStore(home, engine, kv=kv)
+    store.create("a", "", SYSTEM * 2)
+    chat_turn = lambda st, msg: st.chat("a", msg, max_tokens=3)  # noqa: E731  (18 tokens: crosses a boundary)
+    chat_turn(store, "first")
+    store.save("a")
+    blocks_dir = home / "caches" / "blocks"
+    crash, state = tmp_path / "crash", {"armed": True, "linked": 0}
+    real = cacherepo.write_file
+
+    def write_file(replace, path, buffers):
+        if path.name == MANIFEST and state["armed"]:
+            state["linked"] = sum(p.stat().st_nlink == 2 for p in blocks_dir.iterdir())
+            subprocess.run(["cp", "-a", str(home), str(crash)], check=True)  # what a kill -9 here leaves
+            raise OSError(errno.EIO, "the daemon dies here")
+        return real(replace, path, buffers)
+
+    monkeypatch.setattr(cacherepo, "write_file", write_file)
+    old = json.loads(store.cache_path("a").read_text())
+    assert old["tail"] and len(old["tail"]["segments"]) >= 1
+    chat_turn(store, "crossing")
+    with pytest.raises(OSError):
+        store.save("a")
+    assert state["linked"] == 1, "the tail file was not linked as the block before the manifest"
+    linked = next(p for p in blocks_dir.iterdir() if p.stat().st_nlink == 2)
+    linked_bytes = linked.read_bytes()
+
+    # In-process: the retry names the linked block and writes a new tail; the old tail (the
+    # block's file) is not appended to, and the old manifest's files are deleted after.
+    state["armed"] = False
+    store._hot["a"].dirty = True
+    store.save("a")
+    m = json.loads(store.cache_path("a").read_text())
+    assert linked.name[:64] in m["blocks"] and linked.read_bytes() == linked_bytes and linked.stat().st_nlink == 1
+    for bid in m["blocks"]:
+        store.repo.blocks.verify(bid)
+
+    # After the crash: the start collects the unnamed block, the old manifest loads whole.
+    store.close()
+    monkeypatch.setattr(cacherepo, "write_file", real)
+    fresh = tmp_path / "fresh"
+    shutil.copytree(crash, fresh)
+    shutil.rmtree(fresh / "caches")
+    crashed = AgentStore(crash, engine, kv=kv)
+    assert crashed.problems == [] and crashed.repo.stats()["garbage_blocks"] == 0
+    assert not (crash / "caches" / "blocks" / linked.name).exists()
+    tail = crash / "caches" / "agents" / "a" / old["tail"]["file"]
+    assert tail.stat().st_nlink == 1
+    r = chat_turn(crashed, "crossing")
+    assert r.cache_source == "disk" and r.cached_tokens == old["n_tokens"]
+    assert r.text == chat_turn(AgentStore(fresh, engine, kv=kv), "crossing").text
+    crashed.save("a")  # the same turn again: this time the old tail becomes that block
+    m = json.loads(crashed.cache_path("a").read_text())
+    assert linked.name[:64] in m["blocks"] and not tail.exists()
+    for bid in m["blocks"]:
+        crashed.repo.blocks.verify(bid)
+    crashed.close()
+    assert AgentStore(crash, engine, kv=kv).chat("a", "again", max_tokens=2).cached_tokens == m["n_tokens"]
 
 
 # ---- disk full ------------------------------------------------------------------------
@@ -402,8 +477,8 @@ def rewrite_manifest(path: Path, **changes) -> None:
 # damage -> the reason the daemon must give
 DAMAGE = {
     "truncated": (lambda d, n: manifest_of(d, n).write_bytes(manifest_of(d, n).read_bytes()[:200]), "corrupt"),
-    "block-byte": (lambda d, n: flip(first_block(d, n), first_block(d, n).stat().st_size - 7), "checksum"),
-    "block-truncated": (lambda d, n: first_block(d, n).write_bytes(first_block(d, n).read_bytes()[:9000]),
+    "block-byte": (lambda d, n: flip(first_block(d, n), 100), "checksum"),  # a row (format 2: rows first)
+    "block-truncated": (lambda d, n: first_block(d, n).write_bytes(first_block(d, n).read_bytes()[:5000]),
                         "truncated"),
     "manifest-byte": (lambda d, n: flip(manifest_of(d, n), manifest_of(d, n).stat().st_size // 2), "checksum"),
     "older-format": (lambda d, n: rewrite_manifest(manifest_of(d, n), version=1), "version"),
