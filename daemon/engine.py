@@ -1,7 +1,8 @@
 """The model, its tokenizer and fingerprints, and the model steps every turn is made of.
 
 The engine owns no agent state: it renders conversations to tokens, rewinds and
-prefills caller-owned KV caches, and runs one decode step for one or several rows.
+prefills caller-owned KV caches (the final chunk of a prompt gives the first token's
+logits), and runs one decode step for one or several rows.
 A turn is driven through these steps by `sequence.py`/`stepper.py`. Callers must use it
 from a single thread (the daemon's MLX thread).
 """
@@ -151,6 +152,7 @@ class Engine:
         self.tokenizer_fingerprint = tokenizer_fingerprint(
             self.model_dir, getattr(self.tokenizer, "chat_template", None)
         )
+        self._last_row = _LastRowSwitch.install(self.model)
         self.eos_ids = set(self.tokenizer.eos_token_ids)
         self.context_length = context_length(self.model_dir, getattr(self.tokenizer, "_tokenizer", None))
         self.model_bytes = sum(v.nbytes for _, v in _leaves(self.model.parameters()))
@@ -221,6 +223,15 @@ class Engine:
             mx.eval([c.state for c in cache])
             yield hi
 
+    def last_logits(self, tokens: list[int], cache: list) -> mx.array:
+        """Run `tokens` (one row) through the model into `cache` and return the next-token
+        logits after the last of them, shape (1, vocab), lazy: the final chunk of a prompt,
+        which so gives the turn's first token without a pass of its own. The output head
+        (a 576 x 49,152 product on the default model) runs on that one position only, where
+        the model's final norm can be told to pass on just its last row."""
+        with self._last_row:
+            return self.model(mx.array(tokens)[None], cache=cache)[:, -1, :]
+
     def decode_logits(self, inputs: list[int], cache: list) -> mx.array:
         """One decode step: feed one id per row (a batch cache for several rows), return
         the next-token logits, one row each (lazy)."""
@@ -234,6 +245,65 @@ class Engine:
         for _ in self.prefill_range(cache, tokens, reuse, len(tokens)):
             pass
         return cache, list(tokens)
+
+
+class _LastRowSwitch:
+    """While entered, the model's final norm (`model.model.norm`, the input of the output
+    head in mlx-lm's models) keeps only the last position, so the head runs on one row.
+
+    The norm's class is swapped for a subclass in place: the parameter tree, and so the
+    weights' names and sizes, stay as loaded. A model whose layout is not that (no such
+    norm, or a norm whose result is not the head's only input) is found out at install by
+    comparing one forward pass both ways; then the switch does nothing and the head runs on
+    every position of the chunk, which is correct, only slower.
+    """
+
+    def __init__(self, norm=None):
+        self.norm = norm
+
+    @classmethod
+    def install(cls, model) -> "_LastRowSwitch":
+        norm = getattr(getattr(model, "model", None), "norm", None)
+        if not callable(norm) or not hasattr(norm, "__class__") or getattr(norm, "_agentd_last_row", None) is not None:
+            return cls()
+        base = type(norm)
+
+        def __call__(self, x, *args, **kwargs):
+            if self._agentd_last_row and x.ndim == 3:
+                x = x[:, -1:, :]
+            return base.__call__(self, x, *args, **kwargs)
+
+        try:
+            norm.__class__ = type(f"LastRow{base.__name__}", (base,), {"__call__": __call__, "_agentd_last_row": False})
+        except TypeError:
+            return cls()
+        switch = cls(norm)
+        if not switch._agrees(model):
+            norm.__class__ = base
+            return cls()
+        return switch
+
+    def _agrees(self, model) -> bool:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        ids = mx.array([[1, 2, 3]])
+        try:
+            full = model(ids, cache=make_prompt_cache(model))[:, -1, :]
+            with self:
+                last = model(ids, cache=make_prompt_cache(model))
+            return last.shape[1] == 1 and bool(mx.allclose(full, last[:, -1, :], rtol=1e-4, atol=1e-4).item())
+        except Exception:  # any layout this does not fit: run the head on every row
+            return False
+
+    def __enter__(self):
+        if self.norm is not None:
+            self.norm._agentd_last_row = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.norm is not None:
+            self.norm._agentd_last_row = False
+        return False
 
 
 def _template_message(m: dict) -> dict:

@@ -3,8 +3,9 @@ finish.
 
 A `Sequence` owns its turn's cache while it runs, the prompt, the sampler (with its own
 random key, so concurrent turns do not share a random stream), the detokenizer and the
-stop state. It never runs the model itself: `Stepper` (stepper.py) feeds it prefill
-budget and the logits of each decode step, alone or as one row of a batch.
+stop state. `Stepper` (stepper.py) feeds it prefill budget and the logits of each decode
+step, alone or as one row of a batch. The prompt's final chunk gives the first token
+(`Engine.last_logits`), so a prompt costs exactly its chunks and no decode pass of its own.
 """
 
 from __future__ import annotations
@@ -89,12 +90,12 @@ class Sequence:
         keep = min(common_prefix_len(cache_tokens, prompt), len(prompt) - 1)
         self.cache, self.reused, self.rebuilt = engine.rewind(cache, len(cache_tokens), keep)
         self.pos = self.reused  # prompt ids the cache holds
-        self.phase = PREFILL if self.pos < len(prompt) - 1 else DECODE
+        self.phase = PREFILL
         self.sampler = make_sampler(sampling)
         self.detok = engine.tokenizer.detokenizer
         self.detok.reset()
-        self.next_input = prompt[-1]
-        self.fed: list[int] = []  # decode inputs fed so far: the prompt's last id, then replies
+        self.next_input: int | None = None  # the id the next decode step feeds (a reply's last)
+        self.fed: list[int] = []  # decode inputs fed so far (replies, each but the last)
         self.generated: list[int] = []
         self.finish: FinishReason = "length"
         self.ttft_s: float | None = None
@@ -113,7 +114,7 @@ class Sequence:
 
     @property
     def prefill_left(self) -> int:
-        return max(0, len(self.prompt) - 1 - self.pos)
+        return len(self.prompt) - self.pos
 
     def check_cancel(self) -> bool:
         """Between steps: end the turn if its client has gone. The cache keeps what it holds."""
@@ -124,20 +125,32 @@ class Sequence:
 
     def prefill(self, budget: int) -> int:
         """Run up to `budget` prompt ids into the cache, in chunks of the engine's size;
-        returns how many ran."""
-        stop = min(len(self.prompt) - 1, self.pos + budget)
-        start = self.pos
-        for end in self.engine.prefill_range(self.cache, self.prompt, self.pos, stop):
-            self.pos = end
+        returns how many ran. The chunk that ends the prompt also samples the first token."""
+        end, start, chunk = len(self.prompt), self.pos, self.engine.prefill_chunk
+        stop = min(end, self.pos + budget)
+        while self.pos < stop:
+            hi = min(self.pos + chunk, stop)
+            if hi < end:
+                for _ in self.engine.prefill_range(self.cache, self.prompt, self.pos, hi):
+                    pass
+            else:
+                logits = self.engine.last_logits(self.prompt[self.pos:hi], self.cache)
+                # The expression a decode step of a turn run by itself samples with.
+                first = self.sampler(logits - mx.logsumexp(logits, keepdims=True))
+                mx.eval(first, [c.state for c in self.cache])
+            self.pos = hi
             if self.on_progress is not None:
-                self.on_progress(end - self.reused, len(self.prompt) - 1 - self.reused)
-        if self.pos >= len(self.prompt) - 1:
+                self.on_progress(hi - self.reused, end - self.reused)
+        if self.pos == end:
             self.phase = DECODE
+            self.accept(first.item())
         return self.pos - start
 
     def accept(self, token: int) -> None:
-        """The token sampled from the logits of feeding `next_input`: record, stream, stop."""
-        self.fed.append(self.next_input)
+        """The token sampled from the logits of feeding `next_input` (none for the first,
+        which the prompt's final chunk gave): record, stream, stop."""
+        if self.next_input is not None:
+            self.fed.append(self.next_input)
         if self.ttft_s is None:
             self.ttft_s = time.perf_counter() - self.t_start
             self.t_decode = time.perf_counter()
@@ -167,7 +180,7 @@ class Sequence:
             finish_reason=self.finish,
             cache_tokens=self.cache_tokens,
             reused_tokens=self.reused,
-            prefilled_tokens=self.pos - self.reused + (1 if self.fed else 0),
+            prefilled_tokens=self.pos - self.reused,
             rebuilt=self.rebuilt,
             ttft_s=self.ttft_s or 0.0,
             decode_s=self.decode_s,

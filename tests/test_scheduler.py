@@ -4,6 +4,7 @@ agent ends with exactly its own transcript and a cache of exactly its own tokens
 from __future__ import annotations
 
 import threading
+import time
 
 import mlx.core as mx
 import pytest
@@ -161,3 +162,83 @@ def test_stop_strings_end_the_reply_before_them_streamed_and_recorded(home, tiny
     assert stream.result["text"] == streamed == cut
     assert stream.result["finish_reason"] == "stop"
     assert history[-1] == {"role": "assistant", "content": cut}
+
+
+class _Seq:
+    def __init__(self):
+        self.done = False
+
+
+class _Turn:
+    def __init__(self, agent):
+        self.agent, self.seq = agent, _Seq()
+
+
+class _Plan:
+    def __init__(self, agent):
+        self.agent = agent
+
+    def begin(self, store):
+        return _Turn(self.agent)
+
+    def end(self, store, turn):
+        return turn.agent
+
+    def abort(self, store, turn):
+        pass
+
+
+class _Stepper:
+    """Records which turns each step carried; a turn ends after `steps` steps of its own."""
+
+    def __init__(self, steps=1, step_s=0.0):
+        self.carried, self.steps, self.step_s, self.group = [], steps, step_s, None
+
+    def step(self, seqs):
+        self.carried.append(len(seqs))
+        time.sleep(self.step_s)
+        for s in seqs:
+            s.ran = getattr(s, "ran", 0) + 1
+            s.done = s.ran >= self.steps
+
+    def release(self, seq):
+        pass
+
+
+def _scheduler(stepper):
+    import agentd.scheduler as sched
+
+    s = sched.Scheduler(name="test-mlx")
+    s.store, s.stepper = object(), stepper
+    return s
+
+
+def test_turns_sent_just_after_one_another_by_a_program_that_runs_agents_side_by_side_start_together(monkeypatch):
+    import agentd.scheduler as sched
+
+    monkeypatch.setattr(sched, "ADMIT_WINDOW_S", 0.3)  # wide: this machine's threads are slow to wake
+    stepper = _Stepper(steps=3, step_s=0.05)
+    s = _scheduler(stepper)
+    # First, two turns in flight at once (the second arrives mid-turn): side by side.
+    a = s.submit_turn(_Plan("a"))
+    time.sleep(0.02)
+    b = s.submit_turn(_Plan("b"))
+    assert (a.result(10), b.result(10)) == ("a", "b")
+    stepper.carried.clear()
+    c = s.submit_turn(_Plan("c"))
+    time.sleep(0.03)  # arrives 30 ms later: within the window, before any step
+    d = s.submit_turn(_Plan("d"))
+    assert (c.result(10), d.result(10)) == ("c", "d")
+    assert stepper.carried[0] == 2
+
+
+def test_a_lone_agents_turn_starts_at_once(monkeypatch):
+    import agentd.scheduler as sched
+
+    monkeypatch.setattr(sched, "ADMIT_WINDOW_S", 0.3)
+    stepper = _Stepper(steps=1)
+    s = _scheduler(stepper)
+    t0 = time.monotonic()
+    assert s.submit_turn(_Plan("a")).result(10) == "a"
+    assert time.monotonic() - t0 < 0.25  # no window: nothing ran side by side lately
+    assert stepper.carried == [1]
