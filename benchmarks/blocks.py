@@ -406,6 +406,7 @@ def main() -> None:
         import json
 
         old = json.loads(args.out.read_text())
+        old.pop("when", None)  # write_json stamps this run's time
         data = {**old, **data, "commands": [*old.get("commands", []), this]}
     else:
         data["commands"] = [this]

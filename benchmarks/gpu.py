@@ -43,6 +43,13 @@ Running it on the lent H200 (what was learned; keep it here):
 - `mx.array` and `mx.load` cannot take more than 2**31 elements in one dimension: reshape
   byte buffers into rows of 1 MiB. Host reads of arrays MLX evaluated on the GPU stream
   (CUDA managed memory) are slower than of arrays loaded on the CPU stream (`split`).
+- Host writes into MLX's managed arrays fault every page over and back (0.2 s per GB); DMA
+  from pinned memory does not (`restore`: 8.7-9.2 GB/s, as fast as reading the page cache).
+  The image's CUDA runtime is at site-packages/nvidia/cu13/lib/libcudart.so.13 (and
+  /usr/local/cuda-13.0), which agentd.cuda_copy finds.
+- Budget device time: a fresh machine takes 90-120 s to start; llama-8b's cold warm-up
+  157 s, gemma3-12b's 16 s after llama's (the kernels overlap); a full llama-8b run at
+  8k and 32k with 2 restarts about 140 s once warm; the CUDA tests 300 s cold.
 """
 
 from __future__ import annotations

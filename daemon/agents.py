@@ -31,7 +31,7 @@ from .records import AgentRecord, AlreadyExists, NotFound, Records
 from .responses import AgentInfo, CacheSource, ChatResult
 from .sequence import Generation, Sequence
 from .stepper import Stepper
-from .windows import WindowSnapshot, settle, snapshot
+from .windows import WindowGuard, has_windows, settle
 
 log = logging.getLogger("agentd.agents")
 
@@ -45,8 +45,7 @@ class Turn:
     new_messages: list[dict]
     source: CacheSource
     restore_ms: float
-    window: WindowSnapshot | None = None  # sliding-window layers from before the turn (windows.py)
-    render_after: Callable[[str], list[int]] | None = None  # the transcript with this reply, in ids
+    window: WindowGuard | None = None  # the sliding windows before the reply (windows.py)
 
     @property
     def name(self) -> str:
@@ -231,21 +230,22 @@ class AgentStore:
         evicted, saved or dropped) and its cache belongs to the sequence until close_turn.
         Where the block store holds a longer prefix of `prompt` than the cache, it is loaded first.
         With `render_after` (the transcript this turn leaves, given its reply), sliding-window
-        layers the turn could wrap are copied first, for `end_turn` (windows.py)."""
+        layers the reply could wrap are copied once the prompt is in, for `end_turn` (windows.py)."""
         t0 = time.perf_counter()
         if adopt_stored and not agent.busy and self._adopt_stored_prefix(agent, prompt[:-1]):
             source = "disk"
             restore_ms += (time.perf_counter() - t0) * 1000
-        window = None
-        if render_after is not None and agent.cache is not None and not agent.busy:
-            new_tokens = len(prompt) - common_prefix_len(agent.tokens, prompt) + sampling.max_tokens
-            window = snapshot(agent.cache, agent.tokens, new_tokens)
+        guard = None
+        if render_after is not None and not agent.busy and has_windows(agent.cache):
+            guard = WindowGuard(render_after, sampling.max_tokens)
+            on_progress = guard.progress(on_progress)
         seq = Sequence(self.engine, agent.cache, agent.tokens, prompt, sampling,
                        on_token=on_token, on_progress=on_progress, should_stop=should_stop)
         agent.busy += 1
         agent.cache = None  # one copy, not two (a batch holds the rows merged)
-        return Turn(agent, seq, [dict(m) for m in new_messages], source, restore_ms, window,
-                    render_after if window is not None else None)
+        if guard is not None:
+            guard.attach(seq)
+        return Turn(agent, seq, [dict(m) for m in new_messages], source, restore_ms, guard)
 
     def close_turn(self, turn: Turn) -> Generation:
         """The finished sequence's cache and tokens back to its agent (released from any batch
@@ -260,15 +260,6 @@ class AgentStore:
         agent.last_used = time.time()
         agent.busy -= 1
         return gen
-
-    def _settle_window(self, turn: Turn, gen: Generation) -> None:
-        agent, rendered = turn.agent, turn.render_after(gen.text)
-        agent.cache, agent.tokens, back = settle(agent.cache, agent.tokens, rendered, turn.window)
-        if back:  # the reply as the transcript renders it, so the cache holds exactly that
-            agent.cache, agent.tokens = self.engine.prefill(agent.cache, agent.tokens, rendered)
-            log.debug("agent %s: reply did not render back to its ids; cache rebuilt from token %d",
-                      agent.name, len(turn.window.tokens))
-        agent.nbytes = cache_nbytes(agent.cache)
 
     def begin_turn(
         self,
@@ -311,7 +302,9 @@ class AgentStore:
         if gen.finish_reason != "cancelled":
             self.records.commit_turn(turn.name, turn.new_messages + [{"role": "assistant", "content": gen.text}])
             if turn.window is not None:  # keep a cache the next prompt extends (windows.py)
-                self._settle_window(turn, gen)
+                agent = turn.agent
+                agent.cache, agent.tokens = turn.window.settle(self.engine, agent.cache, agent.tokens, gen.text)
+                agent.nbytes = cache_nbytes(agent.cache)
         source: CacheSource = "rebuilt" if gen.rebuilt else turn.source
         decode_tps = (len(gen.tokens) - 1) / gen.decode_s if len(gen.tokens) > 1 and gen.decode_s > 0 else 0.0
         return ChatResult(

@@ -138,31 +138,24 @@ class Staging:
 
     def take(self, nbytes: int) -> Slot:
         with self._lock:
-            if nbytes > self._slot_bytes:
-                self._slot_bytes = nbytes  # smaller slots are freed as they come back
+            self._slot_bytes = max(self._slot_bytes, nbytes)  # smaller slots are freed as they come back
             make = self._free.empty() and self._made < self.max_slots
             if make:
                 self._made += 1
-        if make:
-            try:
-                return Slot(self.rt, self._slot_bytes, self.via_device)
-            except CudaError:
-                with self._lock:
-                    self._made -= 1
-                raise
-        while True:
+        while not make:
             slot = self._free.get()
             if slot.nbytes >= nbytes:
                 return slot
-            self._retire(slot)
+            self._retire(slot)  # too small: a new one takes its place
             with self._lock:
                 self._made += 1
-            try:
-                return Slot(self.rt, self._slot_bytes, self.via_device)
-            except CudaError:
-                with self._lock:
-                    self._made -= 1
-                raise
+            make = True
+        try:
+            return Slot(self.rt, self._slot_bytes, self.via_device)
+        except CudaError:
+            with self._lock:
+                self._made -= 1
+            raise
 
     def give(self, slot: Slot) -> None:
         if slot.nbytes < self._slot_bytes:

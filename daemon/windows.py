@@ -9,27 +9,73 @@ parts from the cache inside the reply. A full-attention cache is trimmed back to
 agree. A sliding window (`RotatingKVCache`) that has wrapped cannot be: the keys it dropped
 are gone, and the next turn started over from an empty cache -- thousands of tokens of
 prefill for a few tokens of disagreement. So a turn of a model with such layers keeps a copy
-of their state from before the turn (only when the turn can wrap them), and at its end, if
-the transcript rendered again leaves the cache, the agent goes back to that state and
-prefills this turn's messages as rendered, a few dozen tokens: its cache then holds exactly
-its transcript.
+of their state once its prompt is in the cache and before the reply (`WindowGuard`; only
+when the reply can wrap them), and at its end, if the transcript rendered again leaves the
+cache, the agent goes back to that state and prefills the reply as rendered, a few dozen
+tokens: its cache then holds exactly its transcript.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import mlx.core as mx
 from mlx_lm.models.cache import RotatingKVCache, can_trim_prompt_cache
 
 from .engine import common_prefix_len
 
+log = logging.getLogger("agentd.windows")
+
 
 @dataclass
 class WindowSnapshot:
     tokens: list[int]  # what the cache held when the copy was taken
     layers: dict[int, RotatingKVCache]  # layer index -> a copy of that layer
+
+
+class WindowGuard:
+    """One turn's copy of the sliding windows, taken when its prompt has been prefilled (the
+    sequence reports it through `on_progress`) or at once if there was nothing to prefill."""
+
+    def __init__(self, render_after: Callable[[str], list[int]], reply_tokens: int):
+        self.render_after = render_after  # the transcript this turn leaves, given its reply, in ids
+        self.reply_tokens = reply_tokens
+        self.seq = None
+        self.snap: WindowSnapshot | None = None
+
+    def progress(self, inner: Callable[[int, int], None] | None) -> Callable[[int, int], None]:
+        def on_progress(done: int, total: int) -> None:
+            if done >= total:
+                self.take()
+            if inner is not None:
+                inner(done, total)
+        return on_progress
+
+    def attach(self, seq) -> None:
+        self.seq = seq
+        if seq.prefill_left == 0:
+            self.take()
+
+    def take(self) -> None:
+        if self.seq is not None and self.snap is None:
+            self.snap = snapshot(self.seq.cache, self.seq.cache_tokens, self.reply_tokens)
+
+    def settle(self, engine, cache: list, held: list[int], reply: str) -> tuple[list, list[int]]:
+        """At the turn's end: the cache and tokens for the agent to keep (see `settle`); when it
+        went back to the copy, the reply is prefilled as the transcript renders it."""
+        rendered = self.render_after(reply)
+        cache, tokens, back = settle(cache, held, rendered, self.snap)
+        if back:
+            log.debug("the reply did not render back to its ids; prefilling it again from token %d", len(tokens))
+            cache, tokens = engine.prefill(cache, tokens, rendered)
+        return cache, tokens
+
+
+def has_windows(cache: list | None) -> bool:
+    return bool(cache) and any(isinstance(layer, RotatingKVCache) for layer in cache)
 
 
 def _may_wrap(layer, new_tokens: int) -> bool:

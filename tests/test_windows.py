@@ -42,10 +42,22 @@ def test_a_reply_that_does_not_render_back_costs_its_own_tokens_not_a_rebuild(ge
 def test_without_the_copy_such_a_turn_would_rebuild(gemma, home, monkeypatch):
     """The failure the copy prevents, shown: with it switched off, a parted reply makes the
     next turn prefill everything."""
-    import agentd.agents as agents
+    import agentd.windows as windows
 
-    monkeypatch.setattr(agents, "snapshot", lambda *a, **k: None)
+    monkeypatch.setattr(windows, "snapshot", lambda *a, **k: None)
     store = AgentStore(home, gemma)
     store.create("a", "", SYSTEM)
     sources = [store.chat("a", q, max_tokens=24).cache_source for q in QUESTIONS]
     assert "rebuilt" in sources[1:]
+
+
+def test_after_each_turn_the_agent_comes_back_from_disk_and_prefills_only_the_new_message(gemma, home):
+    """What a restart sees: every turn's cache saved and loaded again (evict), Gemma's windows
+    wrapped, replies that may not render back: never a rebuild of the conversation."""
+    store = AgentStore(home, gemma)
+    store.create("a", "", SYSTEM)
+    store.chat("a", QUESTIONS[0], max_tokens=24)
+    for q in QUESTIONS[1:]:
+        store.evict("a")
+        r = store.chat("a", q, max_tokens=24)
+        assert r.cache_source == "disk" and r.prefilled_tokens <= 40, r
