@@ -31,7 +31,7 @@ from .records import AgentRecord, AlreadyExists, NotFound, Records
 from .responses import AgentInfo, CacheSource, ChatResult
 from .sequence import Generation, Sequence
 from .stepper import Stepper
-from .windows import WindowGuard, has_windows, settle
+from .windows import WindowGuard, has_windows
 
 log = logging.getLogger("agentd.agents")
 
@@ -50,25 +50,6 @@ class Turn:
     @property
     def name(self) -> str:
         return self.agent.name
-
-
-class ChatPlan:
-    """The chat op as the scheduler runs it: `begin` on admission, `end` on retirement
-    (plans for the other turn ops are in turns.py). `agent` orders turns of one agent."""
-
-    def __init__(self, name: str, new_messages: list[dict], sampling: Sampling, *, rebuild: bool = False,
-                 on_token=None, on_progress=None, should_stop=None):
-        self.agent, self.new_messages, self.sampling, self.rebuild = name, new_messages, sampling, rebuild
-        self.callbacks = {"on_token": on_token, "on_progress": on_progress, "should_stop": should_stop}
-
-    def begin(self, store: "AgentStore") -> Turn:
-        return store.begin_turn(self.agent, self.new_messages, self.sampling, rebuild=self.rebuild, **self.callbacks)
-
-    def end(self, store: "AgentStore", turn: Turn) -> dict:
-        return store.end_turn(turn).to_wire()
-
-    def abort(self, store: "AgentStore", turn: Turn) -> None:
-        store.abort_turn(turn)
 
 
 class AgentStore:

@@ -28,14 +28,14 @@ from . import __version__
 from . import protocol as p
 from . import responses
 from . import transfer
-from .agents import AgentStore, ChatPlan
+from .agents import AgentStore
 from .bundle import BundleError
 from .engine import ContextTooLong, Engine
 from .errors import StartupError
 from .kvstore import KVSettings
 from .memory import Limits, MemoryProbe
 from .records import AlreadyExists, NotFound, RecordError, RecordsReplaced
-from .turns import Turns
+from .turns import ChatPlan, Turns
 from .upkeep import FlushPolicy, MemoryPolicy
 from .scheduler import Scheduler
 

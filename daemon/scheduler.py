@@ -54,7 +54,7 @@ class _Job:
 
 
 class TurnPlan(Protocol):
-    """What the scheduler needs of a turn op (agents.ChatPlan, turns.AgentTurnPlan, ...)."""
+    """What the scheduler needs of a turn op (turns.ChatPlan, turns.TurnOpPlan, ...)."""
 
     agent: str  # turns and jobs naming the same agent run one after another, in order
 

@@ -1,4 +1,5 @@
-"""Turns of several messages (the `turn` op) and stateless completions (`complete`).
+"""The turn ops as the scheduler runs them: chat (`ChatPlan`), turns of several messages (the
+`turn` op) and stateless completions (`complete`).
 
 The HTTP front end's routes end here, through `Daemon.handle` like every socket request.
 A turn has three stages, kept apart so a scheduler can run the middle one with others:
@@ -22,13 +23,32 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from .agents import AgentStore, HotAgent
+from .agents import AgentStore, HotAgent, Turn
 from .protocol import ErrorCode, ProtocolError, Sampling
 from .sequence import Generation
 from .toolcalls import ToolCallText, splitter_for
 from .transcripts import TurnPlan, plan_turn
 
 log = logging.getLogger("agentd.turns")
+
+
+class ChatPlan:
+    """The chat op as the scheduler runs it: `begin` on admission, `end` on retirement.
+    `agent` orders turns of one agent."""
+
+    def __init__(self, name: str, new_messages: list[dict], sampling: Sampling, *, rebuild: bool = False,
+                 on_token=None, on_progress=None, should_stop=None):
+        self.agent, self.new_messages, self.sampling, self.rebuild = name, new_messages, sampling, rebuild
+        self.callbacks = {"on_token": on_token, "on_progress": on_progress, "should_stop": should_stop}
+
+    def begin(self, store: AgentStore) -> Turn:
+        return store.begin_turn(self.agent, self.new_messages, self.sampling, rebuild=self.rebuild, **self.callbacks)
+
+    def end(self, store: AgentStore, turn: Turn) -> dict:
+        return store.end_turn(turn).to_wire()
+
+    def abort(self, store: AgentStore, turn: Turn) -> None:
+        store.abort_turn(turn)
 
 
 @dataclass
