@@ -280,7 +280,8 @@ class Server:
         loop = asyncio.get_running_loop()
         hello_deadline = loop.time() + HELLO_TIMEOUT_S
         while not self._stop.is_set():
-            timeout = self.idle_timeout if conn.greeted else hello_deadline - loop.time()
+            # Before hello: the hello deadline, or the idle timeout if that comes first.
+            timeout = self.idle_timeout if conn.greeted else min(self.idle_timeout, hello_deadline - loop.time())
             try:
                 wire = await asyncio.wait_for(framing.read_frame(reader), timeout=max(timeout, 0))
             except asyncio.TimeoutError:

@@ -646,11 +646,12 @@ def test_a_flush_interval_below_the_tick_is_honoured(home, tiny_llama_dir):
         with d.client() as c:
             c.create("a", system=SYSTEM)
             t = time.monotonic()
-            while time.monotonic() - t < 3.0:
+            while time.monotonic() - t < 4.0:
                 chat(c, "a", "keep it dirty", max_tokens=2)
                 time.sleep(0.02)
         flushes = d.stderr().count("flushed 1 agent(s)")
-    assert flushes >= 8, f"{flushes} flushes in 3 s with --flush-interval 0.2"
+    # A 1 s tick would give at most 4; runs of 3 s gave 6-11 flushes, too close to the bar.
+    assert flushes >= 8, f"{flushes} flushes in 4 s with --flush-interval 0.2"
 
 
 def test_a_turn_is_durable_before_its_result_frame_is_sent(home, tiny_llama_dir):
