@@ -41,7 +41,7 @@ from typing import Callable
 import numpy as np
 
 from .atomic import atomic_replace, fsync_dir, full_fsync, is_temp
-from .kvrows import RowLayout, RowsError, _host_dtype, digest, nbytes, read_buffers, row_buffers, segment_digest
+from .kvrows import RowLayout, RowsError, Segment, _host_dtype, nbytes, read_segment, row_buffers, segment_digest
 from .kvrows import write_buffers
 
 log = logging.getLogger("agentd.blocks")
@@ -61,6 +61,13 @@ class BlockError(Exception):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
+
+
+def block_error(bid: str, reason: str) -> BlockError:
+    """The BlockError for rows that failed their read (`kvrows.Segment.error`)."""
+    why = {"checksum": "checksum mismatch (the file is corrupt)", "truncated": "truncated",
+           "unreadable": "unreadable"}.get(reason, reason)
+    return BlockError(reason, f"block {bid[:12]}: {why}")
 
 
 def chain_ids(fingerprint: str, tokens: list[int], block_tokens: int) -> list[str]:
@@ -237,12 +244,12 @@ class BlockStore:
             raise BlockError("corrupt", f"block {bid[:12]}: header unreadable")
         return meta
 
-    def read_into(self, bid: str, parent: str, tokens: list[int], layout: RowLayout,
-                  targets: list[memoryview]) -> None:
-        """Fill `targets` (the block's rows in storage order, split anywhere: one buffer per
-        array and head, or one for all) with the block's rows, verified; raises BlockError
-        if it is not exactly the block that `parent` and `tokens` name, whole and intact."""
-        rows = _row_runs(targets, layout, self.block_tokens)
+    def open_rows(self, bid: str, parent: str, tokens: list[int], layout: RowLayout, start: int = 0
+                  ) -> tuple[int, list[Segment]]:
+        """Open the block and check all but its rows: that it is exactly the block `parent`
+        and `tokens` name, laid out as `layout`, its segments covering its rows in order and
+        the file whole. Returns the open fd (the caller closes it) and its segments, rows
+        counted from `start` (the block's first token). BlockError if it must not be used."""
         if block_id(self.fingerprint, parent, tokens) != bid:
             raise BlockError("corrupt", f"block {bid[:12]}: the manifest's tokens do not name it")
         try:
@@ -259,27 +266,43 @@ class BlockStore:
                 ok = False
             if not ok:
                 raise BlockError("corrupt", f"block {bid[:12]}: header names another block")
-            if RowLayout.from_json(meta.get("layout")) != layout:
+            if meta.get("layout") != layout.to_json() and RowLayout.from_json(meta.get("layout")) != layout:
                 raise BlockError("layout", f"block {bid[:12]}: rows laid out for another cache")
-            row, pos = 0, segments[0][2] if segments else 0
+            row, pos, row_bytes = 0, segments[0][2] if segments else 0, layout.row_bytes()
             for at, count, offset, nb, _, _ in segments:
-                nb = count * layout.row_bytes() if nb is None else nb
-                if at != row or count <= 0 or offset != pos or nb != count * layout.row_bytes():
+                nb = count * row_bytes if nb is None else nb
+                if at != row or count <= 0 or offset != pos or nb != count * row_bytes:
                     raise BlockError("corrupt", f"block {bid[:12]}: segments do not cover its rows in order")
                 row, pos = at + count, offset + nb
             if row != self.block_tokens or pos > data_end:
                 raise BlockError("truncated", f"block {bid[:12]}: shorter than its rows")
             if pos != data_end:
                 raise BlockError("corrupt", f"block {bid[:12]}: wrong size")
-            for at, count, offset, _, checksum, prefix in segments:
-                buffers = rows(at, at + count)
-                read_buffers(fd, buffers, offset)
-                if digest(buffers, prefix) != checksum:
-                    raise BlockError("checksum", f"block {bid[:12]}: checksum mismatch (the file is corrupt)")
         except RowsError as e:
-            raise BlockError("truncated" if str(e) == "truncated" else "corrupt", f"block {bid[:12]}: {e}") from e
+            os.close(fd)
+            raise BlockError("corrupt", f"block {bid[:12]}: {e}") from e
         except OSError as e:
+            os.close(fd)
             raise BlockError("unreadable", f"block {bid[:12]}: {e.strerror or e}") from e
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, [Segment(fd, start + at, count, offset, checksum, prefix)
+                    for at, count, offset, _, checksum, prefix in segments]
+
+    def read_into(self, bid: str, parent: str, tokens: list[int], layout: RowLayout,
+                  targets: list[memoryview]) -> None:
+        """Fill `targets` (the block's rows in storage order, split anywhere: one buffer per
+        array and head, or one for all) with the block's rows, verified; raises BlockError
+        if it is not exactly the block that `parent` and `tokens` name, whole and intact."""
+        rows = _row_runs(targets, layout, self.block_tokens)
+        fd, segments = self.open_rows(bid, parent, tokens, layout)
+        try:
+            for seg in segments:
+                try:
+                    read_segment(seg, rows(seg.at, seg.at + seg.count))
+                except RowsError as e:
+                    raise block_error(bid, str(e)) from e
         finally:
             os.close(fd)
 

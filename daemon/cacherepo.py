@@ -34,13 +34,14 @@ from pathlib import Path
 from typing import Callable
 
 from .atomic import atomic_replace, fsync_dir, is_temp
-from .blocks import ROOT, BlockError, BlockStore
+from .blocks import ROOT, BlockError, BlockStore, block_error
 from .cachefile import CacheFileError, Expectation, UnsupportedCache, load_cache, load_layers, read_verified_header
 from .cachefile import save_layers
-from .kvrows import RowLayout, RowTarget, is_row_layer, layout_of, row_buffers
+from .kvrows import RowLayout, RowsError, RowTarget, Segment, host_read_usable, install, is_row_layer, layout_of
+from .kvrows import read_rows, read_segment, row_buffers
 from .kvrows import _views as cache_views
 from .kvstore import MANIFEST, KVSettings, append_rows, cache_fingerprint, durable_tail, encode_manifest, parse_manifest
-from .kvstore import read_tail, save_tail
+from .kvstore import open_tail, save_tail
 from .kvstore import FORMAT, FORMAT_VERSION, ManifestError, record_from_json, record_to_json, summarize  # noqa: F401
 from .kvstore import write_file
 from .protocol import ProtocolError, validate_agent_name
@@ -51,9 +52,11 @@ log = logging.getLogger("agentd.cacherepo")
 LEGACY_SUFFIX = ".safetensors"
 MAX_PROBLEMS = 20
 def _read_threads() -> int:
-    """Blocks read at once: 8, or 16 where there are 8 cores or more (an H200's 16-core host
-    read and checked 1.07 GB at 9.2 GB/s on 16 threads, 7.1 on 8: `gpu.py restore`)."""
-    default = 16 if (os.cpu_count() or 1) >= 8 else 8
+    """Segments read at once: one a core, at most 16 (an H200's 16-core host read and
+    checked 1.07 GB at 9.2 GB/s on 16 threads, 7.1 on 8: `gpu.py restore`). More threads
+    than cores only queue for the GIL between reads: on 2 cores a restore of 89 MiB took
+    18-22 ms on 2 threads and 26-33 ms on 3 to 8 (one process, interleaved; BENCHMARKS.md 10)."""
+    default = min(16, max(2, os.cpu_count() or 1))
     try:
         return max(1, min(64, int(os.environ.get("AGENTD_READ_THREADS", default))))
     except ValueError:
@@ -61,6 +64,18 @@ def _read_threads() -> int:
 
 
 READ_THREADS = _read_threads()  # blocks read at once in a restore (see _read_blocks); env AGENTD_READ_THREADS
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The restore's read threads, made once: starting 8 threads per restore cost
+    milliseconds (each start waits for the new thread to take the GIL)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="agentd-read")
+    return _POOL
 
 
 @dataclass
@@ -283,29 +298,13 @@ class CacheRepository:
 
     def _fill(self, name: str, m: dict, cache: list) -> int:
         """Read blocks, tail and window into `cache`; returns how many tokens it holds."""
-        n, B = m["n_tokens"], self.kv.block_tokens
+        n = m["n_tokens"]
         good = 0
-        t0 = time.perf_counter()
         if m["layout"] is not None:
             layout = RowLayout.from_json(m["layout"])
             self._layout = self._layout or layout
-            target = RowTarget(layout, n)
-            good = self._read_blocks(name, m["blocks"], m["tokens"], layout, target)
-            if good == len(m["blocks"]) * B and m["tail"]:
-                path = self.agent_dir(name) / m["tail"]["file"]
-                good, why = read_tail(path, m["tail"], target, good)
-                if why:
-                    # Moved aside, so that the next save starts a new tail instead of
-                    # appending to (or making a block of) a damaged file.
-                    moved = self._move_aside(path, name, why) if why != "missing" else ""
-                    self._problem(name, why, f"{name}: tail refused ({why}) at token {good}; prefilling from there",
-                                  moved)
-            target.install(cache, good)
-            t = target.timings
-            log.info("restored %s: %d tokens, %.0f MB in %.0f ms (arrays %.0f ms; reading and checking %.0f ms, "
-                     "copies to the GPU %.0f ms, summed over %d fills on %d threads)", name, good,
-                     layout.row_bytes() * good / 1e6, (time.perf_counter() - t0) * 1000, t["arrays_ms"],
-                     t["read_ms"], t["copy_ms"], t["fills"], min(READ_THREADS, max(1, len(m["blocks"]))))
+            tail = (self.agent_dir(name) / m["tail"]["file"], m["tail"]) if m["tail"] else None
+            good = self._read_rows(name, m["blocks"], m["tokens"], layout, cache, n, tail)
         if m["window"] is not None:
             if good < n and m["layout"] is not None:
                 return 0  # a window holds the state after all n tokens: useless for a prefix
@@ -320,37 +319,90 @@ class CacheRepository:
             good = n
         return good
 
-    def _read_blocks(self, name: str, ids: list[str], tokens: list[int], layout: RowLayout, target: RowTarget) -> int:
-        """Blocks in order into `target`; a refused one is quarantined and ends the prefix."""
+    def _read_rows(self, name: str, ids: list[str], tokens: list[int], layout: RowLayout, cache: list,
+                   n: int, tail: tuple[Path, dict] | None = None) -> int:
+        """Blocks (then the tail's segments) in order into `cache`'s full-attention layers;
+        returns how many tokens they hold. The first refused block is quarantined, a
+        refused tail moved aside, and either ends the prefix kept: nothing unchecked is used."""
+        t0 = time.perf_counter()
         B = self.kv.block_tokens
         parents = [ROOT, *ids[:-1]]
-        jobs = [(i, bid, parents[i], tokens[i * B:(i + 1) * B]) for i, bid in enumerate(ids)]
-
-        def read(job) -> BlockError | None:
-            i, bid, parent, block_tokens = job
-            try:
-                target.fill(i * B, (i + 1) * B,
-                            lambda buffers: self.blocks.read_into(bid, parent, block_tokens, layout, buffers))
-            except BlockError as e:
-                return e
-            return None
-
-        # Blocks fill disjoint rows, and preadv and xxh3 release the GIL: on an H200's host
-        # (gpu.py split, 1.07 GB hot in the page cache) 8 threads read at 13 GB/s and hash
-        # at 37 GB/s, one thread at 2.6 and 5 GB/s. A block after a refused one was read
-        # for nothing: its rows lie beyond the prefix kept.
-        if len(jobs) > 1:
-            with ThreadPoolExecutor(min(READ_THREADS, len(jobs))) as pool:
-                errors = list(pool.map(read, jobs))
-        else:
-            errors = [read(job) for job in jobs]
-        for i, (bid, e) in enumerate(zip(ids, errors)):
-            if e is not None:
-                moved = self.blocks.quarantine(bid, e.reason) if e.reason != "missing" else ""
-                self._problem(name, e.reason, f"{e}; tokens from {i * B} on are prefilled again", moved)
+        fds: list[int] = []
+        pieces: list[tuple[str, Segment]] = []  # (the block id, or "" for the tail; its rows)
+        refused: tuple[int, str, str, str] | None = None  # (token, block id or "", reason, message)
+        try:
+            for i, bid in enumerate(ids):
+                try:
+                    fd, segs = self.blocks.open_rows(bid, parents[i], tokens[i * B:(i + 1) * B], layout, i * B)
+                except BlockError as e:
+                    refused = (i * B, bid, e.reason, str(e))
+                    break
+                fds.append(fd)
+                pieces += [(bid, seg) for seg in segs]
+            if refused is None and tail is not None:
+                opened = open_tail(tail[0], tail[1])
+                if opened is None:
+                    refused = (len(ids) * B, "", "missing", "")
+                else:
+                    fds.append(opened[0])
+                    pieces += [("", seg) for seg in opened[1]]
+            how = self._read_pieces(layout, n, [seg for _, seg in pieces])
+        finally:
+            for fd in fds:
+                os.close(fd)
+        for owner, seg in pieces:
+            if seg.error is not None:
+                refused = (seg.at, owner, seg.error, str(block_error(owner, seg.error)) if owner else "")
+                break
+        good = refused[0] if refused else (pieces[-1][1].at + pieces[-1][1].count if pieces else 0)
+        install(cache, layout, how.pop("arrays"), good)
+        if refused is not None:
+            at, bid, reason, message = refused
+            if bid:
+                moved = self.blocks.quarantine(bid, reason) if reason != "missing" else ""
+                self._problem(name, reason, f"{message}; tokens from {at} on are prefilled again", moved)
                 self._refresh()
-                return i * B
-        return len(ids) * B
+            else:
+                # Moved aside, so that the next save starts a new tail instead of
+                # appending to (or making a block of) a damaged file.
+                moved = self._move_aside(tail[0], name, reason) if reason != "missing" else ""
+                self._problem(name, reason, f"{name}: tail refused ({reason}) at token {at}; prefilling from there",
+                              moved)
+        log.info("restored %s: %d tokens, %.0f MB in %.0f ms (%s)", name, good, layout.row_bytes() * good / 1e6,
+                 (time.perf_counter() - t0) * 1000, how["how"])
+        return good
+
+    def _read_pieces(self, layout: RowLayout, n: int, segments: list[Segment]) -> dict:
+        """Read and check the segments' rows into new arrays (their `error`s say which may
+        be used), on READ_THREADS threads. Where MLX's arrays are host memory, the reads
+        start while the later arrays are still being made (`read_rows`); elsewhere into
+        RowTarget's arrays (zeroed, or staged for CUDA)."""
+        threads = min(READ_THREADS, max(1, len(segments)))
+        if host_read_usable():
+            try:
+                arrays = read_rows(layout, n, segments, _pool().submit)
+                return {"arrays": arrays, "how": f"arrays made while reading, {threads} threads"}
+            except RowsError as e:
+                log.info("%s; reading into RowTarget's arrays instead", e)
+                for seg in segments:
+                    seg.error = None
+        target = RowTarget(layout, n)
+
+        def read(seg: Segment) -> None:
+            try:
+                target.fill(seg.at, seg.at + seg.count, lambda rows: read_segment(seg, rows))
+            except RowsError as e:
+                seg.error = str(e)
+
+        # Segments fill disjoint rows, and preadv and xxh3 release the GIL: on an H200's host
+        # (gpu.py split, 1.07 GB hot in the page cache) 8 threads read at 13 GB/s and hash
+        # at 37 GB/s, one thread at 2.6 and 5 GB/s. A segment after a refused one is read
+        # for nothing: its rows lie beyond the prefix kept.
+        list(_pool().map(read, segments))
+        t = target.timings
+        return {"arrays": target.take(),
+                "how": f"arrays {t['arrays_ms']:.0f} ms; reading and checking {t['read_ms']:.0f} ms, copies to the "
+                       f"GPU {t['copy_ms']:.0f} ms, summed over {t['fills']} fills on {threads} threads"}
 
     # ---- sharing ------------------------------------------------------------------
 
@@ -371,12 +423,10 @@ class CacheRepository:
         n = self.stored_prefix(tokens)
         if n <= at_least or (self._layout is None and not self._learn_layout()):
             return None
-        target = RowTarget(self._layout, n)
-        good = self._read_blocks("(shared prefix)", self.blocks.chain(tokens[:n]), tokens, self._layout, target)
+        cache = self.new_cache()
+        good = self._read_rows("(shared prefix)", self.blocks.chain(tokens[:n]), tokens, self._layout, cache, n)
         if good <= at_least:
             return None
-        cache = self.new_cache()
-        target.install(cache, good)
         return Loaded(cache, list(tokens[:good]))
 
     def _learn_layout(self) -> bool:

@@ -204,6 +204,31 @@ def read_buffers(fd: int, buffers: list[memoryview], offset: int) -> None:
             pending[0] = pending[0][n:]
 
 
+@dataclass
+class Segment:
+    """Rows `[at, at + count)` of an open file `fd`, stored from `offset` in storage order,
+    whose xxh3-128 seeded with `prefix` must be `checksum`. Reading sets `error`
+    (`truncated`, `unreadable`, `checksum`) when they must not be used."""
+
+    fd: int
+    at: int
+    count: int
+    offset: int
+    checksum: str
+    prefix: bytes
+    error: str | None = None
+
+
+def read_segment(seg: Segment, buffers: list[memoryview]) -> None:
+    """Fill `buffers` (the segment's rows in storage order) and check them; RowsError(reason)."""
+    try:
+        read_buffers(seg.fd, buffers, seg.offset)
+    except OSError as e:
+        raise RowsError("unreadable") from e
+    if digest(buffers, seg.prefix) != seg.checksum:
+        raise RowsError("checksum")
+
+
 class RowTarget:
     """Full-attention arrays allocated at their final size, filled in place by reads.
 
@@ -302,24 +327,111 @@ class RowTarget:
             self.timings["copy_ms"] += ((t2 or t1) - t1) * 1000
             self.timings["fills"] += 1
 
-    def install(self, cache: list, n_tokens: int) -> None:
-        """Hand the filled arrays to the cache's full-attention layers, holding `n_tokens`."""
+    def take(self) -> list[mx.array]:
+        """The filled arrays (host dtypes: `install` views them back); the target lets go."""
         arrays = self.arrays
         if arrays is None:  # one upload per array
             arrays = [mx.array(v) for v in self.views]
-        arrays = [a if a.dtype == getattr(mx, s.dtype) else a.view(getattr(mx, s.dtype))
-                  for a, s in zip(arrays, self.layout.arrays)]
-        it = iter(arrays)
-        for i in self.layout.layers:
-            layer = cache[i]
-            if type(layer) is C.QuantizedKVCache:
-                layer.keys = (next(it), next(it), next(it))
-                layer.values = (next(it), next(it), next(it))
-            else:
-                layer.keys, layer.values = next(it), next(it)
-            layer.offset = n_tokens
         self.views = []  # drop the numpy views: the cache owns the memory now
+        return arrays
 
+    def install(self, cache: list, n_tokens: int) -> None:
+        """Hand the filled arrays to the cache's full-attention layers, holding `n_tokens`."""
+        install(cache, self.layout, self.take(), n_tokens)
+
+
+def install(cache: list, layout: RowLayout, arrays: list[mx.array], n_tokens: int) -> None:
+    """Give the cache's full-attention layers `arrays` (layout order; bfloat16 may come as
+    uint16, viewed back without a copy), holding `n_tokens`."""
+    arrays = [a if a.dtype == getattr(mx, s.dtype) else a.view(getattr(mx, s.dtype))
+              for a, s in zip(arrays, layout.arrays)]
+    it = iter(arrays)
+    for i in layout.layers:
+        layer = cache[i]
+        if type(layer) is C.QuantizedKVCache:
+            layer.keys = (next(it), next(it), next(it))
+            layer.values = (next(it), next(it), next(it))
+        else:
+            layer.keys, layer.values = next(it), next(it)
+        layer.offset = n_tokens
+
+
+# ---- host memory: arrays made while the first rows are read ---------------------------
+
+HOST_READ = True  # read_rows where MLX's arrays are host memory; tests turn it off
+GROUPS = 4  # the arrays are made in this many groups, each read as soon as it exists
+
+
+def host_read_usable() -> bool:
+    """Whether `read_rows` may make the arrays: not on CUDA, whose arrays are not host
+    memory (RowTarget stages those)."""
+    from .backend import CUDA, backend
+
+    return HOST_READ and backend() != CUDA and _cuda_staging() is None
+
+
+def read_rows(layout: RowLayout, n_tokens: int, segments: list[Segment], submit: Callable,
+              step: int = 256) -> list[mx.array]:
+    """New arrays for `layout` (`n_tokens` rounded up to `step` rows, as RowTarget) holding
+    the segments' rows, read by `submit`ted jobs (one a segment) straight into the arrays'
+    own memory while this thread is still making the later arrays: the arrays are made
+    (zeroed) in GROUPS groups of consecutive layers, and a segment's rows of a group, one
+    contiguous run of its file, are read and hashed as soon as that group exists, in
+    storage order, so the hash sees them as they were written and reads them in the CPU's
+    cache. Segments are consecutive from row 0. Afterwards each segment's `error` says
+    whether its rows may be used: the caller keeps those before the first refused one
+    (the rest are never read: the cache's offset ends there). RowsError: MLX gives no
+    writable view of its arrays here (the caller uses RowTarget)."""
+    n_alloc = max(step, -(-n_tokens // step) * step)
+    specs = layout.arrays
+    k = -(-len(specs) // GROUPS)
+    groups = [range(g, min(g + k, len(specs))) for g in range(0, len(specs), k)]
+    row_bytes = [s.width * getattr(mx, s.dtype).size for s in specs]
+    views: list[np.ndarray | None] = [None] * len(specs)
+    ready = [threading.Event() for _ in groups]
+    failed = []
+
+    def read(seg: Segment) -> None:
+        h, pos = xxhash.xxh3_128(seg.prefix), seg.offset
+        try:
+            for g, members in enumerate(groups):
+                ready[g].wait()
+                if failed:
+                    return
+                rows = [memoryview(views[i][0, head, seg.at:seg.at + seg.count, :]).cast("B")
+                        for i in members for head in range(specs[i].heads)]
+                read_buffers(seg.fd, rows, pos)
+                for r in rows:
+                    h.update(r)
+                pos += sum(specs[i].heads * seg.count * row_bytes[i] for i in members)
+        except RowsError:
+            seg.error = "truncated"
+        except OSError:
+            seg.error = "unreadable"
+        else:
+            if h.hexdigest() != seg.checksum:
+                seg.error = "checksum"
+
+    jobs = [submit(read, seg) for seg in segments]
+    arrays: list[mx.array] = []
+    try:
+        for g, members in enumerate(groups):
+            made = [mx.zeros((1, specs[i].heads, n_alloc, specs[i].width), dtype=getattr(mx, _host_dtype(specs[i].dtype)))
+                    for i in members]
+            mx.eval(made)
+            for i, a in zip(members, made):
+                views[i] = _shared_view(a)
+            arrays += made
+            ready[g].set()
+    except (TypeError, ValueError, RuntimeError) as e:
+        failed.append(e)
+        raise RowsError(f"no writable view of the arrays ({e})") from e
+    finally:
+        for event in ready:
+            event.set()  # a failure above: the jobs stop instead of waiting forever
+        for job in jobs:
+            job.result()
+    return arrays
 
 
 def _cuda_staging():

@@ -30,7 +30,7 @@ from typing import Callable
 
 from .atomic import full_fsync
 from .records import EXTRA_KEYS, AgentRecord
-from .kvrows import RowsError, RowTarget, read_buffers, row_buffers, segment_digest, write_buffers
+from .kvrows import RowsError, RowTarget, Segment, read_segment, row_buffers, segment_digest, write_buffers
 
 FORMAT = "agentd-kv"
 FORMAT_VERSION = 2
@@ -161,25 +161,31 @@ def save_tail(replace: Callable, adir: Path, cont: dict | None, tokens: list[int
     return {"file": tfile, "start": start, "segments": [_segment(start, n - start, 0, wrote, rows)]}, wrote
 
 
-def read_tail(path: Path, tail: dict, target: RowTarget, good: int) -> tuple[int, str | None]:
-    """Fill `target` from the tail's segments in order. Returns how far the cache is now
-    good and, if a segment was refused, why (`truncated`, `checksum`, `missing`)."""
+def open_tail(path: Path, tail: dict) -> tuple[int, list[Segment]] | None:
+    """The tail file open (the caller closes it) and its segments as the manifest names
+    them, or None if it is missing."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
-        return good, "missing"
-    try:
-        for at, count, offset, _size, checksum in tail["segments"]:
-            def read(rows, at=at, count=count, offset=offset, checksum=checksum) -> None:
-                read_buffers(fd, rows, offset)  # RowsError("truncated")
-                if segment_digest(rows, at, count) != checksum:
-                    raise RowsError("checksum")
+        return None
+    return fd, [Segment(fd, at, count, offset, checksum, f"{at}:{count}".encode())
+                for at, count, offset, _size, checksum in tail["segments"]]
 
+
+def read_tail(path: Path, tail: dict, target: RowTarget, good: int) -> tuple[int, str | None]:
+    """Fill `target` from the tail's segments in order. Returns how far the cache is now
+    good and, if a segment was refused, why (`truncated`, `checksum`, `unreadable`, `missing`)."""
+    opened = open_tail(path, tail)
+    if opened is None:
+        return good, "missing"
+    fd, segments = opened
+    try:
+        for seg in segments:
             try:
-                target.fill(at, at + count, read)
+                target.fill(seg.at, seg.at + seg.count, lambda rows, seg=seg: read_segment(seg, rows))
             except RowsError as e:
-                return at, "truncated" if str(e) == "truncated" else "checksum"
-            good = at + count
+                return seg.at, str(e)
+            good = seg.at + seg.count
     finally:
         os.close(fd)
     return good, None

@@ -279,3 +279,47 @@ def test_where_arrays_cannot_be_filled_in_place_a_restore_stages_on_the_host(lla
     restored = AgentStore(home, llama, kv=SMALL).chat("a", TURN2, max_tokens=8)
     assert restored.cache_source == "disk" and restored.cached_tokens > 32
     assert restored.text == expected
+
+
+@pytest.mark.parametrize("damage", ["block-last-layer", "tail-byte", "tail-truncated"])
+def test_a_restore_keeps_only_the_rows_before_the_first_refused_segment(llama, home, damage):
+    """The arrays are made while their first rows are read (kvrows.read_rows): a flipped
+    byte in a block's last layer (read after every array exists), or a damaged tail, still
+    ends the prefix there, the file is moved aside, and the rows kept are the saved ones."""
+    import numpy as np
+
+    from agentd import kvrows
+
+    store = AgentStore(home, llama, kv=SMALL)
+    store.create("a", "", SYSTEM)
+    store.chat("a", TURN1, max_tokens=6)
+    if len(store._hot["a"].tokens) % 16 == 0:  # a tail to damage
+        store.chat("a", "Go on.", max_tokens=3)
+    store.save("a")
+    hot = store._hot["a"]
+    m = json.loads(store.cache_path("a").read_text())
+    assert len(m["blocks"]) >= 3 and m["tail"]
+    if damage == "block-last-layer":
+        path, keep = home / "caches" / "blocks" / (m["blocks"][1] + ".kvb"), 16
+        rows_end = trailer(path)["segments"][-1]
+        offset = rows_end[2] + rows_end[3] - 8  # the last bytes of rows: the last array's
+    else:
+        path, keep = store.repo.agent_dir("a") / m["tail"]["file"], len(m["blocks"]) * 16
+        offset = 100
+    data = bytearray(path.read_bytes())
+    if damage == "tail-truncated":
+        data = data[:len(data) // 2]
+    else:
+        data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+    assert kvrows.host_read_usable()
+    again = AgentStore(home, llama, kv=SMALL)
+    loaded = again.repo.load("a")
+    assert loaded.tokens == hot.tokens[:keep]
+    for want, got in zip(hot.cache, loaded.cache):
+        assert got.offset == keep
+        assert np.array_equal(np.array(want.keys[..., :keep, :]), np.array(got.keys[..., :keep, :]))
+        assert np.array_equal(np.array(want.values[..., :keep, :]), np.array(got.values[..., :keep, :]))
+    (problem,) = again.repo.problems
+    assert problem.reason == ("truncated" if damage == "tail-truncated" else "checksum")
+    assert not path.exists() and Path(problem.moved_to).exists()
