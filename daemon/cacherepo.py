@@ -52,18 +52,20 @@ log = logging.getLogger("agentd.cacherepo")
 LEGACY_SUFFIX = ".safetensors"
 MAX_PROBLEMS = 20
 def _read_threads() -> int:
-    """Segments read at once: one a core, at most 16 (an H200's 16-core host read and
-    checked 1.07 GB at 9.2 GB/s on 16 threads, 7.1 on 8: `gpu.py restore`). More threads
-    than cores only queue for the GIL between reads: on 2 cores a restore of 89 MiB took
-    18-22 ms on 2 threads and 26-33 ms on 3 to 8 (one process, interleaved; BENCHMARKS.md 10)."""
-    default = min(16, max(2, os.cpu_count() or 1))
+    """Segments read at once: 16 where there are 8 cores or more (an H200's 16-core host
+    read and checked 1.07 GB at 9.2 GB/s on 16 threads, 7.1 on 8: `gpu.py restore`), else
+    one a core: more threads than cores only queue for the GIL between reads (on 2 cores a
+    restore of 89 MiB took 18-22 ms on 2 threads and 26-33 ms on 3 to 8, one process,
+    interleaved; BENCHMARKS.md section 10)."""
+    cores = os.cpu_count() or 1
+    default = 16 if cores >= 8 else max(2, cores)
     try:
         return max(1, min(64, int(os.environ.get("AGENTD_READ_THREADS", default))))
     except ValueError:
         return default
 
 
-READ_THREADS = _read_threads()  # blocks read at once in a restore (see _read_blocks); env AGENTD_READ_THREADS
+READ_THREADS = _read_threads()  # segments read at once in a restore (see _read_pieces); env AGENTD_READ_THREADS
 
 
 _POOL: ThreadPoolExecutor | None = None
