@@ -415,7 +415,7 @@ def restore_variants(n_tokens: int, work: Path, runs: int = 3) -> dict:
     rng = np.random.default_rng(0)
     piece = [rng.integers(0, 65535, (1, 8, B, 128), dtype=np.uint16) for _ in layout.arrays]
     for i, bid in enumerate(ids):  # random rows, the same for every block (ids differ by tokens)
-        store.write(bid, parents[i], tokens[i * B:(i + 1) * B], layout, row_buffers(piece, 0, B))
+        store.write(bid, parents[i], tokens[i * B:(i + 1) * B], layout, row_buffers(piece, 0, B), i * B)
     nbytes = layout.row_bytes() * len(tokens)
     real_staging = kvrows._cuda_staging
 
@@ -625,7 +625,7 @@ def bench_model(name: str, args, cache_home: Path, save) -> dict:
             contexts[str(n)]["warm_restore"] = _turn(d, f"a{n}", "One more thing: who owns the fix?", 8, ptx)
         save(out)
     finally:
-        out["daemon_log_tail"] = d.stderr()[-8000:]
+        out["daemon_log_tail"] = d.stderr()[-30000:]
         save(out)
         d.stop()
     return out
