@@ -78,13 +78,13 @@ def forward_lengths(engine, cache, n_cached: int, label: str, seed: int = 0) -> 
     out = []
     for L in LENGTHS:
         row = {"tokens": L, "attention": label}
-        for label in ("first", "again"):
+        for when in ("first", "again"):
             ids = [(seed + n_cached + i) % 1000 for i in range(L)]
             mx.synchronize()
             t0 = time.perf_counter()
             logits = engine.last_logits(ids, cache)
             mx.eval(logits, [l.state for l in cache])
-            row[f"{label}_ms"] = (time.perf_counter() - t0) * 1000
+            row[f"{when}_ms"] = (time.perf_counter() - t0) * 1000
             trim_prompt_cache(cache, L)
         out.append(row)
         c.log(f"  forward {L} tokens at {n_cached} ({label}): {row}")

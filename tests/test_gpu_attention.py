@@ -26,10 +26,11 @@ def _masks(B, Hq, L, S):
     }
 
 
+@pytest.mark.parametrize("L", [7, 8, 33])  # padded to 8, as it is, padded to 64
 @pytest.mark.parametrize("Hk", [8, 2, 1])  # plain, grouped-query, multi-query heads
 @pytest.mark.parametrize("mask_kind", list(_masks(1, 1, 1, 1)))
-def test_composed_attention_equals_mlx_attention(Hk, mask_kind):
-    B, Hq, L, S = 2, 8, 7, 40
+def test_composed_attention_equals_mlx_attention(Hk, mask_kind, L):
+    B, Hq, S = 2, 8, 40
     q, k, v = _qkv(B=B, Hq=Hq, Hk=Hk, L=L, S=S)
     mask = _masks(B, Hq, L, S)[mask_kind]
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
@@ -80,10 +81,10 @@ def test_the_dispatcher_sends_only_short_multi_row_passes_to_the_composed_path()
 
 
 def test_huge_score_matrices_stay_on_the_fused_path(monkeypatch):
-    monkeypatch.setattr(gpu_attention, "MAX_SCORE_BYTES", 1000)
     q, k, _ = _qkv(L=7, S=40)
-    assert not gpu_attention.short_enough(q, k)  # 2 * 8 * 7 * 40 * 4 bytes of scores
-    monkeypatch.setattr(gpu_attention, "MAX_SCORE_BYTES", 1 << 30)
+    monkeypatch.setattr(gpu_attention, "MAX_SCORE_BYTES", 2 * 8 * 8 * 40 * 4 - 1)
+    assert not gpu_attention.short_enough(q, k)  # 7 rows, padded to 8, of 40 keys: one byte over
+    monkeypatch.setattr(gpu_attention, "MAX_SCORE_BYTES", 2 * 8 * 8 * 40 * 4)
     assert gpu_attention.short_enough(q, k)
 
 
