@@ -16,7 +16,7 @@ Three parts, each in its own process(es), in one run:
 2. **Forward pass.** The default model in-process (agentd's CPU path) with ~725 tokens of
    context: one forward pass of m = 1, 2, 4, 8, 16, 24, 32 new tokens, median of --runs rounds,
    in one process that alternates between agentd's CPU path as it ships, the same with MLX's
-   attention in place of agentd's few-row attention (`agentd.fewattn`), and the forwarder
+   attention and SwiGLU in place of agentd's few-row ones (`agentd.fewattn`), and the forwarder
    taking one-row products only (every product of 2 or more rows goes to OpenBLAS, as before
    issue 11b; MLX's attention), so all three see the same machine load.
 3. **Restart follow-up.** The real daemon over its socket: each of --runs agents, created with

@@ -561,12 +561,12 @@ def few_rows_section(d: dict) -> list[str]:
     ms_rows = list(modes["agentd"]["ms"])
     L.append(f"**Forward pass** of the default model in-process (agentd's CPU path) with {fw['context']} tokens "
              f"of context, m new tokens, median of {len(modes['agentd']['runs_ms']['1'])} rounds in one process "
-             "that alternates agentd's CPU path as shipped, the same with MLX's attention in place of agentd's "
-             "few-row attention, and the forwarder taking one-row products only (every product of two or more "
+             "that alternates agentd's CPU path as shipped, the same with MLX's attention and SwiGLU in place of "
+             "agentd's few-row ones, and the forwarder taking one-row products only (every product of two or more "
              "rows to OpenBLAS, as before).")
     L.append("")
     rows = []
-    labels = {"agentd": "agentd", "mlx_attention": "agentd with MLX's attention",
+    labels = {"agentd": "agentd", "mlx_attention": "agentd with MLX's attention and SwiGLU",
               "one_row_only": "rows ≥ 2 to OpenBLAS, MLX's attention (before)"}
     for mode, v in modes.items():
         # The median, and the fastest of the rounds: on a shared machine the least disturbed one.

@@ -1,19 +1,23 @@
-"""Few-row attention on the CPU: agentd's kernel in place of MLX's for queries of few rows.
+"""Few-row attention and SwiGLU on the CPU: agentd's kernels in place of MLX's for few rows.
 
 MLX's CPU backend computes `mx.fast.scaled_dot_product_attention` as a product, a softmax
 and a product, and its `exp` runs one element at a time (~13.5 ns each): the 22-token
-follow-up of a resumed agent at 685 tokens of context spent ~130 of ~200 ms in attention,
-~60 of them in `exp`. `agentd_attention` in `gemv_forward.c` (the few-row library the
-daemon preloads) does QK^T, a vectorised softmax and PV per KV head and tile of query rows,
-on the same threads as the few-row products.
+follow-up of a resumed agent at 685 tokens of context spent ~100 of ~200 ms in attention,
+and ~20 more in the MLP's SwiGLU (`silu(gate) * up`, an `exp` per element too).
+`agentd_attention` in `gemv_forward.c` (the few-row library the daemon preloads) does QK^T,
+a vectorised softmax and PV per KV head and tile of query rows, and `agentd_swiglu` the
+activation with the same vectorised `exp`, on the same threads as the few-row products.
 
 `install(model)` puts `attention` where mlx-lm's model modules call
-`scaled_dot_product_attention` (each imports it from `mlx_lm.models.base`); it takes float32
-calls of at most `MAX_QUERY_ROWS` query rows over plain (unquantized) caches, with no mask,
-"causal", or an array mask, and hands everything else -- prefill chunks, quantized caches,
-attention sinks -- to mlx-lm's function unchanged. Each call evaluates its inputs (the
-kernel reads them from memory), so a forward pass becomes one MLX evaluation per layer:
-~30 round trips of a few tens of microseconds on the default model.
+`scaled_dot_product_attention` (each imports it from `mlx_lm.models.base`) and `swiglu`
+where they call mlx-lm's `swiglu`. `attention` takes float32 calls of at most
+`MAX_QUERY_ROWS` query rows over plain (unquantized) caches, with no mask, "causal", or an
+array mask; `swiglu` float32 calls of `SWIGLU_MIN_ROWS` to `MAX_QUERY_ROWS` rows. Everything
+else -- prefill chunks, quantized caches, attention sinks, a decode step's SwiGLU -- goes to
+mlx-lm's functions unchanged. Each call evaluates its inputs (the kernels read them from
+memory), so a forward pass of 8-32 rows becomes two MLX evaluations per layer instead of
+one in all: ~60 round trips of about 0.1 ms on the default model. Benchmarks set
+`MAX_QUERY_ROWS = 0` to compare with MLX's path in one process.
 """
 
 from __future__ import annotations
@@ -31,8 +35,13 @@ MAX_QUERY_ROWS = 32
 ENV_SWITCH = "AGENTD_FEW_ATTENTION"  # "off": MLX's attention everywhere
 _MASK_NONE, _MASK_CAUSAL, _MASK_BOOL, _MASK_ADD = 0, 1, 2, 3
 
+# SwiGLU (llama-style MLPs) of this many rows up to MAX_QUERY_ROWS runs in the library too. Below
+# it MLX's is faster: the evaluation the call needs (~0.1 ms) costs more than its exp of a few rows.
+SWIGLU_MIN_ROWS = 8
+
 _lib: ctypes.CDLL | None = None
 _mlx_attention = None  # mlx-lm's scaled_dot_product_attention, kept for everything else
+_mlx_swiglu = None  # mlx-lm's swiglu (mlx_lm.models.activations), likewise
 _Strides = ctypes.c_longlong * 3
 _MaskStrides = ctypes.c_longlong * 4
 
@@ -57,6 +66,8 @@ def load(path: str | Path | None = None) -> bool:
     p, i = ctypes.c_void_p, ctypes.c_int
     fn.argtypes = [i, i, i, i, i, i, i, p, p, p, p, p, p, ctypes.c_float, i, p, p, p]
     fn.restype = i
+    lib.agentd_swiglu.argtypes = [ctypes.c_longlong, p, p, p]
+    lib.agentd_swiglu.restype = None
     _lib = lib
     return True
 
@@ -81,8 +92,13 @@ def install(model) -> bool:
 
     from mlx_lm.models import base
 
+    from mlx_lm.models import activations
+
+    global _mlx_swiglu
     if _mlx_attention is None:
         _mlx_attention = base.scaled_dot_product_attention
+    if _mlx_swiglu is None:
+        _mlx_swiglu = activations.swiglu
     names = {type(m).__module__ for m in model.modules()} | {type(model).__module__}
     patched = 0
     for name in names:
@@ -91,6 +107,8 @@ def install(model) -> bool:
         if current is _mlx_attention or current is attention:
             module.scaled_dot_product_attention = attention
             patched += 1
+        if getattr(module, "swiglu", None) in (_mlx_swiglu, swiglu):
+            module.swiglu = swiglu
     return patched > 0
 
 
@@ -154,3 +172,21 @@ def few_row_attention(queries: mx.array, keys: mx.array, values: mx.array, scale
     if rc != 0:
         return None
     return mx.array(out).transpose(0, 2, 1, 3)
+
+
+def swiglu(gate: mx.array, x: mx.array) -> mx.array:
+    """mlx-lm's `swiglu` (silu(gate) * x), through agentd's kernel for SWIGLU_MIN_ROWS to
+    MAX_QUERY_ROWS rows of float32; evaluates its inputs then."""
+    rows = gate.size // gate.shape[-1] if gate.ndim else 0
+    if (
+        _lib is not None
+        and SWIGLU_MIN_ROWS <= rows <= MAX_QUERY_ROWS
+        and gate.dtype == x.dtype == mx.float32
+        and gate.shape == x.shape
+    ):
+        mx.eval(gate, x)
+        g, u = (np.ascontiguousarray(np.asarray(a)) for a in (gate, x))
+        out = np.empty(g.shape, np.float32)
+        _lib.agentd_swiglu(g.size, g.ctypes.data, u.ctypes.data, out.ctypes.data)
+        return mx.array(out)
+    return _mlx_swiglu(gate, x)

@@ -689,3 +689,45 @@ int agentd_attention(int b, int hq, int hkv, int lq, int lk, int d, int dv, cons
     parallel(&jb, attn_units, units, 1, split);
     return 0;
 }
+
+/* --- SwiGLU: silu(gate) * up ------------------------------------------------------------------
+ *
+ * The MLP's activation, whose exp MLX's CPU backend also runs one element at a time: 0.75 ms a
+ * layer for 22 rows of the default model's 1,536-wide MLP (30 layers: ~20 ms of a ~140 ms pass).
+ * agentd.fewattn calls this for calls of a few rows. Computed as MLX writes it, gate *
+ * (1 / (1 + exp(-gate))) * up, each element by the same vector code (the tail through a padded
+ * copy), so an element does not depend on where it falls. */
+static inline va swiglu_va(va g, va u) { return g * (1.0f / (1.0f + va_exp(-g))) * u; }
+
+typedef struct {
+    const float *gate, *up;
+    float *out;
+    long long n;
+} swiglu_job;
+enum { SWIGLU_UNIT = 1024 }; /* elements a thread claims at a time (a multiple of AL) */
+
+static void swiglu_part(const void *arg, int from, int to) {
+    const swiglu_job *jb = arg;
+    long long lo = (long long)from * SWIGLU_UNIT, hi = (long long)to * SWIGLU_UNIT;
+    if (hi > jb->n) hi = jb->n;
+    long long i = lo;
+    for (; i + AL <= hi; i += AL) {
+        va r = swiglu_va(va_load(jb->gate + i), va_load(jb->up + i));
+        memcpy(jb->out + i, &r, sizeof r);
+    }
+    if (i < hi) {
+        float g[AL] = {0}, u[AL] = {0}, o[AL];
+        memcpy(g, jb->gate + i, (size_t)(hi - i) * sizeof(float));
+        memcpy(u, jb->up + i, (size_t)(hi - i) * sizeof(float));
+        va r = swiglu_va(va_load(g), va_load(u));
+        memcpy(o, &r, sizeof r);
+        memcpy(jb->out + i, o, (size_t)(hi - i) * sizeof(float));
+    }
+}
+
+/* out[i] = silu(gate[i]) * up[i] for n dense float32 elements. */
+void agentd_swiglu(long long n, const float *gate, const float *up, float *out) {
+    if (n <= 0) return;
+    swiglu_job jb = {gate, up, out, n};
+    parallel(&jb, swiglu_part, (int)((n + SWIGLU_UNIT - 1) / SWIGLU_UNIT), 8, n >= 1 << 15);
+}

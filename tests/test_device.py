@@ -300,7 +300,7 @@ import mlx_lm.models.llama as llama
 from agentd import fewattn
 print(json.dumps({"active": blas.gemv_forward_active(), "one_row": plan.one_row,
                   "attention": plan.attention,
-                  "routed": llama.scaled_dot_product_attention is fewattn.attention,
+                  "routed": llama.scaled_dot_product_attention is fewattn.attention and llama.swiglu is fewattn.swiglu,
                   "gemv_rows": plan.gemv_rows, "worst": worst, "cases": cases,
                   "row_invariant": variant,
                   "greedy": [greedy(model, p) for p in PROMPTS]}))

@@ -1,6 +1,6 @@
-"""agentd's few-row attention kernel (`agentd.fewattn`, `agentd_attention` in gemv_forward.c)
-against MLX's attention: values, masks, GQA, strided caches, rows bit-identical to the same row
-alone, and the calls it leaves to mlx-lm's function."""
+"""agentd's few-row attention and SwiGLU kernels (`agentd.fewattn`; `agentd_attention` and
+`agentd_swiglu` in gemv_forward.c) against MLX's: values, masks, GQA, strided caches, rows
+bit-identical to the same row alone, and the calls they leave to mlx-lm's functions."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.models import base
+from mlx_lm.models import activations, base
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from agentd import blas, fewattn
@@ -24,6 +24,8 @@ def kernel(tmp_path_factory):
     # What `install` keeps: mlx-lm's own function, for the calls the kernel does not take.
     if fewattn._mlx_attention is None:
         fewattn._mlx_attention = base.scaled_dot_product_attention
+    if fewattn._mlx_swiglu is None:
+        fewattn._mlx_swiglu = activations.swiglu
     return fewattn
 
 
@@ -114,3 +116,23 @@ def test_calls_it_does_not_take_go_to_mlx_lm_unchanged(kernel):
 def test_the_kernel_refuses_shapes_it_cannot_take(kernel):
     q, k, v = _inputs(1, 8, 3, 2, 10, 16, 16)  # 8 query heads over 3 KV heads
     assert kernel.few_row_attention(q, k, v, 0.25, "causal") is None
+
+
+def test_swiglu_matches_mlx_and_rows_are_bit_identical(kernel):
+    worst = 0.0
+    for rows, width in ((8, 1536), (22, 1536), (32, 1536), (9, 37), (16, 3)):
+        gate = mx.random.normal((1, rows, width), key=mx.random.key(rows)) * 6
+        up = mx.random.normal((1, rows, width), key=mx.random.key(rows + 1))
+        got, want = fewattn.swiglu(gate, up), activations.swiglu(gate, up)
+        assert got.shape == want.shape and got.dtype == mx.float32
+        worst = max(worst, float((mx.abs(got - want) / (1e-6 + mx.abs(want))).max()))
+        # Each row as it comes out at another place of another call (other lanes, another tail).
+        for i in range(rows):
+            g8 = mx.concatenate([gate[:, :3] + 1, gate[:, i : i + 1], gate[:, :4]], axis=1)
+            u8 = mx.concatenate([up[:, :3], up[:, i : i + 1], up[:, :4]], axis=1)
+            assert np.array_equal(np.asarray(fewattn.swiglu(g8, u8))[0, 3], np.asarray(got)[0, i])
+    assert worst < 1e-5
+    # Below SWIGLU_MIN_ROWS (a decode step) and above MAX_QUERY_ROWS: mlx-lm's, bit for bit.
+    for rows in (1, fewattn.SWIGLU_MIN_ROWS - 1, fewattn.MAX_QUERY_ROWS + 1):
+        gate, up = mx.random.normal((1, rows, 64)), mx.random.normal((1, rows, 64))
+        assert np.array_equal(np.asarray(fewattn.swiglu(gate, up)), np.asarray(activations.swiglu(gate, up)))
