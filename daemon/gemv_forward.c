@@ -32,6 +32,9 @@ enum { MAX_PACKED = 1 << 22 }; /* floats of A this file repacks at most (16 MiB)
 enum { MAX_THREADS = 8 };
 /* Below this many floats of B a second thread's wake-up costs more than it saves. */
 enum { SPLIT_MIN_B = 1 << 18 };
+/* ... unless the rows make it compute-bound: 22 rows by the 192 x 576 k/v projections ran on one
+ * thread (117 us) where two take ~65 us. */
+enum { SPLIT_MIN_WORK = 1 << 21 };
 
 #if defined(__AVX512F__)
 #define VEC 16
@@ -446,9 +449,9 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
         return;
     }
     product pr = {m, n, k, kp, a_packed, b, ldb, c, ldc, alpha, beta};
-    int split = (size_t)n * k >= SPLIT_MIN_B;
+    int split = (size_t)n * k >= SPLIT_MIN_B || (size_t)n * k * m >= SPLIT_MIN_WORK;
     if (transposed(trans_b)) /* B is n x k: one unit is a row of B */
-        parallel(&pr, nt_columns, n, 64, split);
+        parallel(&pr, nt_columns, n, 32, split);
     else /* B is k x n: one unit is a block of NN_W columns */
         parallel(&pr, nn_columns, (n + NN_W - 1) / NN_W, 1, split);
 }
