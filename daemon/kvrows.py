@@ -29,6 +29,9 @@ from mlx_lm.models import cache as C
 ROW_CLASSES = (C.KVCache, C.QuantizedKVCache)
 DTYPES = ("float32", "float16", "bfloat16", "uint32")
 IOV_BATCH = 512  # below every platform's IOV_MAX (1024 on Linux and macOS)
+# On CUDA, make a restore's arrays while its first blocks are read (RowTarget.allocate);
+# "0" makes them first, as before (env: benchmarks/gpu.py restore compares the two).
+OVERLAP_ARRAYS = os.environ.get("AGENTD_RESTORE_OVERLAP", "1").strip() != "0"
 
 
 class RowsError(Exception):
@@ -229,7 +232,7 @@ class RowTarget:
         self._owner = threading.get_ident()
         self._ready = threading.Event()
         self._arrays_error: BaseException | None = None
-        if self._staging is None:
+        if self._staging is None or not OVERLAP_ARRAYS:
             self.allocate()
         # Staged (CUDA): the arrays are made by `allocate`, on the caller's thread, while
         # the read threads already read and check blocks into their pinned slots; each
