@@ -10,10 +10,10 @@ activation with the same vectorised `exp`, on the same threads as the few-row pr
 
 `install(model)` puts `attention` where mlx-lm's model modules call
 `scaled_dot_product_attention` (each imports it from `mlx_lm.models.base`) and `swiglu`
-where they call mlx-lm's `swiglu`. `attention` takes float32 calls of at most
+where they call mlx-lm's `swiglu`. `attention` takes float32 calls of `MIN_QUERY_ROWS` to
 `MAX_QUERY_ROWS` query rows over plain (unquantized) caches, with no mask, "causal", or an
 array mask; `swiglu` float32 calls of `SWIGLU_MIN_ROWS` to `MAX_QUERY_ROWS` rows. Everything
-else -- prefill chunks, quantized caches, attention sinks, a decode step's SwiGLU -- goes to
+else -- decode steps, long prefill chunks, quantized caches, attention sinks -- goes to
 mlx-lm's functions unchanged. Each call evaluates its inputs (the kernels read them from
 memory), so a forward pass of 8-32 rows becomes two MLX evaluations per layer instead of
 one in all: ~60 round trips of about 0.1 ms on the default model. Benchmarks set
@@ -29,9 +29,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-# Decode steps, batched decode steps and a resumed turn's short prefill; prefill chunks
-# (256 rows on the CPU) keep MLX's attention. The same bound as the few-row products.
+# A resumed turn's short prefill (and any prompt's last chunk that short); prefill chunks (256
+# rows on the CPU) keep MLX's attention. The same bound as the few-row products.
 MAX_QUERY_ROWS = 32
+# Decode steps (one row per sequence, batched or not) keep MLX's too: its attention of one row
+# costs about what the 30 evaluations the kernel needs do (on a busy machine, more).
+MIN_QUERY_ROWS = 2
 ENV_SWITCH = "AGENTD_FEW_ATTENTION"  # "off": MLX's attention everywhere
 _MASK_NONE, _MASK_CAUSAL, _MASK_BOOL, _MASK_ADD = 0, 1, 2, 3
 
@@ -120,7 +123,7 @@ def attention(queries, keys, values, cache=None, scale: float = 1.0, mask=None, 
         and _lib is not None
         and isinstance(keys, mx.array)
         and queries.ndim == 4
-        and queries.shape[2] <= MAX_QUERY_ROWS
+        and MIN_QUERY_ROWS <= queries.shape[2] <= MAX_QUERY_ROWS
         and queries.dtype == keys.dtype == values.dtype == mx.float32
         and (mask is None or isinstance(mask, mx.array) or (isinstance(mask, str) and mask == "causal"))
     ):

@@ -70,8 +70,8 @@ def test_matches_mlx_attention_with_every_mask(kernel, shape):
 
 @pytest.mark.parametrize("shape", SHAPES[:2])
 def test_a_row_is_bit_identical_to_the_same_row_alone(kernel, shape):
-    """Row i of a causal chunk of lq rows equals that query computed alone over the keys it sees:
-    the final chunk of a prompt gives exactly the logits of a decode pass of its last id."""
+    """Row i of a causal chunk of lq rows equals that query computed alone over the keys it sees
+    (the kernel's rows do not depend on the other rows of the call)."""
     B, hq, hkv, d, dv = shape
     for lk, lq in ((40, 22), (685, 22), (300, 32), (9, 3)):
         q, k, v = _inputs(B, hq, hkv, lq, lk, d, dv, seed=lk + lq)
@@ -83,13 +83,18 @@ def test_a_row_is_bit_identical_to_the_same_row_alone(kernel, shape):
 
 
 def test_calls_it_does_not_take_go_to_mlx_lm_unchanged(kernel):
-    """More than MAX_QUERY_ROWS rows, a quantized cache, attention sinks, float16: mlx-lm's own
-    function, bit for bit (the kernel's results differ from it in the last bits)."""
+    """More than MAX_QUERY_ROWS rows, one row (a decode step), a quantized cache, attention sinks,
+    float16: mlx-lm's own function, bit for bit (the kernel's results differ from it in the last
+    bits)."""
     q, k, v = _inputs(1, 9, 3, fewattn.MAX_QUERY_ROWS + 1, 300, 64, 64)
     want = base.scaled_dot_product_attention(q, k, v, cache=KVCache(), scale=0.125, mask="causal")
     got = fewattn.attention(q, k, v, cache=KVCache(), scale=0.125, mask="causal")
     assert np.array_equal(np.asarray(got), np.asarray(want))
 
+    q1, k1, v1 = _inputs(1, 9, 3, 1, 300, 64, 64)  # a decode step
+    assert np.array_equal(np.asarray(fewattn.attention(q1, k1, v1, cache=KVCache(), scale=0.125, mask=None)),
+                          np.asarray(base.scaled_dot_product_attention(q1, k1, v1, cache=KVCache(), scale=0.125,
+                                                                       mask=None)))
     q, k, v = _inputs(1, 9, 3, 8, 300, 64, 64)
     mine = fewattn.attention(q, k, v, cache=KVCache(), scale=0.125, mask="causal")
     assert np.array_equal(np.asarray(mine), np.asarray(fewattn.few_row_attention(q, k, v, 0.125, "causal")))
