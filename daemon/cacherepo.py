@@ -339,10 +339,15 @@ class CacheRepository:
         # (gpu.py split, 1.07 GB hot in the page cache) 8 threads read at 13 GB/s and hash
         # at 37 GB/s, one thread at 2.6 and 5 GB/s. A block after a refused one was read
         # for nothing: its rows lie beyond the prefix kept.
+        # The arrays are made here, on the MLX thread, while the first blocks are read (on
+        # CUDA they fill pinned slots meanwhile: RowTarget.allocate).
         if len(jobs) > 1:
             with ThreadPoolExecutor(min(READ_THREADS, len(jobs))) as pool:
-                errors = list(pool.map(read, jobs))
+                pending = pool.map(read, jobs)
+                target.allocate()
+                errors = list(pending)
         else:
+            target.allocate()
             errors = [read(job) for job in jobs]
         for i, (bid, e) in enumerate(zip(ids, errors)):
             if e is not None:

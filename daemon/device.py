@@ -53,6 +53,9 @@ class DevicePlan:
     one_row: str = ""
     backend: str = ""  # "metal", "cuda" or "cpu" (`decide_backend`)
     quantized: int = 0  # layers left quantized, as loaded (0 on the CPU, which dequantizes them)
+    # On CUDA: attention over at most this many query rows is composed of matrix products
+    # instead of cuDNN's, which plans every new shape (agentd.gpu_attention); 0: not used.
+    short_attention_rows: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -258,10 +261,15 @@ def prepare_for_device(
         raise ValueError(f"unknown backend {chosen!r}")
     if chosen != CPU:
         quantized = sum(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+        short_rows = 0
+        if chosen == CUDA:
+            from . import gpu_attention
+
+            short_rows = gpu_attention.MAX_QUERY_ROWS if gpu_attention.install() else 0
         # "blas" names what runs the matrix products: MLX's own Metal kernels, or cuBLAS
         # (and MLX's quantized kernels) on CUDA.
         return DevicePlan("gpu", _model_dtype(model), 0, 0, "metal" if chosen == METAL else "cublas",
-                          GPU_PREFILL_CHUNK, backend=chosen, quantized=quantized)
+                          GPU_PREFILL_CHUNK, backend=chosen, quantized=quantized, short_attention_rows=short_rows)
     forwarded = blas.gemv_forward_active()
     if gemv_rows is None:
         gemv_rows = 0 if forwarded else 1
@@ -279,7 +287,9 @@ def describe(plan: DevicePlan) -> str:
     if plan.device == "gpu":
         name = _DESCRIBED.get(plan.backend, plan.backend or "GPU")
         kept = f" ({plan.quantized} layers quantized)" if plan.quantized else ""
-        return f"device: {name}, weights as loaded{kept}, compute {plan.compute_dtype}"
+        short = (f", attention of prefills up to {plan.short_attention_rows} tokens composed"
+                 if plan.short_attention_rows else "")
+        return f"device: {name}, weights as loaded{kept}, compute {plan.compute_dtype}{short}"
     return (
         f"device: CPU, {plan.dequantized} layers dequantized to {plan.compute_dtype}, "
         f"MLX BLAS {plan.blas}, few-row products via {_ONE_ROW[plan.one_row]}"

@@ -15,7 +15,7 @@ import pytest
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
-from agentd import blas, device
+from agentd import blas, device, gpu_attention
 
 PROMPTS = [[1, 5, 9, 200, 17], [3, 3, 3, 3], [250, 12, 77, 1, 0, 64, 31, 8], [42]]
 
@@ -91,7 +91,9 @@ def test_gemv_route_matches_mlx_matmul():
 
 
 @pytest.mark.parametrize("gpu", [device.METAL, device.CUDA])
-def test_gpu_plans_keep_quantized_weights(gpu):
+def test_gpu_plans_keep_quantized_weights(gpu, monkeypatch):
+    # a CUDA plan routes attention through agentd.gpu_attention: undone after this test
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", mx.fast.scaled_dot_product_attention)
     model = tiny_quantized_llama()
     plan = device.prepare_for_device(model, device_backend=gpu)
     assert plan.device == "gpu" and plan.backend == gpu and plan.dequantized == 0
@@ -99,6 +101,9 @@ def test_gpu_plans_keep_quantized_weights(gpu):
     assert plan.quantized == 22  # 3 layers x 7 projections + the tied embedding, as loaded
     assert plan.compute_dtype == "float32"  # the scales' dtype of this random model
     assert device.describe(plan).startswith("device: " + {"metal": "Metal", "cuda": "CUDA"}[gpu])
+    # Only on CUDA does a short prefill's attention leave MLX's fused kernel (cuDNN there).
+    assert plan.short_attention_rows == (gpu_attention.MAX_QUERY_ROWS if gpu == device.CUDA else 0)
+    assert hasattr(mx.fast.scaled_dot_product_attention, "fused") == (gpu == device.CUDA)
 
 
 def test_backend_decision():
