@@ -32,6 +32,7 @@ IOV_BATCH = 512  # below every platform's IOV_MAX (1024 on Linux and macOS)
 # On CUDA, make a restore's arrays while its first blocks are read (RowTarget.allocate);
 # "0" makes them first, as before (env: benchmarks/gpu.py restore compares the two).
 OVERLAP_ARRAYS = os.environ.get("AGENTD_RESTORE_OVERLAP", "1").strip() != "0"
+ARRAYS_WAIT_S = 600.0  # a read thread's wait for them: far beyond any restore, short of forever
 
 
 class RowsError(Exception):
@@ -211,8 +212,9 @@ class RowTarget:
     """Full-attention arrays allocated at their final size, filled in place by reads.
 
     `n_alloc` leaves at least one of mlx-lm's 256-token steps to spare, so the next turn's
-    tokens go into rows already there instead of a grow-and-copy of the whole cache. Where MLX's arrays are
-    host memory it can export (CPU, Apple unified memory) reads land in them directly.
+    tokens go into rows already there instead of a grow-and-copy of the whole cache. Where
+    MLX's arrays are host memory it can export (CPU, Apple unified memory) reads land in
+    them directly.
     On CUDA they land in pinned host memory and the copy engine moves them into the arrays
     (`cuda_copy`); without a usable CUDA runtime, straight into the managed arrays; where
     MLX exports no writable buffer at all, in host arrays uploaded once by `install`.
@@ -283,7 +285,8 @@ class RowTarget:
     def _wait_arrays(self) -> None:
         if not self._ready.is_set() and threading.get_ident() == self._owner:
             self.allocate()  # a fill on the owner's thread (a tail): nobody else would
-        self._ready.wait()
+        if not self._ready.wait(ARRAYS_WAIT_S):
+            raise RowsError("the cache's arrays were never made (RowTarget.allocate not called)")
         if self._arrays_error is not None:
             raise RowsError(f"the cache's arrays could not be made: {self._arrays_error}")
 

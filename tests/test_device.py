@@ -296,7 +296,11 @@ for n, k in [(3072, 576), (576, 1536), (729, 64), (64, 729), (48, 64), (7, 5), (
         )
 model = tiny_quantized_llama()
 plan = device.prepare_for_device(model, force_cpu=True)
+import mlx_lm.models.llama as llama
+from agentd import fewattn
 print(json.dumps({"active": blas.gemv_forward_active(), "one_row": plan.one_row,
+                  "attention": plan.attention,
+                  "routed": llama.scaled_dot_product_attention is fewattn.attention and llama.swiglu is fewattn.swiglu,
                   "gemv_rows": plan.gemv_rows, "worst": worst, "cases": cases,
                   "row_invariant": variant,
                   "greedy": [greedy(model, p) for p in PROMPTS]}))
@@ -306,8 +310,9 @@ print(json.dumps({"active": blas.gemv_forward_active(), "one_row": plan.one_row,
 @needs_forwarder
 def test_forwarded_few_row_products_and_greedy_tokens_are_exact(tmp_path):
     """m = 1..32 products in every operand layout (transposes, leading dimensions, alpha and
-    beta) against float64, rows bit-identical to the same row alone, and greedy tokens equal
-    to the quantized reference's, in a process with the forwarder preloaded as agentd does."""
+    beta) against float64, rows bit-identical to the same row alone, and greedy tokens (through
+    agentd's few-row attention too) equal to the quantized reference's, in a process with the
+    forwarder preloaded as agentd does."""
     forwarder = blas.build_gemv_forward(tmp_path)
     env = dict(os.environ, LD_PRELOAD=f"{forwarder}:{blas.find_openblas()}", OPENBLAS_NUM_THREADS="2")
     env[blas.ENV_MARKER] = "1"
@@ -318,6 +323,8 @@ def test_forwarded_few_row_products_and_greedy_tokens_are_exact(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["active"] and out["one_row"] == "forwarded" and out["gemv_rows"] == 0
+    # Few-row attention runs in the same library (agentd.fewattn): greedy tokens below go through it.
+    assert out["attention"] == "agentd" and out["routed"]
     assert out["cases"] == 8 * 13 * 8
     assert out["worst"] < 1e-5
     # 33 rows go to OpenBLAS, which promises nothing about rows; up to 32 the kernel does.
