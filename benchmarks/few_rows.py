@@ -15,9 +15,10 @@ Three parts, each in its own process(es), in one run:
    GFLOP/s and the weight bytes read per second beside the machine's memory copy rate.
 2. **Forward pass.** The default model in-process (agentd's CPU path) with ~725 tokens of
    context: one forward pass of m = 1, 2, 4, 8, 16, 24, 32 new tokens, median of --runs rounds,
-   in one process that alternates between agentd's forwarder as it ships and the same
-   forwarder taking one-row products only (every product of 2 or more rows goes to OpenBLAS,
-   as before issue 11b), so both see the same machine load.
+   in one process that alternates between agentd's CPU path as it ships, the same with MLX's
+   attention and SwiGLU in place of agentd's few-row ones (`agentd.fewattn`), and the forwarder
+   taking one-row products only (every product of 2 or more rows goes to OpenBLAS, as before
+   issue 11b; MLX's attention), so all three see the same machine load.
 3. **Restart follow-up.** The real daemon over its socket: each of --runs agents, created with
    a ~700-token system prompt, is asked its first turn (whole prompt prefilled) in a freshly
    started daemon; then, after a restart, a follow-up (cache restored from disk, ~20 new
@@ -193,7 +194,7 @@ def forward_worker(runs: int, quick: bool, model_dir: str | None) -> dict:
     import mlx_lm
     from mlx_lm.models.cache import make_prompt_cache
 
-    from agentd import blas, device
+    from agentd import blas, device, fewattn
 
     model, _ = mlx_lm.load(str(c.resolve_model(model_dir)))
     plan = device.prepare_for_device(model)
@@ -206,11 +207,14 @@ def forward_worker(runs: int, quick: bool, model_dir: str | None) -> dict:
         mx.eval([layer.state for layer in cache])
     forwarder = ctypes.CDLL(next(p for p in os.environ["LD_PRELOAD"].split(":") if blas.FORWARD_STEM in p))
     shipped = forwarder.agentd_few_rows_max(ctypes.c_int(-1))
-    modes = {"agentd": shipped, "one_row_only": 1}
+    attention_rows = fewattn.MAX_QUERY_ROWS
+    # (rows the product kernel takes, rows agentd's attention takes); 0: MLX's attention.
+    modes = {"agentd": (shipped, attention_rows), "mlx_attention": (shipped, 0), "one_row_only": (1, 0)}
     times = {mode: {m: [] for m in FORWARD_ROWS} for mode in modes}
     for _ in range(runs + 1):  # the first round warms up and is dropped
-        for mode, rows in modes.items():
+        for mode, (rows, attention) in modes.items():
             forwarder.agentd_few_rows_max(ctypes.c_int(rows))
+            fewattn.MAX_QUERY_ROWS = attention
             for m in FORWARD_ROWS:
                 toks = mx.random.randint(3, vocab, (1, m), key=mx.random.key(m))
                 mx.eval(toks)
@@ -220,6 +224,7 @@ def forward_worker(runs: int, quick: bool, model_dir: str | None) -> dict:
                 for layer in cache:
                     layer.trim(m)
     forwarder.agentd_few_rows_max(ctypes.c_int(shipped))
+    fewattn.MAX_QUERY_ROWS = attention_rows
     return {
         "context": context,
         "plan": plan.to_dict(),
@@ -360,7 +365,7 @@ def main() -> None:
             rows.append((label, *(f"{t:.1f}" for t in ms.values()),
                          *(f"{ms[str(m)] / ms['1']:.2f}x" for m in (4, 16))))
         print(c.table(rows, ("forward pass ms", *(f"{m} tok" for m in FORWARD_ROWS), "4/1", "16/1")))
-        print(f"(~{forward['context']} tokens of context, median of {args.runs} rounds alternating the two; "
+        print(f"(~{forward['context']} tokens of context, median of {args.runs} rounds alternating the three; "
               f"agentd's forwarder takes up to {forward['max_rows']} rows)")
         f = forward["modes"]["agentd"]["ms"]
         goals["forward_4_over_1_at_most_1.5"] = f["4"] / f["1"] <= 1.5

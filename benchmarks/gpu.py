@@ -415,12 +415,13 @@ def restore_variants(n_tokens: int, work: Path, runs: int = 3) -> dict:
     rng = np.random.default_rng(0)
     piece = [rng.integers(0, 65535, (1, 8, B, 128), dtype=np.uint16) for _ in layout.arrays]
     for i, bid in enumerate(ids):  # random rows, the same for every block (ids differ by tokens)
-        store.write(bid, parents[i], tokens[i * B:(i + 1) * B], layout, row_buffers(piece, 0, B))
+        store.write(bid, parents[i], tokens[i * B:(i + 1) * B], layout, row_buffers(piece, 0, B), i * B)
     nbytes = layout.row_bytes() * len(tokens)
     real_staging = kvrows._cuda_staging
 
-    def restore(threads: int, staging, read_only: bool = False) -> tuple[float, float]:
+    def restore(threads: int, staging, read_only: bool = False, overlap: bool = True) -> tuple[float, float]:
         kvrows._cuda_staging = lambda: staging
+        kvrows.OVERLAP_ARRAYS = overlap
         t0 = time.perf_counter()
         target = kvrows.RowTarget(layout, len(tokens))
 
@@ -436,8 +437,10 @@ def restore_variants(n_tokens: int, work: Path, runs: int = 3) -> dict:
             else:
                 target.fill(i * B, (i + 1) * B, read)
 
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(one, range(len(ids))))
+        with ThreadPoolExecutor(threads) as pool:  # as CacheRepository._read_blocks runs it
+            pending = pool.map(one, range(len(ids)))
+            target.allocate()
+            list(pending)
         arrays = target.arrays
         t1 = time.perf_counter()
         mx.eval([a.sum() for a in arrays])
@@ -455,6 +458,7 @@ def restore_variants(n_tokens: int, work: Path, runs: int = 3) -> dict:
     if rt is not None:
         via_dev = cuda_copy.Staging(rt, 16, via_device=True)
         variants = {"pinned_2d_8threads": (8, pinned), "pinned_2d_16threads": (16, pinned),
+                    "pinned_2d_16threads_arrays_first": (16, pinned, False, False),
                     "via_device_8threads": (8, via_dev), "via_device_16threads": (16, via_dev),
                     "read_and_check_only_8threads": (8, pinned, True), "read_and_check_only_16threads": (16, pinned, True)}
         pinned.max_slots = 16
@@ -468,6 +472,7 @@ def restore_variants(n_tokens: int, work: Path, runs: int = 3) -> dict:
                       "exact": all(t[2] for t in times)}
         c.log(f"restore {len(tokens)} tokens, {label}: {out[label]}")
     kvrows._cuda_staging = real_staging
+    kvrows.OVERLAP_ARRAYS = True
     shutil.rmtree(root, ignore_errors=True)
     return out
 
@@ -625,7 +630,7 @@ def bench_model(name: str, args, cache_home: Path, save) -> dict:
             contexts[str(n)]["warm_restore"] = _turn(d, f"a{n}", "One more thing: who owns the fix?", 8, ptx)
         save(out)
     finally:
-        out["daemon_log_tail"] = d.stderr()[-8000:]
+        out["daemon_log_tail"] = d.stderr()[-30000:]
         save(out)
         d.stop()
     return out

@@ -561,11 +561,13 @@ def few_rows_section(d: dict) -> list[str]:
     ms_rows = list(modes["agentd"]["ms"])
     L.append(f"**Forward pass** of the default model in-process (agentd's CPU path) with {fw['context']} tokens "
              f"of context, m new tokens, median of {len(modes['agentd']['runs_ms']['1'])} rounds in one process "
-             "that alternates agentd's forwarder as shipped with the same forwarder taking one-row products only "
-             "(every product of two or more rows to OpenBLAS, as before).")
+             "that alternates agentd's CPU path as shipped, the same with MLX's attention and SwiGLU in place of "
+             "agentd's few-row ones, and the forwarder taking one-row products only (every product of two or more "
+             "rows to OpenBLAS, as before).")
     L.append("")
     rows = []
-    labels = {"agentd": "agentd", "one_row_only": "rows ≥ 2 to OpenBLAS (before)"}
+    labels = {"agentd": "agentd", "mlx_attention": "agentd with MLX's attention and SwiGLU",
+              "one_row_only": "rows ≥ 2 to OpenBLAS, MLX's attention (before)"}
     for mode, v in modes.items():
         # The median, and the fastest of the rounds: on a shared machine the least disturbed one.
         for how, ms in (("median", v["ms"]), ("fastest", {m: min(ts) for m, ts in v["runs_ms"].items()})):

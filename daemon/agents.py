@@ -240,6 +240,12 @@ class AgentStore:
         agent.nbytes = cache_nbytes(agent.cache)
         agent.last_used = time.time()
         agent.busy -= 1
+        if gen.ttft_s:
+            t = gen.timings
+            log.info("turn %s: first token at %.0f ms: restore %.0f ms, waited %.0f ms, prefill of %d tokens "
+                     "(%d cached) %.0f ms", agent.name or "(scratch)", gen.ttft_s * 1000 + turn.restore_ms,
+                     turn.restore_ms, t.get("waited_ms", 0), gen.prefilled_tokens, gen.reused_tokens,
+                     t.get("prefill_ms", 0))
         return gen
 
     def begin_turn(

@@ -399,8 +399,14 @@ class CacheRepository:
         # Segments fill disjoint rows, and preadv and xxh3 release the GIL: on an H200's host
         # (gpu.py split, 1.07 GB hot in the page cache) 8 threads read at 13 GB/s and hash
         # at 37 GB/s, one thread at 2.6 and 5 GB/s. A segment after a refused one is read
-        # for nothing: its rows lie beyond the prefix kept.
-        list(_pool().map(read, segments))
+        # for nothing: its rows lie beyond the prefix kept. The arrays are made here, on the
+        # MLX thread, while the first segments are read (on CUDA they fill pinned slots
+        # meanwhile: RowTarget.allocate).
+        pending = _pool().map(read, segments)
+        try:
+            target.allocate()
+        finally:
+            list(pending)  # every read is done before the caller closes the files
         t = target.timings
         return {"arrays": target.take(),
                 "how": f"arrays {t['arrays_ms']:.0f} ms; reading and checking {t['read_ms']:.0f} ms, copies to the "

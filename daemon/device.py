@@ -11,6 +11,7 @@ runs far below the memory bound. When `agentd.blas` preloaded its forwarder, MLX
 `sgemm` calls already reach its streaming kernel and the model stays pure MLX. Without it,
 one-row products leave MLX for numpy's bundled OpenBLAS `sgemv`: still 2x faster than the
 `sgemm`, but every round trip is an MLX evaluation (40 vs 30 ms a step on SmolLM2-135M).
+With the forwarder, attention over queries of few rows runs in its library too (`agentd.fewattn`).
 
 The compute dtype is recorded in the plan, so a KV cache file can say what made it.
 """
@@ -53,6 +54,12 @@ class DevicePlan:
     one_row: str = ""
     backend: str = ""  # "metal", "cuda" or "cpu" (`decide_backend`)
     quantized: int = 0  # layers left quantized, as loaded (0 on the CPU, which dequantizes them)
+    # What runs attention over queries of up to `fewattn.MAX_QUERY_ROWS` rows: "agentd" (the
+    # few-row library's kernel, `agentd.fewattn`) or "mlx"; "" on a GPU.
+    attention: str = ""
+    # On CUDA: attention over at most this many query rows is composed of matrix products
+    # instead of cuDNN's, which plans every new shape (agentd.gpu_attention); 0: not used.
+    short_attention_rows: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -251,17 +258,22 @@ def prepare_for_device(
     "cuda", "cpu") overrides `backend()`, and `force_cpu=True` means "cpu" (tests).
     `gemv_rows` defaults to 0 when the sgemm forwarder is loaded, else 1.
     """
-    from . import blas
+    from . import blas, fewattn
 
     chosen = device_backend or (CPU if force_cpu else backend())
     if chosen not in (METAL, CUDA, CPU):
         raise ValueError(f"unknown backend {chosen!r}")
     if chosen != CPU:
         quantized = sum(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+        short_rows = 0
+        if chosen == CUDA:
+            from . import gpu_attention
+
+            short_rows = gpu_attention.MAX_QUERY_ROWS if gpu_attention.install() else 0
         # "blas" names what runs the matrix products: MLX's own Metal kernels, or cuBLAS
         # (and MLX's quantized kernels) on CUDA.
         return DevicePlan("gpu", _model_dtype(model), 0, 0, "metal" if chosen == METAL else "cublas",
-                          GPU_PREFILL_CHUNK, backend=chosen, quantized=quantized)
+                          GPU_PREFILL_CHUNK, backend=chosen, quantized=quantized, short_attention_rows=short_rows)
     forwarded = blas.gemv_forward_active()
     if gemv_rows is None:
         gemv_rows = 0 if forwarded else 1
@@ -269,8 +281,11 @@ def prepare_for_device(
     if gemv_rows:
         _limit_numpy_blas_threads(1)
     one_row = "numpy" if gemv_rows else ("forwarded" if forwarded else "sgemm")
+    # The attention kernel lives in the forwarder's library, beside the threads it shares.
+    attention = "agentd" if forwarded and fewattn.install(model) else "mlx"
     return DevicePlan(
-        "cpu", CPU_COMPUTE_DTYPE, n, gemv_rows, blas.mlx_blas(), CPU_PREFILL_CHUNK, one_row, backend=CPU
+        "cpu", CPU_COMPUTE_DTYPE, n, gemv_rows, blas.mlx_blas(), CPU_PREFILL_CHUNK, one_row, backend=CPU,
+        attention=attention,
     )
 
 
@@ -279,10 +294,13 @@ def describe(plan: DevicePlan) -> str:
     if plan.device == "gpu":
         name = _DESCRIBED.get(plan.backend, plan.backend or "GPU")
         kept = f" ({plan.quantized} layers quantized)" if plan.quantized else ""
-        return f"device: {name}, weights as loaded{kept}, compute {plan.compute_dtype}"
+        short = (f", attention of prefills up to {plan.short_attention_rows} tokens composed"
+                 if plan.short_attention_rows else "")
+        return f"device: {name}, weights as loaded{kept}, compute {plan.compute_dtype}{short}"
     return (
         f"device: CPU, {plan.dequantized} layers dequantized to {plan.compute_dtype}, "
-        f"MLX BLAS {plan.blas}, few-row products via {_ONE_ROW[plan.one_row]}"
+        f"MLX BLAS {plan.blas}, few-row products via {_ONE_ROW[plan.one_row]}, "
+        f"few-row attention via {'agentd' if plan.attention == 'agentd' else 'MLX'}"
     )
 
 

@@ -32,6 +32,9 @@ enum { MAX_PACKED = 1 << 22 }; /* floats of A this file repacks at most (16 MiB)
 enum { MAX_THREADS = 8 };
 /* Below this many floats of B a second thread's wake-up costs more than it saves. */
 enum { SPLIT_MIN_B = 1 << 18 };
+/* ... unless the rows make it compute-bound: 22 rows by the 192 x 576 k/v projections ran on one
+ * thread (117 us) where two take ~65 us. */
+enum { SPLIT_MIN_WORK = 1 << 21 };
 
 #if defined(__AVX512F__)
 #define VEC 16
@@ -175,7 +178,8 @@ DEFINE_NT_TILE(3)
 DEFINE_NT_TILE(4)
 
 /* Columns [j0, j1) of C (rows of B). */
-static void nt_columns(const product *pr, int j0, int j1) {
+static void nt_columns(const void *arg, int j0, int j1) {
+    const product *pr = arg;
     for (int j = j0; j < j1; j += NT_R) {
         int r = j1 - j < NT_R ? j1 - j : NT_R;
         const float *rows[NT_R];
@@ -253,7 +257,8 @@ DEFINE_NN_TILE(3)
 DEFINE_NN_TILE(4)
 
 /* Column blocks [j0, j1) of C, each NN_W columns wide. */
-static void nn_columns(const product *pr, int j0, int j1) {
+static void nn_columns(const void *arg, int j0, int j1) {
+    const product *pr = arg;
     for (int blk = j0; blk < j1; blk++) {
         int j = blk * NN_W;
         int width = pr->n - j < NN_W ? pr->n - j : NN_W;
@@ -290,7 +295,7 @@ static void nn_columns(const product *pr, int j0, int j1) {
 
 /* --- threads: the caller works too, helpers take chunks when they wake in time ---------------- */
 
-typedef void (*chunk_fn)(const product *pr, int from, int to);
+typedef void (*chunk_fn)(const void *job, int from, int to);
 
 typedef struct {
     pthread_mutex_t lock;
@@ -298,7 +303,7 @@ typedef struct {
     unsigned long generation; /* bumped per job; a helper joins each generation at most once */
     int open;                 /* helpers may still join the current job */
     int active;               /* helpers inside the current job */
-    const product *pr;
+    const void *pr;
     chunk_fn fn;
     int chunks, chunk_size, units;
     int next; /* next chunk to claim, under `lock` */
@@ -315,7 +320,7 @@ static int claim(int *chunk) {
     return got < pool.chunks;
 }
 
-static void run_chunks(const product *pr, chunk_fn fn, int chunk_size, int units) {
+static void run_chunks(const void *pr, chunk_fn fn, int chunk_size, int units) {
     int chunk;
     while (claim(&chunk)) {
         int from = chunk * chunk_size;
@@ -332,7 +337,7 @@ static void *helper_main(void *unused) {
         while (!(pool.open && pool.generation != seen)) pthread_cond_wait(&pool.wake, &pool.lock);
         seen = pool.generation;
         pool.active++;
-        const product *pr = pool.pr;
+        const void *pr = pool.pr;
         chunk_fn fn = pool.fn;
         int chunk_size = pool.chunk_size, units = pool.units;
         pthread_mutex_unlock(&pool.lock);
@@ -363,7 +368,7 @@ static void start_pool(void) {
  * scheduled in time costs nothing but its share. Jobs are serialised (one pool). */
 static pthread_mutex_t job_lock = PTHREAD_MUTEX_INITIALIZER;
 
-static void parallel(const product *pr, chunk_fn fn, int units, int chunk_size, int split) {
+static void parallel(const void *pr, chunk_fn fn, int units, int chunk_size, int split) {
     if (split) pthread_once(&pool_started, start_pool);
     if (!split || helpers == 0 || units <= chunk_size || pthread_mutex_trylock(&job_lock) != 0) {
         /* Small, single-threaded, or another thread's product holds the pool: run here. */
@@ -444,9 +449,288 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
         return;
     }
     product pr = {m, n, k, kp, a_packed, b, ldb, c, ldc, alpha, beta};
-    int split = (size_t)n * k >= SPLIT_MIN_B;
+    int split = (size_t)n * k >= SPLIT_MIN_B || (size_t)n * k * m >= SPLIT_MIN_WORK;
     if (transposed(trans_b)) /* B is n x k: one unit is a row of B */
-        parallel(&pr, nt_columns, n, 64, split);
+        parallel(&pr, nt_columns, n, 32, split);
     else /* B is k x n: one unit is a block of NN_W columns */
         parallel(&pr, nn_columns, (n + NN_W - 1) / NN_W, 1, split);
+}
+
+/* --- few-row attention ------------------------------------------------------------------------
+ *
+ * softmax(scale Q K^T + mask) V for queries of few rows: a decode step, a batched decode step, the
+ * short prefill of a resumed turn. MLX's CPU backend computes it as a product, a softmax and a
+ * product; its exp runs one element at a time (~13.5 ns each), and a 22-row prefill at 685 tokens
+ * of context spent ~60 ms of ~200 in it. agentd.fewattn calls this through ctypes in place of
+ * mlx-lm's scaled_dot_product_attention on the CPU (prefill chunks of more rows keep MLX's).
+ *
+ * Query rows are the lanes: a tile is AL rows of one KV head's group (GQA: the query heads that
+ * share it, times the positions), Q transposed and scaled into AL-wide columns, so QK^T is
+ * broadcast-multiply-adds of key elements without horizontal sums, the softmax is lane-wise (a
+ * vectorised exp), and PV broadcasts each row's probability over V's rows. Each lane's results
+ * are computed by the same operations in the same order whatever the other lanes hold and however
+ * many rows there are (keys in blocks from position 0; a masked key's probability is exactly 0, so
+ * keys a lane does not see add nothing), so a row is bit-identical to the same row computed alone:
+ * the final chunk of a prompt gives the logits of a decode pass of its last id. */
+
+#if VEC >= 8
+#define AL 8 /* 8 lanes even with AVX-512: a decode step's 3 rows waste fewer of them */
+#else
+#define AL VEC
+#endif
+typedef float va __attribute__((vector_size(AL * 4)));
+typedef int vi __attribute__((vector_size(AL * 4)));
+
+enum { MASK_NONE = 0, MASK_CAUSAL = 1, MASK_BOOL = 2, MASK_ADD = 3 };
+enum { KB = 8 };                  /* keys per pass over a tile's Q columns */
+enum { ATTN_SPLIT_MIN = 1 << 18 }; /* multiply-adds below which one thread does the whole call */
+
+typedef struct {
+    int b, hq, hkv, lq, lk, d, dv, rep, tiles; /* tiles: per (batch, KV head) */
+    const float *q, *k, *v;
+    long long qs[3], ks[3], vs[3]; /* element strides of batch, head, position; the last axis is dense */
+    float scale;
+    int mask_kind;
+    const void *mask;
+    long long ms[4]; /* element strides of the mask over batch, query head, query, key */
+    float *out;      /* b x lq x hq x dv */
+} attn_job;
+
+static inline va va_load(const float *p) {
+    va v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline va va_select(vi take_a, va a, va b) { return (va)((take_a & (vi)a) | (~take_a & (vi)b)); }
+
+/* exp, lane-wise (Cephes' expf: range reduction by ln 2 in two parts, a degree-6 polynomial, about
+ * 1 ulp). Below -87.3 (exp is under FLT_MIN there) and at -inf it is exactly 0. */
+static inline va va_exp(va x) {
+    const va hi = (va){0} + 88.3762626647949f, lo = (va){0} - 87.3365447504019f;
+    vi under = x < lo;
+    x = va_select(x > hi, hi, x);
+    x = va_select(under, lo, x);
+    va fx = x * 1.44269504088896341f;
+    /* round to nearest by the 1.5 * 2^23 trick (exact without -ffast-math, which is not used) */
+    va n = (fx + 12582912.0f) - 12582912.0f;
+    va r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    va p = (va){0} + 1.9875691500E-4f;
+    p = p * r + 1.3981999507E-3f;
+    p = p * r + 8.3334519073E-3f;
+    p = p * r + 4.1665795894E-2f;
+    p = p * r + 1.6666665459E-1f;
+    p = p * r + 5.0000001201E-1f;
+    va y = p * (r * r) + r + 1.0f;
+    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    y = y * (va)e;
+    return (va)((vi)y & ~under);
+}
+
+static __thread float *attn_scratch;
+static __thread size_t attn_scratch_cap;
+
+static void attn_tile(const attn_job *jb, int b, int g, int t) {
+    int d = jb->d, lk = jb->lk, rows = jb->rep * jb->lq;
+    int head[AL], pos[AL], lim[AL], lanes = 0, nvis = 0;
+    for (int l = 0; l < AL; l++) {
+        int r = t * AL + l;
+        if (r < rows) lanes = l + 1;
+        else r = t * AL; /* a short tile repeats its first row: same code, results discarded */
+        head[l] = g * jb->rep + r / jb->lq;
+        pos[l] = r % jb->lq;
+        int off = lk - jb->lq < 0 ? 0 : lk - jb->lq; /* as MLX's causal mask: queries end at the last key */
+        lim[l] = jb->mask_kind == MASK_CAUSAL ? (off + pos[l] + 1 < lk ? off + pos[l] + 1 : lk) : lk;
+        if (lim[l] > nvis) nvis = lim[l];
+    }
+    size_t need = (size_t)(d + nvis) * AL;
+    if (need > attn_scratch_cap) {
+        float *grown = realloc(attn_scratch, need * sizeof(float));
+        if (grown == NULL) abort(); /* 32 bytes a key: a few hundred KiB at most in practice */
+        attn_scratch = grown;
+        attn_scratch_cap = need;
+    }
+    float *qt = attn_scratch, *s = attn_scratch + (size_t)d * AL;
+    for (int l = 0; l < AL; l++) {
+        const float *qr = jb->q + b * jb->qs[0] + head[l] * jb->qs[1] + pos[l] * jb->qs[2];
+        for (int p = 0; p < d; p++) qt[(size_t)p * AL + l] = qr[p] * jb->scale;
+    }
+    const float *kb = jb->k + b * jb->ks[0] + g * jb->ks[1];
+    /* S = (scale Q) K^T: each score one chain of multiply-adds over the head dimension, in order.
+     * The last block repeats a key rather than run other code: GCC contracts a loop of its own into
+     * fused multiply-adds differently, and a key's score would depend on where the block ends. */
+    for (int j = 0; j < nvis; j += KB) {
+        va acc[KB];
+        const float *kr[KB];
+        _Pragma("GCC unroll 8") for (int x = 0; x < KB; x++) {
+            acc[x] = (va){0};
+            kr[x] = kb + (j + x < nvis ? j + x : j) * jb->ks[2];
+        }
+        for (int p = 0; p < d; p++) {
+            va qv = va_load(qt + (size_t)p * AL);
+            _Pragma("GCC unroll 8") for (int x = 0; x < KB; x++) acc[x] += qv * kr[x][p];
+        }
+        for (int x = 0; x < KB && j + x < nvis; x++) memcpy(s + (size_t)(j + x) * AL, &acc[x], sizeof(va));
+    }
+    /* The mask, then the softmax along the keys, lane by lane. */
+    va ninf = (va){0} - __builtin_inff();
+    vi limv;
+    memcpy(&limv, lim, sizeof limv);
+    va mx = ninf;
+    int j;
+    for (j = 0; j < nvis; j++) {
+        va sj = va_load(s + (size_t)j * AL);
+        if (jb->mask_kind == MASK_CAUSAL || jb->mask_kind == MASK_NONE) {
+            sj = va_select((vi){0} + j >= limv, ninf, sj);
+        } else {
+            float m[AL];
+            for (int l = 0; l < AL; l++) {
+                long long at = b * jb->ms[0] + head[l] * jb->ms[1] + pos[l] * jb->ms[2] + j * jb->ms[3];
+                if (jb->mask_kind == MASK_BOOL)
+                    m[l] = ((const unsigned char *)jb->mask)[at] ? 0.0f : -__builtin_inff();
+                else
+                    m[l] = ((const float *)jb->mask)[at];
+            }
+            sj += va_load(m);
+        }
+        mx = va_select(sj > mx, sj, mx);
+        memcpy(s + (size_t)j * AL, &sj, sizeof sj);
+    }
+    va sum = (va){0};
+    for (j = 0; j < nvis; j++) {
+        va e = va_exp(va_load(s + (size_t)j * AL) - mx);
+        sum += e;
+        memcpy(s + (size_t)j * AL, &e, sizeof e);
+    }
+    va inv = 1.0f / sum;
+    for (j = 0; j < nvis; j++) {
+        va e = va_load(s + (size_t)j * AL) * inv;
+        memcpy(s + (size_t)j * AL, &e, sizeof e);
+    }
+    /* O = P V: two rows at a time by up to 8 vectors of V's columns, each element one chain over
+     * the keys in order. */
+    const float *vb = jb->v + b * jb->vs[0] + g * jb->vs[1];
+    enum { PV_W = 8 * AL };
+    for (int l0 = 0; l0 < lanes; l0 += 2) {
+        int l1 = l0 + 1 < lanes ? l0 + 1 : l0;
+        for (int c0 = 0; c0 < jb->dv; c0 += PV_W) {
+            int width = jb->dv - c0 < PV_W ? jb->dv - c0 : PV_W;
+            int nv = (width + AL - 1) / AL;
+            va acc0[8], acc1[8];
+            _Pragma("GCC unroll 8") for (int x = 0; x < 8; x++) acc0[x] = acc1[x] = (va){0};
+            if (width == PV_W) {
+                for (j = 0; j < nvis; j++) {
+                    const float *vr = vb + j * jb->vs[2] + c0;
+                    float p0 = s[(size_t)j * AL + l0], p1 = s[(size_t)j * AL + l1];
+                    _Pragma("GCC unroll 8") for (int x = 0; x < 8; x++) {
+                        va vv = va_load(vr + x * AL);
+                        acc0[x] += p0 * vv;
+                        acc1[x] += p1 * vv;
+                    }
+                }
+            } else {
+                for (j = 0; j < nvis; j++) {
+                    const float *vr = vb + j * jb->vs[2] + c0;
+                    float p0 = s[(size_t)j * AL + l0], p1 = s[(size_t)j * AL + l1];
+                    for (int x = 0; x < nv; x++) {
+                        va vv;
+                        int left = width - x * AL;
+                        if (left >= AL) {
+                            vv = va_load(vr + x * AL);
+                        } else {
+                            float tmp[AL] = {0};
+                            memcpy(tmp, vr + x * AL, (size_t)left * sizeof(float));
+                            vv = va_load(tmp);
+                        }
+                        acc0[x] += p0 * vv;
+                        acc1[x] += p1 * vv;
+                    }
+                }
+            }
+            for (int y = 0; y < 2 && l0 + y < lanes; y++) {
+                int l = l0 + y;
+                float *o = jb->out + (((size_t)b * jb->lq + pos[l]) * jb->hq + head[l]) * jb->dv + c0;
+                va *acc = y ? acc1 : acc0;
+                for (int x = 0; x < nv; x++) {
+                    int left = width - x * AL < AL ? width - x * AL : AL;
+                    memcpy(o + x * AL, &acc[x], (size_t)left * sizeof(float));
+                }
+            }
+        }
+    }
+}
+
+static void attn_units(const void *arg, int u0, int u1) {
+    const attn_job *jb = arg;
+    for (int u = u0; u < u1; u++) {
+        int t = u % jb->tiles, bg = u / jb->tiles;
+        attn_tile(jb, bg / jb->hkv, bg % jb->hkv, t);
+    }
+}
+
+/* Attention for B x Hq x Lq queries over B x Hkv x Lk keys and values (Hq a multiple of Hkv),
+ * float32, each tensor's last axis dense and the other strides (in elements) given for batch, head
+ * and position; mask_kind MASK_NONE, MASK_CAUSAL (query i sees keys up to Lk - Lq + i, as MLX's
+ * "causal"), MASK_BOOL (bytes, true = attend) or MASK_ADD (floats added to the scores), with mask
+ * strides over batch, query head, query and key (0 to broadcast). Writes out as B x Lq x Hq x Dv.
+ * Returns 0, or -1 for shapes it does not take (the caller then uses MLX's attention). */
+int agentd_attention(int b, int hq, int hkv, int lq, int lk, int d, int dv, const float *q,
+                     const long long *qs, const float *k, const long long *ks, const float *v,
+                     const long long *vs, float scale, int mask_kind, const void *mask,
+                     const long long *ms, float *out) {
+    if (b < 1 || hkv < 1 || hq < hkv || hq % hkv || lq < 1 || lk < 1 || d < 1 || dv < 1 ||
+        mask_kind < MASK_NONE || mask_kind > MASK_ADD || (mask_kind >= MASK_BOOL && mask == NULL))
+        return -1;
+    attn_job jb = {b, hq, hkv, lq, lk, d, dv, hq / hkv, (hq / hkv * lq + AL - 1) / AL,
+                   q, k, v, {qs[0], qs[1], qs[2]}, {ks[0], ks[1], ks[2]}, {vs[0], vs[1], vs[2]},
+                   scale, mask_kind, mask, {0, 0, 0, 0}, out};
+    if (mask_kind >= MASK_BOOL)
+        for (int i = 0; i < 4; i++) jb.ms[i] = ms[i];
+    int units = b * hkv * jb.tiles;
+    int split = (double)b * hq * lq * lk * (d + dv) >= ATTN_SPLIT_MIN;
+    parallel(&jb, attn_units, units, 1, split);
+    return 0;
+}
+
+/* --- SwiGLU: silu(gate) * up ------------------------------------------------------------------
+ *
+ * The MLP's activation, whose exp MLX's CPU backend also runs one element at a time: 0.75 ms a
+ * layer for 22 rows of the default model's 1,536-wide MLP (30 layers: ~20 ms of a ~140 ms pass).
+ * agentd.fewattn calls this for calls of a few rows. Computed as MLX writes it, gate *
+ * (1 / (1 + exp(-gate))) * up, each element by the same vector code (the tail through a padded
+ * copy), so an element does not depend on where it falls. */
+static inline va swiglu_va(va g, va u) { return g * (1.0f / (1.0f + va_exp(-g))) * u; }
+
+typedef struct {
+    const float *gate, *up;
+    float *out;
+    long long n;
+} swiglu_job;
+enum { SWIGLU_UNIT = 1024 }; /* elements a thread claims at a time (a multiple of AL) */
+
+static void swiglu_part(const void *arg, int from, int to) {
+    const swiglu_job *jb = arg;
+    long long lo = (long long)from * SWIGLU_UNIT, hi = (long long)to * SWIGLU_UNIT;
+    if (hi > jb->n) hi = jb->n;
+    long long i = lo;
+    for (; i + AL <= hi; i += AL) {
+        va r = swiglu_va(va_load(jb->gate + i), va_load(jb->up + i));
+        memcpy(jb->out + i, &r, sizeof r);
+    }
+    if (i < hi) {
+        float g[AL] = {0}, u[AL] = {0}, o[AL];
+        memcpy(g, jb->gate + i, (size_t)(hi - i) * sizeof(float));
+        memcpy(u, jb->up + i, (size_t)(hi - i) * sizeof(float));
+        va r = swiglu_va(va_load(g), va_load(u));
+        memcpy(o, &r, sizeof r);
+        memcpy(jb->out + i, o, (size_t)(hi - i) * sizeof(float));
+    }
+}
+
+/* out[i] = silu(gate[i]) * up[i] for n dense float32 elements. */
+void agentd_swiglu(long long n, const float *gate, const float *up, float *out) {
+    if (n <= 0) return;
+    swiglu_job jb = {gate, up, out, n};
+    parallel(&jb, swiglu_part, (int)((n + SWIGLU_UNIT - 1) / SWIGLU_UNIT), 8, n >= 1 << 15);
 }

@@ -29,6 +29,10 @@ from mlx_lm.models import cache as C
 ROW_CLASSES = (C.KVCache, C.QuantizedKVCache)
 DTYPES = ("float32", "float16", "bfloat16", "uint32")
 IOV_BATCH = 512  # below every platform's IOV_MAX (1024 on Linux and macOS)
+# On CUDA, make a restore's arrays while its first blocks are read (RowTarget.allocate);
+# "0" makes them first, as before (env: benchmarks/gpu.py restore compares the two).
+OVERLAP_ARRAYS = os.environ.get("AGENTD_RESTORE_OVERLAP", "1").strip() != "0"
+ARRAYS_WAIT_S = 600.0  # a read thread's wait for them: far beyond any restore, short of forever
 
 
 class RowsError(Exception):
@@ -232,33 +236,67 @@ def read_segment(seg: Segment, buffers: list[memoryview]) -> None:
 class RowTarget:
     """Full-attention arrays allocated at their final size, filled in place by reads.
 
-    `n_alloc` rounds up to mlx-lm's 256-token step, so the next turn's tokens go into rows
-    already there instead of a grow-and-copy of the whole cache. Where MLX's arrays are
-    host memory it can export (CPU, Apple unified memory) reads land in them directly.
+    `n_alloc` leaves at least one of mlx-lm's 256-token steps to spare, so the next turn's
+    tokens go into rows already there instead of a grow-and-copy of the whole cache. Where
+    MLX's arrays are host memory it can export (CPU, Apple unified memory) reads land in
+    them directly.
     On CUDA they land in pinned host memory and the copy engine moves them into the arrays
     (`cuda_copy`); without a usable CUDA runtime, straight into the managed arrays; where
     MLX exports no writable buffer at all, in host arrays uploaded once by `install`.
     """
 
     def __init__(self, layout: RowLayout, n_tokens: int, step: int = 256):
-        t0 = time.perf_counter()
         self.layout = layout
         self._lock = threading.Lock()
         self.timings = {"arrays_ms": 0.0, "read_ms": 0.0, "copy_ms": 0.0, "fills": 0}
-        self.n_alloc = max(step, -(-n_tokens // step) * step)
-        self.arrays: list[mx.array] | None = []
+        # At least one step of rows to spare: a follow-up of up to `step` tokens lands in
+        # rows already there. Without it a restore that ends near a step boundary makes the
+        # next turn grow the cache, which copies all of it into new memory (on CUDA, 0.2 s
+        # at 32k tokens of llama-8B for the first touch of that memory alone).
+        self.n_alloc = -(-(n_tokens + step) // step) * step
+        self.arrays: list[mx.array] | None = None
         self._staging = _cuda_staging()
+        self._owner = threading.get_ident()
+        self._ready = threading.Event()
+        self._arrays_error: BaseException | None = None
+        if self._staging is None or not OVERLAP_ARRAYS:
+            self.allocate()
+        # Staged (CUDA): the arrays are made by `allocate`, on the caller's thread, while
+        # the read threads already read and check blocks into their pinned slots; each
+        # fill waits for the arrays only to copy into them. Making 4.3 GB of new managed
+        # memory takes ~0.2 s on an H200 (its first touch), as long as reading 2 GB.
+
+    def allocate(self) -> None:
+        """Make the arrays (once; on the thread that owns MLX, the one that made this)."""
+        if self._ready.is_set():
+            if self._arrays_error is not None:
+                raise self._arrays_error
+            return
+        t0 = time.perf_counter()
+        try:
+            self._make_arrays()
+        except BaseException as e:
+            self._arrays_error = e
+            raise
+        finally:
+            self.timings["arrays_ms"] = (time.perf_counter() - t0) * 1000
+            self._ready.set()
+
+    def _make_arrays(self) -> None:
+        layout = self.layout
         # With staged copies the arrays are made in their host dtypes (bfloat16 as uint16),
         # so their buffers export directly, and are viewed back by `install`.
         dtype = (lambda s: getattr(mx, _host_dtype(s.dtype))) if self._staging else (lambda s: getattr(mx, s.dtype))
+        arrays = []
         for spec in layout.arrays:
             # Zeroed on the default stream. On CUDA that is a GPU kernel, so the pages start
             # out on the GPU, where the staged copies write them (and where a host fill
             # faults them over: still faster than zeroing on the CPU stream, measured on an
             # H200 with gpu.py split, 1.07 GB: 0.002 + 0.11 + 0.09 s for zeros, fill and
             # first GPU pass against 0.37 + 0.05 + 0.10 s).
-            self.arrays.append(mx.zeros((1, spec.heads, self.n_alloc, spec.width), dtype=dtype(spec)))
-        mx.eval(self.arrays)
+            arrays.append(mx.zeros((1, spec.heads, self.n_alloc, spec.width), dtype=dtype(spec)))
+        mx.eval(arrays)
+        self.arrays = arrays
         try:
             self.views = [_shared_view(a) for a in self.arrays]
         except (TypeError, ValueError, RuntimeError):
@@ -267,9 +305,15 @@ class RowTarget:
                           for s in layout.arrays]
         if self._staging is not None:
             mx.synchronize()  # the zeros are written before any copy lands
-            self._row_bytes = [s.width * getattr(mx, s.dtype).size for s in layout.arrays]
             self._dst = [v.ctypes.data for v in self.views]
-        self.timings["arrays_ms"] = (time.perf_counter() - t0) * 1000
+
+    def _wait_arrays(self) -> None:
+        if not self._ready.is_set() and threading.get_ident() == self._owner:
+            self.allocate()  # a fill on the owner's thread (a tail): nobody else would
+        if not self._ready.wait(ARRAYS_WAIT_S):
+            raise RowsError("the cache's arrays were never made (RowTarget.allocate not called)")
+        if self._arrays_error is not None:
+            raise RowsError(f"the cache's arrays could not be made: {self._arrays_error}")
 
     def buffers(self, lo: int, hi: int) -> list[memoryview]:
         """The arrays' own rows [lo, hi), in storage order (host-visible memory)."""
@@ -282,30 +326,38 @@ class RowTarget:
         t0 = time.perf_counter()
         staging = self._staging
         if staging is None:
+            self._wait_arrays()
             read(self.buffers(lo, hi))
             self._count(t0, time.perf_counter())
             return
         from . import cuda_copy
 
         n = hi - lo
-        sizes = [s.heads * n * rb for s, rb in zip(self.layout.arrays, self._row_bytes)]
+        row_bytes = [s.width * getattr(mx, s.dtype).size for s in self.layout.arrays]
+        sizes = [s.heads * n * rb for s, rb in zip(self.layout.arrays, row_bytes)]
         try:
             slot = staging.take(sum(sizes))
         except cuda_copy.CudaError as e:
+            self._wait_arrays()
             self._give_up_staging(e)
             read(self.buffers(lo, hi))
             self._count(t0, time.perf_counter())
             return
         try:
+            # In the slot the rows lie in storage order, back to back: one buffer to read
+            # into and hash (one iovec, not one per head and array).
+            read([memoryview(slot.host[:sum(sizes)])])  # raises: nothing is copied
+            t1 = time.perf_counter()
+            self._wait_arrays()
+            if self._staging is None:  # given up by another fill meanwhile: host writes
+                read(self.buffers(lo, hi))
+                self._count(t0, t1, time.perf_counter())
+                return
             copies, off = [], 0
-            for spec, rb, size, dst in zip(self.layout.arrays, self._row_bytes, sizes, self._dst):
+            for spec, rb, size, dst in zip(self.layout.arrays, row_bytes, sizes, self._dst):
                 # one 2-D copy per array: a run of n rows for every head, heads n_alloc rows apart
                 copies.append((dst + lo * rb, self.n_alloc * rb, off, n * rb, n * rb, spec.heads))
                 off += size
-            # In the slot the rows lie in storage order, back to back: one buffer to read
-            # into and hash (one iovec, not one per head and array).
-            read([memoryview(slot.host[:off])])  # raises: nothing is copied
-            t1 = time.perf_counter()
             try:
                 staging.upload(slot, copies)
             except cuda_copy.CudaError as e:
@@ -328,11 +380,15 @@ class RowTarget:
             self.timings["fills"] += 1
 
     def take(self) -> list[mx.array]:
-        """The filled arrays (host dtypes: `install` views them back); the target lets go."""
+        """The filled arrays (host dtypes: `install` views them back). The target lets go of
+        them and their views: an array still held here (or its buffer, through a view)
+        would make the first update of each layer copy the whole array instead of writing
+        its new rows in place."""
+        self.allocate()  # no-op unless nothing was filled
         arrays = self.arrays
         if arrays is None:  # one upload per array
             arrays = [mx.array(v) for v in self.views]
-        self.views = []  # drop the numpy views: the cache owns the memory now
+        self.views, self.arrays = [], None
         return arrays
 
     def install(self, cache: list, n_tokens: int) -> None:
@@ -372,7 +428,7 @@ def host_read_usable() -> bool:
 
 def read_rows(layout: RowLayout, n_tokens: int, segments: list[Segment], submit: Callable,
               step: int = 256) -> list[mx.array]:
-    """New arrays for `layout` (`n_tokens` rounded up to `step` rows, as RowTarget) holding
+    """New arrays for `layout` (with a `step` of rows to spare, as RowTarget) holding
     the segments' rows, read by `submit`ted jobs (one a segment) straight into the arrays'
     own memory while this thread is still making the later arrays: the arrays are made
     (zeroed) in GROUPS groups of consecutive layers, and a segment's rows of a group, one
@@ -382,7 +438,7 @@ def read_rows(layout: RowLayout, n_tokens: int, segments: list[Segment], submit:
     whether its rows may be used: the caller keeps those before the first refused one
     (the rest are never read: the cache's offset ends there). RowsError: MLX gives no
     writable view of its arrays here (the caller uses RowTarget)."""
-    n_alloc = max(step, -(-n_tokens // step) * step)
+    n_alloc = -(-(n_tokens + step) // step) * step  # a step to spare, as RowTarget
     specs = layout.arrays
     k = -(-len(specs) // GROUPS)
     groups = [range(g, min(g + k, len(specs))) for g in range(0, len(specs), k)]

@@ -33,7 +33,7 @@ Result fields per op:
                       saved_by_sharing_bytes, agent_bytes, garbage_blocks,
                       garbage_bytes, legacy_files, block_tokens, kv_bits},
               scheduler {turns_in_flight, batched_steps (decode passes that carried
-                      several turns), max_batch},
+                      several turns), max_batch, clients (greeted socket connections)},
               problems [{agent, reason, message, moved_to, at}]   (refused cache files)
               http   {address, base_url, token_file} | None   (the HTTP front end)
               agents [AgentInfo]

@@ -10,9 +10,9 @@ Work arrives as two kinds of item, each answered through a concurrent Future:
 * a **job** (`submit`): anything else that touches MLX or the hot set (save, evict,
   delete, reset, flush, memory checks). Jobs run between steps, never inside a turn.
 
-An idle scheduler that admits a turn while turns have lately run side by side waits a few
-ms for companions before its first step (`ADMIT_WINDOW_S`), so turns sent at once start
-and batch together.
+An idle scheduler that admits a turn while turns have lately run side by side, or while
+more than one client is connected, waits a few ms for companions before its first step
+(`ADMIT_WINDOW_S`), so turns sent at once start and batch together.
 
 An item that names an agent (`agent=`) waits while that agent has a turn in flight, and
 runs after it in arrival order: a second chat to a busy agent queues behind the first
@@ -40,7 +40,10 @@ log = logging.getLogger("agentd.scheduler")
 # have lately run side by side, it waits this long for companions before the first step.
 ADMIT_WINDOW_S = 0.010
 # "Lately": a program that ran agents side by side this recently is likely to again. A
-# lone agent's turns (no other in flight for this long) start at once, with no wait.
+# program's first turns sent at once have no such past, but its clients are connected
+# (one connection per agent thread, as in the demo) before they send: so the window also
+# applies while more than one client is connected. A lone client's turns (no other
+# connection, none in flight for this long) start at once, with no wait.
 COMPANIONS_RECENT_S = 60.0
 
 
@@ -83,6 +86,7 @@ class Scheduler:
         self._futures: dict[int, tuple] = {}  # id(turn) -> (its plan, its Future)
         self._busy: set[str] = set()
         self._side_by_side_at = float("-inf")  # monotonic time two turns were last in flight at once
+        self.clients = 0  # greeted socket connections open; written by the server's thread only
         self.store = None  # the AgentStore, created on this thread by open_store()
         self.stepper = None
         self.after_turns: Callable[[], None] | None = None  # runs after retiring, between steps
@@ -120,6 +124,7 @@ class Scheduler:
             "turns_in_flight": len(self._active),
             "batched_steps": stepper.batched_steps if stepper else 0,
             "max_batch": stepper.max_batch if stepper else 0,
+            "clients": self.clients,
         }
 
     def drain(self, timeout: float | None = None) -> bool:
@@ -147,8 +152,7 @@ class Scheduler:
         deadline = None
         while True:
             self._dispatch(item)
-            if (deadline is None and block and self._active
-                    and time.monotonic() - self._side_by_side_at < COMPANIONS_RECENT_S):
+            if deadline is None and block and self._active and self._companions_likely():
                 deadline = time.monotonic() + ADMIT_WINDOW_S
             try:
                 if deadline is None:
@@ -157,6 +161,9 @@ class Scheduler:
                     item = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 return
+
+    def _companions_likely(self) -> bool:
+        return self.clients > 1 or time.monotonic() - self._side_by_side_at < COMPANIONS_RECENT_S
 
     def _dispatch(self, item) -> None:
         name = item.agent

@@ -39,6 +39,8 @@ class Generation:
     ttft_s: float
     decode_s: float
     prompt_tokens: int = 0
+    # Where the time to first token went: "waited_ms" from prepared to its first prefill
+    # chunk (other turns' steps, jobs), "prefill_ms" in its own prefill chunks.
     timings: dict = field(default_factory=dict)
 
 
@@ -99,6 +101,8 @@ class Sequence:
         self.generated: list[int] = []
         self.finish: FinishReason = "length"
         self.ttft_s: float | None = None
+        self.waited_s: float | None = None  # prepared until its first prefill chunk ran
+        self.prefill_s = 0.0  # in prefill chunks, the first token's sampling included
         self.t_decode = 0.0
         self.decode_s = 0.0
         self._stop = sampling.stop
@@ -127,6 +131,9 @@ class Sequence:
         """Run up to `budget` prompt ids into the cache, in chunks of the engine's size;
         returns how many ran. The chunk that ends the prompt also samples the first token."""
         end, start, chunk = len(self.prompt), self.pos, self.engine.prefill_chunk
+        t0 = time.perf_counter()
+        if self.waited_s is None:
+            self.waited_s = t0 - self.t_start
         stop = min(end, self.pos + budget)
         while self.pos < stop:
             hi = min(self.pos + chunk, stop)
@@ -141,6 +148,7 @@ class Sequence:
             self.pos = hi
             if self.on_progress is not None:
                 self.on_progress(hi - self.reused, end - self.reused)
+        self.prefill_s += time.perf_counter() - t0
         if self.pos == end:
             self.phase = DECODE
             self.accept(first.item())
@@ -185,6 +193,7 @@ class Sequence:
             ttft_s=self.ttft_s or 0.0,
             decode_s=self.decode_s,
             prompt_tokens=len(self.prompt),
+            timings={"waited_ms": (self.waited_s or 0.0) * 1000, "prefill_ms": self.prefill_s * 1000},
         )
 
     @property

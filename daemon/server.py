@@ -262,7 +262,8 @@ class Server:
         except Exception:
             log.exception("connection failed")
         finally:
-            del self._conns[task]
+            if self._conns.pop(task).greeted:
+                self.daemon.scheduler.clients -= 1
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -342,4 +343,6 @@ class Server:
             if req.op == "hello":
                 if reply.get("type") == "error":
                     return
+                if not conn.greeted:  # a second hello on one connection counts once
+                    self.daemon.scheduler.clients += 1  # the scheduler's admission window reads it
                 conn.greeted = True

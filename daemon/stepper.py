@@ -1,9 +1,10 @@
 """One scheduling step over the turns in flight: a decode forward pass for every decoding
 sequence (batched where their caches can merge) and a bounded budget of prefill.
 
-Batching uses mlx-lm's `BatchKVCache` (`merge` left-pads the rows' caches into one,
-`extend` adds rows, `extract`/`filter` take one out). The batch is re-formed only when
-the set of decoding sequences changes, not every step. A sequence whose cache is not all
+Batching uses mlx-lm's `BatchKVCache`: `merge_with_room` left-pads the rows' caches into
+one (as its `merge`, with room for the next tokens), `extend` adds rows, and rows that
+finish in a step leave together (`extract_with_room` each, then one `filter`). The batch is
+re-formed only when the set of decoding sequences changes, not every step. A sequence whose cache is not all
 plain `KVCache` layers (a sliding window's `RotatingKVCache`, a `QuantizedKVCache`) decodes
 alone in the same step. When only one sequence decodes it runs unbatched, the same
 computation as a turn that runs by itself, so a lone turn is token-exact.
@@ -42,7 +43,7 @@ class BatchGroup:
         return any(s is seq for s in self.seqs)
 
     def add(self, seqs: list[Sequence]) -> None:
-        merged = [BatchKVCache.merge([s.cache[i] for s in seqs]) for i in range(len(seqs[0].cache))]
+        merged = [merge_with_room([s.cache[i] for s in seqs]) for i in range(len(seqs[0].cache))]
         if not self.seqs:
             self.cache = merged
         else:
@@ -52,20 +53,69 @@ class BatchGroup:
             s.cache = None  # the rows now live in the batch; a copy would double the memory
             self.seqs.append(s)
 
-    def remove(self, seq: Sequence) -> None:
-        """Give `seq` its own cache back (exactly its tokens) and drop its row."""
-        i = next(j for j, s in enumerate(self.seqs) if s is seq)
-        seq.cache = [layer.extract(i) for layer in self.cache]
-        keep = mx.array([j for j in range(len(self.seqs)) if j != i])
+    def remove(self, leaving: list[Sequence]) -> None:
+        """Give each of `leaving` its own cache back (exactly its tokens) and drop their rows,
+        all in one filter: rows that finish in the same step leave together."""
+        rows = [j for j, s in enumerate(self.seqs) if any(s is x for x in leaving)]
+        for j in rows:
+            self.seqs[j].cache = [extract_with_room(layer, j) for layer in self.cache]
+        keep = [j for j in range(len(self.seqs)) if j not in rows]
         for layer in self.cache:
-            layer.filter(keep)
-        self.seqs.pop(i)
+            layer.filter(mx.array(keep))
+        self.seqs = [self.seqs[j] for j in keep]
 
     def dissolve(self) -> None:
-        for seq in list(self.seqs):
-            i = self.seqs.index(seq)
-            seq.cache = [layer.extract(i) for layer in self.cache]
+        for j, seq in enumerate(self.seqs):
+            seq.cache = [extract_with_room(layer, j) for layer in self.cache]
         self.seqs, self.cache = [], []
+
+
+def _room(tokens: int) -> int:
+    """Buffer length for `tokens` with room for at least one more, in mlx-lm's steps of 256."""
+    return (tokens // BatchKVCache.step + 1) * BatchKVCache.step
+
+
+def merge_with_room(caches: list[KVCache]) -> BatchKVCache:
+    """mlx-lm's `BatchKVCache.merge` (rows left-padded to the longest), in a buffer with
+    room for the next tokens: merge's buffer is exactly as long as the longest row, so the
+    first decode step of every new batch allocated a larger one and copied all rows again."""
+    lengths = [c.offset for c in caches]
+    longest = max(lengths)
+    if longest == 0:
+        return BatchKVCache([0] * len(caches))
+    first = next(c for c in caches if c.keys is not None)
+    _, heads, _, k_dim = first.keys.shape
+    cap = _room(longest)
+    keys = mx.zeros((len(caches), heads, cap, k_dim), first.keys.dtype)
+    values = mx.zeros((len(caches), heads, cap, first.values.shape[3]), first.values.dtype)
+    padding = [longest - n for n in lengths]
+    for i, (pad, c) in enumerate(zip(padding, caches)):
+        if c.offset:
+            keys[i : i + 1, :, pad:longest] = c.keys[..., : c.offset, :]
+            values[i : i + 1, :, pad:longest] = c.values[..., : c.offset, :]
+    batch = BatchKVCache(padding)
+    batch.keys, batch.values = keys, values
+    batch.offset = batch.offset + longest
+    batch._idx = longest
+    return batch
+
+
+def extract_with_room(batch: BatchKVCache, row: int) -> KVCache:
+    """mlx-lm's `BatchKVCache.extract` (the row's own tokens, padding dropped), in a buffer
+    with room for the next turn's tokens, as a KVCache that never left the turn keeps."""
+    pad = batch.left_padding[row].item()
+    n = batch._idx - pad
+    cache = KVCache()
+    if n <= 0:
+        return cache
+    cap = _room(n)
+    for name in ("keys", "values"):
+        src = getattr(batch, name)
+        buf = mx.zeros((1, src.shape[1], cap, src.shape[3]), src.dtype)
+        buf[..., :n, :] = src[row : row + 1, :, pad : batch._idx]
+        setattr(cache, name, buf)
+    cache.offset = n
+    return cache
 
 
 class Stepper:
@@ -100,11 +150,17 @@ class Stepper:
     def release(self, seq: Sequence) -> None:
         """Before a finished sequence leaves: its cache back out of the batch (and a batch
         of one left behind goes back to the unbatched path)."""
-        if self.group is not None and seq in self.group:
-            self.group.remove(seq)
-            if len(self.group.seqs) < 2:
-                self.group.dissolve()
-                self.group = None
+        self._leave_group([seq])
+
+    def _leave_group(self, leaving: list[Sequence]) -> None:
+        leaving = [s for s in leaving if self.group is not None and s in self.group]
+        if not leaving:
+            return
+        if len(self.group.seqs) - len(leaving) < 2:
+            self.group.dissolve()  # every row extracted once; no filter of rows about to leave
+            self.group = None
+        else:
+            self.group.remove(leaving)
 
     def run_alone(self, seq: Sequence) -> None:
         """Drive one sequence to its end (the library path: AgentStore.chat)."""
@@ -143,6 +199,9 @@ class Stepper:
         for rows, tokens in pending:
             for s, token in zip(rows, tokens.tolist()):
                 s.accept(token)
+        # Rows that finished in this step leave the batch together (one filter, not one each).
+        if grouped:
+            self._leave_group([s for s in grouped if s.done])
 
     @staticmethod
     def _sample_rows(rows: list[Sequence], logits: mx.array) -> mx.array:

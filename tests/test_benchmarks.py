@@ -77,7 +77,7 @@ def test_cpu_backend_quick_and_its_report_section(home):
 
 def test_few_rows_quick_and_its_report_section(tiny_llama_dir, home):
     """benchmarks/few_rows.py end to end: products through three BLAS entry points, forward
-    passes alternating the forwarder's row limit in one process, a restart follow-up over the
+    passes alternating the forwarder's row limit and the attention in one process, a restart follow-up over the
     socket, and the section run_all renders from its JSON."""
     from agentd import blas
 
@@ -94,7 +94,7 @@ def test_few_rows_quick_and_its_report_section(tiny_llama_dir, home):
     assert {"openblas", "agentd"} <= set(d["products"]["impls"])
     assert all(p["agentd"]["us"] > 0 for p in d["products"]["products"])
     modes = d["forward"]["modes"]
-    assert set(modes) == {"agentd", "one_row_only"} and d["forward"]["max_rows"] >= 16
+    assert set(modes) == {"agentd", "mlx_attention", "one_row_only"} and d["forward"]["max_rows"] >= 16
     assert all(t > 0 for mode in modes.values() for t in mode["ms"].values())
     r = d["restart"]
     assert [t["cache_source"] for t in r["follow_ups"]] == ["disk"]

@@ -323,3 +323,29 @@ def test_a_restore_keeps_only_the_rows_before_the_first_refused_segment(llama, h
     (problem,) = again.repo.problems
     assert problem.reason == ("truncated" if damage == "tail-truncated" else "checksum")
     assert not path.exists() and Path(problem.moved_to).exists()
+
+
+@pytest.mark.parametrize("extra", [0, 1, 200])  # the agent ending on, just past, and well past a step
+def test_a_restored_cache_has_a_step_to_spare_so_the_next_turn_does_not_grow_it(llama, home, extra):
+    """mlx-lm grows a full cache by copying all of it into new memory (on CUDA at 32k
+    tokens of llama-8B, 0.2 s for the first touch of that memory alone): a restore leaves at
+    least one 256-token step of rows beyond what it holds."""
+    from mlx_lm.models.cache import KVCache
+
+    store = AgentStore(home, llama)
+    store.create("a", "", "")
+    hot = store.chat("a", "x " * 10, max_tokens=1)
+    tokens = store._hot["a"].tokens
+    # Prefill the agent to exactly 256 + extra tokens of some text, then save and reload.
+    want = 256 + extra
+    agent = store._hot["a"]
+    filler = [(7 * i) % 200 + 20 for i in range(want - len(tokens))]
+    agent.cache, agent.tokens = llama.prefill(agent.cache, tokens, tokens + filler)
+    agent.dirty = True
+    store.save("a")
+    loaded = store.repo.load("a")
+    assert hot.generated_tokens == 1 and len(loaded.tokens) == want
+    for layer in loaded.cache:
+        if type(layer) is KVCache:
+            assert layer.offset == want
+            assert layer.keys.shape[2] - want >= 256

@@ -15,7 +15,7 @@ import pytest
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
-from agentd import blas, device
+from agentd import blas, device, gpu_attention
 
 PROMPTS = [[1, 5, 9, 200, 17], [3, 3, 3, 3], [250, 12, 77, 1, 0, 64, 31, 8], [42]]
 
@@ -91,7 +91,9 @@ def test_gemv_route_matches_mlx_matmul():
 
 
 @pytest.mark.parametrize("gpu", [device.METAL, device.CUDA])
-def test_gpu_plans_keep_quantized_weights(gpu):
+def test_gpu_plans_keep_quantized_weights(gpu, monkeypatch):
+    # a CUDA plan routes attention through agentd.gpu_attention: undone after this test
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", mx.fast.scaled_dot_product_attention)
     model = tiny_quantized_llama()
     plan = device.prepare_for_device(model, device_backend=gpu)
     assert plan.device == "gpu" and plan.backend == gpu and plan.dequantized == 0
@@ -99,6 +101,9 @@ def test_gpu_plans_keep_quantized_weights(gpu):
     assert plan.quantized == 22  # 3 layers x 7 projections + the tied embedding, as loaded
     assert plan.compute_dtype == "float32"  # the scales' dtype of this random model
     assert device.describe(plan).startswith("device: " + {"metal": "Metal", "cuda": "CUDA"}[gpu])
+    # Only on CUDA does a short prefill's attention leave MLX's fused kernel (cuDNN there).
+    assert plan.short_attention_rows == (gpu_attention.MAX_QUERY_ROWS if gpu == device.CUDA else 0)
+    assert hasattr(mx.fast.scaled_dot_product_attention, "fused") == (gpu == device.CUDA)
 
 
 def test_backend_decision():
@@ -291,7 +296,11 @@ for n, k in [(3072, 576), (576, 1536), (729, 64), (64, 729), (48, 64), (7, 5), (
         )
 model = tiny_quantized_llama()
 plan = device.prepare_for_device(model, force_cpu=True)
+import mlx_lm.models.llama as llama
+from agentd import fewattn
 print(json.dumps({"active": blas.gemv_forward_active(), "one_row": plan.one_row,
+                  "attention": plan.attention,
+                  "routed": llama.scaled_dot_product_attention is fewattn.attention and llama.swiglu is fewattn.swiglu,
                   "gemv_rows": plan.gemv_rows, "worst": worst, "cases": cases,
                   "row_invariant": variant,
                   "greedy": [greedy(model, p) for p in PROMPTS]}))
@@ -301,8 +310,9 @@ print(json.dumps({"active": blas.gemv_forward_active(), "one_row": plan.one_row,
 @needs_forwarder
 def test_forwarded_few_row_products_and_greedy_tokens_are_exact(tmp_path):
     """m = 1..32 products in every operand layout (transposes, leading dimensions, alpha and
-    beta) against float64, rows bit-identical to the same row alone, and greedy tokens equal
-    to the quantized reference's, in a process with the forwarder preloaded as agentd does."""
+    beta) against float64, rows bit-identical to the same row alone, and greedy tokens (through
+    agentd's few-row attention too) equal to the quantized reference's, in a process with the
+    forwarder preloaded as agentd does."""
     forwarder = blas.build_gemv_forward(tmp_path)
     env = dict(os.environ, LD_PRELOAD=f"{forwarder}:{blas.find_openblas()}", OPENBLAS_NUM_THREADS="2")
     env[blas.ENV_MARKER] = "1"
@@ -313,6 +323,8 @@ def test_forwarded_few_row_products_and_greedy_tokens_are_exact(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["active"] and out["one_row"] == "forwarded" and out["gemv_rows"] == 0
+    # Few-row attention runs in the same library (agentd.fewattn): greedy tokens below go through it.
+    assert out["attention"] == "agentd" and out["routed"]
     assert out["cases"] == 8 * 13 * 8
     assert out["worst"] < 1e-5
     # 33 rows go to OpenBLAS, which promises nothing about rows; up to 32 the kernel does.

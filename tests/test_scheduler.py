@@ -242,3 +242,33 @@ def test_a_lone_agents_turn_starts_at_once(monkeypatch):
     assert s.submit_turn(_Plan("a")).result(10) == "a"
     assert time.monotonic() - t0 < 0.25  # no window: nothing ran side by side lately
     assert stepper.carried == [1]
+
+
+def test_a_programs_first_turns_sent_at_once_start_together_when_its_clients_are_connected(monkeypatch):
+    """No turns ran side by side yet (a program's first turns, as in the demo), but more
+    than one client is connected: the first turn waits the window for the others."""
+    import agentd.scheduler as sched
+
+    monkeypatch.setattr(sched, "ADMIT_WINDOW_S", 0.3)
+    stepper = _Stepper(steps=3, step_s=0.05)
+    s = _scheduler(stepper)
+    s.clients = 2  # what the server counts: greeted connections open
+    a = s.submit_turn(_Plan("a"))
+    time.sleep(0.03)
+    b = s.submit_turn(_Plan("b"))
+    assert (a.result(10), b.result(10)) == ("a", "b")
+    assert stepper.carried[0] == 2
+
+
+def test_the_server_counts_greeted_connections_for_the_scheduler(home, tiny_llama_dir):
+    with DaemonProc(home, tiny_llama_dir) as d:
+        with d.client() as c1:
+            c1.ping()
+            with d.client() as c2:
+                c2.ping()
+                # c1 and c2 said hello (Client does on connect); the status reader is a third
+                assert c1.status()["scheduler"]["clients"] == 2
+            deadline = time.monotonic() + 5
+            while c1.status()["scheduler"]["clients"] != 1 and time.monotonic() < deadline:
+                time.sleep(0.02)  # the server notices c2's close on its own thread
+            assert c1.status()["scheduler"]["clients"] == 1

@@ -126,3 +126,33 @@ def _common(a: list[int], b: list[int]) -> list[int]:
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return a[:n]
+
+
+def test_rows_that_finish_in_one_step_leave_the_batch_together_each_with_exactly_its_tokens(engine):
+    """Five turns batched; two finish in one step (rows filtered out together, three left),
+    two more in a later one (the batch dissolves): every cache holds exactly its tokens and
+    has room for the next ones, and the turns left decoding go on from the right rows."""
+    if engine.model_id.startswith("tiny-gemma") or not all(type(c).__name__ == "KVCache" for c in engine.new_cache()):
+        pytest.skip("sliding-window caches decode unbatched")
+    prompts = [prompt_of(engine, n) for n in (9, 12, 15, 18, 21)]
+    limits = [3, 5, 5, 9, 9]
+    seqs = [Sequence(engine, engine.new_cache(), [], p, Sampling(max_tokens=m)) for p, m in zip(prompts, limits)]
+    for s in seqs:
+        s.prefill(s.prefill_left)  # all decoding from the first step: one batch of five
+    stepper, sizes = Stepper(engine), []
+    while not all(s.done for s in seqs):
+        stepper.step([s for s in seqs if not s.done])
+        assert stepper.group is None or all(not s.done for s in stepper.group.seqs)
+        sizes.append(len(stepper.group.seqs) if stepper.group else 0)
+    assert [s.result().finish_reason for s in seqs] == ["length"] * 5
+    assert sorted(set(sizes), reverse=True) == [5, 4, 2, 0]  # the 3-token turn leaves, then the two 5s together
+    for s in seqs:
+        stepper.release(s)
+    assert stepper.max_batch == 5 and stepper.group is None
+    for s in seqs:
+        gen = s.result()
+        assert all(layer.offset == len(gen.cache_tokens) < layer.keys.shape[2] for layer in s.cache)
+        fresh, _ = engine.prefill(engine.new_cache(), [], gen.cache_tokens)
+        probe = gen.cache_tokens[-1]
+        assert mx.allclose(engine.decode_logits([probe], s.cache), engine.decode_logits([probe], fresh),
+                           atol=1e-3).item()

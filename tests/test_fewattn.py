@@ -1,0 +1,143 @@
+"""agentd's few-row attention and SwiGLU kernels (`agentd.fewattn`; `agentd_attention` and
+`agentd_swiglu` in gemv_forward.c) against MLX's: values, masks, GQA, strided caches, rows
+bit-identical to the same row alone, and the calls they leave to mlx-lm's functions."""
+
+from __future__ import annotations
+
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models import activations, base
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
+from agentd import blas, fewattn
+
+pytestmark = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="needs a C compiler")
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    built = blas.build_gemv_forward(tmp_path_factory.mktemp("fewattn"))
+    assert built and fewattn.load(built)
+    # What `install` keeps: mlx-lm's own function, for the calls the kernel does not take.
+    if fewattn._mlx_attention is None:
+        fewattn._mlx_attention = base.scaled_dot_product_attention
+    if fewattn._mlx_swiglu is None:
+        fewattn._mlx_swiglu = activations.swiglu
+    return fewattn
+
+
+def _inputs(B, hq, hkv, lq, lk, d, dv, seed=0):
+    key = mx.random.key(seed)
+    k1, k2, k3 = mx.random.split(key, 3)
+    # Keys and values as a cache holds them: a view of the first lk rows of a longer buffer.
+    keys = mx.random.normal((B, hkv, lk + 37, d), key=k1)[:, :, :lk, :]
+    values = mx.random.normal((B, hkv, lk + 37, dv), key=k2)[:, :, :lk, :]
+    # Queries as the model makes them: (B, L, H, D) transposed to (B, H, L, D).
+    queries = mx.random.normal((B, lq, hq, d), key=k3).transpose(0, 2, 1, 3)
+    return queries, keys, values
+
+
+SHAPES = [  # B, Hq, Hkv, D, Dv
+    (1, 9, 3, 64, 64),    # the default model (SmolLM2-135M)
+    (1, 8, 2, 128, 128),  # llama-style heads of 128
+    (2, 4, 4, 16, 16),    # no GQA, a batch
+    (1, 6, 3, 20, 12),    # dimensions that fill no vector
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_mlx_attention_with_every_mask(kernel, shape):
+    B, hq, hkv, d, dv = shape
+    worst = 0.0
+    for lk in (1, 9, 300):
+        for lq in (1, 2, 5, 8, 22, 32):
+            if lq > lk:
+                continue
+            q, k, v = _inputs(B, hq, hkv, lq, lk, d, dv, seed=lk * 100 + lq)
+            left = mx.array(np.arange(B) % 3)
+            allowed = (mx.arange(lk)[None] >= left[:, None])[:, None, None, :]  # a batch's left padding
+            masks = [None, "causal", allowed, mx.where(allowed, 0.0, -1e9).astype(mx.float32)]
+            for mask in masks if lq > 1 else [None, allowed]:
+                got = kernel.few_row_attention(q, k, v, d**-0.5, mask)
+                want = mx.fast.scaled_dot_product_attention(q, k, v, scale=d**-0.5, mask=mask)
+                assert got.shape == want.shape == (B, hq, lq, dv)
+                worst = max(worst, float(mx.abs(got - want).max()))
+    assert worst < 5e-6
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2])
+def test_a_row_is_bit_identical_to_the_same_row_alone(kernel, shape):
+    """Row i of a causal chunk of lq rows equals that query computed alone over the keys it sees
+    (the kernel's rows do not depend on the other rows of the call)."""
+    B, hq, hkv, d, dv = shape
+    for lk, lq in ((40, 22), (685, 22), (300, 32), (9, 3)):
+        q, k, v = _inputs(B, hq, hkv, lq, lk, d, dv, seed=lk + lq)
+        together = np.asarray(kernel.few_row_attention(q, k, v, 0.125, "causal"))
+        for i in range(lq):
+            seen = lk - lq + i + 1
+            alone = kernel.few_row_attention(q[:, :, i : i + 1], k[:, :, :seen], v[:, :, :seen], 0.125, None)
+            assert np.array_equal(together[:, :, i : i + 1], np.asarray(alone)), (lk, lq, i)
+
+
+def test_calls_it_does_not_take_go_to_mlx_lm_unchanged(kernel):
+    """More than MAX_QUERY_ROWS rows, one row (a decode step), a quantized cache, attention sinks,
+    float16: mlx-lm's own function, bit for bit (the kernel's results differ from it in the last
+    bits)."""
+    q, k, v = _inputs(1, 9, 3, fewattn.MAX_QUERY_ROWS + 1, 300, 64, 64)
+    want = base.scaled_dot_product_attention(q, k, v, cache=KVCache(), scale=0.125, mask="causal")
+    got = fewattn.attention(q, k, v, cache=KVCache(), scale=0.125, mask="causal")
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+
+    q1, k1, v1 = _inputs(1, 9, 3, 1, 300, 64, 64)  # a decode step
+    assert np.array_equal(np.asarray(fewattn.attention(q1, k1, v1, cache=KVCache(), scale=0.125, mask=None)),
+                          np.asarray(base.scaled_dot_product_attention(q1, k1, v1, cache=KVCache(), scale=0.125,
+                                                                       mask=None)))
+    q, k, v = _inputs(1, 9, 3, 8, 300, 64, 64)
+    mine = fewattn.attention(q, k, v, cache=KVCache(), scale=0.125, mask="causal")
+    assert np.array_equal(np.asarray(mine), np.asarray(fewattn.few_row_attention(q, k, v, 0.125, "causal")))
+    sinks = mx.zeros((9,))
+    assert np.array_equal(
+        np.asarray(fewattn.attention(q, k, v, cache=KVCache(), scale=0.125, mask="causal", sinks=sinks)),
+        np.asarray(base.scaled_dot_product_attention(q, k, v, cache=KVCache(), scale=0.125, mask="causal",
+                                                     sinks=sinks)),
+    )
+    half = [a.astype(mx.float16) for a in (q, k, v)]
+    assert np.array_equal(
+        np.asarray(fewattn.attention(*half, cache=KVCache(), scale=0.125, mask="causal")),
+        np.asarray(base.scaled_dot_product_attention(*half, cache=KVCache(), scale=0.125, mask="causal")),
+    )
+    qcache = QuantizedKVCache(group_size=64, bits=8)
+    qk, qv = qcache.update_and_fetch(k, v)
+    # mlx-lm's quantized attention scales its queries in place (`queries *= scale`): a copy each.
+    assert np.array_equal(
+        np.asarray(fewattn.attention(q + 0, qk, qv, cache=qcache, scale=0.125, mask="causal")),
+        np.asarray(base.scaled_dot_product_attention(q + 0, qk, qv, cache=qcache, scale=0.125, mask="causal")),
+    )
+
+
+def test_the_kernel_refuses_shapes_it_cannot_take(kernel):
+    q, k, v = _inputs(1, 8, 3, 2, 10, 16, 16)  # 8 query heads over 3 KV heads
+    assert kernel.few_row_attention(q, k, v, 0.25, "causal") is None
+
+
+def test_swiglu_matches_mlx_and_rows_are_bit_identical(kernel):
+    worst = 0.0
+    for rows, width in ((8, 1536), (22, 1536), (32, 1536), (9, 37), (16, 3)):
+        gate = mx.random.normal((1, rows, width), key=mx.random.key(rows)) * 6
+        up = mx.random.normal((1, rows, width), key=mx.random.key(rows + 1))
+        got, want = fewattn.swiglu(gate, up), activations.swiglu(gate, up)
+        assert got.shape == want.shape and got.dtype == mx.float32
+        worst = max(worst, float((mx.abs(got - want) / (1e-6 + mx.abs(want))).max()))
+        # Each row as it comes out at another place of another call (other lanes, another tail).
+        for i in range(rows):
+            g8 = mx.concatenate([gate[:, :3] + 1, gate[:, i : i + 1], gate[:, :4]], axis=1)
+            u8 = mx.concatenate([up[:, :3], up[:, i : i + 1], up[:, :4]], axis=1)
+            assert np.array_equal(np.asarray(fewattn.swiglu(g8, u8))[0, 3], np.asarray(got)[0, i])
+    assert worst < 1e-5
+    # Below SWIGLU_MIN_ROWS (a decode step) and above MAX_QUERY_ROWS: mlx-lm's, bit for bit.
+    for rows in (1, fewattn.SWIGLU_MIN_ROWS - 1, fewattn.MAX_QUERY_ROWS + 1):
+        gate, up = mx.random.normal((1, rows, 64)), mx.random.normal((1, rows, 64))
+        assert np.array_equal(np.asarray(fewattn.swiglu(gate, up)), np.asarray(activations.swiglu(gate, up)))
