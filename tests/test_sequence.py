@@ -156,3 +156,28 @@ def test_rows_that_finish_in_one_step_leave_the_batch_together_each_with_exactly
         probe = gen.cache_tokens[-1]
         assert mx.allclose(engine.decode_logits([probe], s.cache), engine.decode_logits([probe], fresh),
                            atol=1e-3).item()
+
+
+@pytest.mark.parametrize("length, passes", [(20, [20]), (32, [32]), (33, [32, 1]), (41, [32, 9]), (64, [32, 32]),
+                                            (65, [65])])
+def test_a_short_rest_of_the_prompt_runs_in_chunks_the_few_row_kernels_take(engine, length, passes):
+    """Where agentd's few-row attention runs (the CPU plan says so), a prompt rest of 33-64
+    ids is cut into chunks of at most 32 rows; elsewhere, and for other lengths, one pass."""
+    from dataclasses import replace
+
+    from agentd import fewattn
+
+    assert fewattn.MAX_QUERY_ROWS == 32
+    prompt = prompt_of(engine, length)
+    plan, chunk, counting = engine.plan, engine.prefill_chunk, CountingModel(engine.model)
+    engine.model, engine.prefill_chunk = counting, 256
+    try:
+        for attention, expect in (("agentd", passes), ("mlx", [length])):
+            engine.plan = replace(plan, attention=attention)
+            counting.passes.clear()
+            seq = Sequence(engine, engine.new_cache(), [], prompt, Sampling(max_tokens=1))
+            Stepper(engine).run_alone(seq)
+            assert counting.passes == expect
+            assert seq.cache[0].offset == len(seq.result().cache_tokens) == length
+    finally:
+        engine.model, engine.prefill_chunk, engine.plan = counting.model, chunk, plan
