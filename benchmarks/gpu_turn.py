@@ -34,7 +34,7 @@ QUESTIONS = ["Which service failed first, and when? Give the time and the compon
              "What is the single most likely root cause, and which log line supports it best?"]
 
 
-def _timed_prefill(store, stats: list) -> None:
+def _timed_prefill(stats: list) -> None:
     """Wrap Sequence.prefill to record its time and MLX's peak memory over it."""
     import mlx.core as mx
 
@@ -122,7 +122,7 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="gputurn-"))
     store = AgentStore(home, engine)
     stats: list = []
-    _timed_prefill(store, stats)
+    _timed_prefill(stats)
     data = {"machine": c.machine_info(), "model": args.model, "warmup_s": report.seconds, "contexts": {}}
     for n in [int(x) for x in args.contexts.split(",")]:
         name = f"a{n}"

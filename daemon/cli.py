@@ -155,7 +155,7 @@ def _run(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
     prepare_socket_dir(socket_path)
     claim_socket(socket_path)
 
-    from .cacherepo import READ_THREADS
+    from .restore_reads import READ_THREADS
     from .convert import ensure_default_model
     from .core import Daemon, Settings
     from .device import describe

@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from agentd import cacherepo, cuda_copy, kvrows
+from agentd import cuda_copy, kvrows, restore_reads
 from agentd.agents import AgentStore
 from agentd.engine import Engine
 from agentd.kvstore import KVSettings
@@ -165,7 +165,7 @@ def test_blocks_are_read_and_checked_while_the_arrays_are_made(engine, home, sta
     store = saved_agent(engine, home)
     hot = store._hot["a"]
     checked = threading.Semaphore(0)
-    real_read, real_make = cacherepo.read_segment, kvrows.RowTarget._make_arrays
+    real_read, real_make = restore_reads.read_segment, kvrows.RowTarget._make_arrays
     seen = {}
 
     def read_segment(*args, **kwargs):  # a block's or tail segment's rows, read and checked
@@ -178,7 +178,7 @@ def test_blocks_are_read_and_checked_while_the_arrays_are_made(engine, home, sta
         seen["copies_before"] = staged.copies
         real_make(self)
 
-    monkeypatch.setattr(cacherepo, "read_segment", read_segment)
+    monkeypatch.setattr(restore_reads, "read_segment", read_segment)
     monkeypatch.setattr(kvrows.RowTarget, "_make_arrays", make_arrays)
     loaded = store.repo.load("a")
     assert seen == {"read_first": True, "copies_before": 0}

@@ -1,0 +1,87 @@
+"""A restore's reads: checked segments of blocks and tails into a new cache's arrays, on
+read threads made once per process.
+
+`read_pieces` is what `CacheRepository` calls once it has opened and checked every block
+and the tail (their `Segment`s); each segment's `error` says afterwards whether its rows
+may be used. Where MLX's arrays are host memory (CPU, Apple) `kvrows.read_rows` reads
+into them while the later ones are still being made; on CUDA `kvrows.RowTarget` stages
+the rows through pinned memory while the MLX thread makes the arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from .kvrows import RowLayout, RowsError, RowTarget, Segment, host_read_usable, read_rows, read_segment
+
+log = logging.getLogger("agentd.cacherepo")
+
+
+def _read_threads() -> int:
+    """Segments read at once: 16 where there are 8 cores or more (an H200's 16-core host
+    read and checked 1.07 GB at 9.2 GB/s on 16 threads, 7.1 on 8: `gpu.py restore`), else
+    one a core: more threads than cores only queue for the GIL between reads (on 2 cores a
+    restore of 89 MiB took 18-22 ms on 2 threads and 26-33 ms on 3 to 8, one process,
+    interleaved; BENCHMARKS.md section 10)."""
+    cores = os.cpu_count() or 1
+    default = 16 if cores >= 8 else max(2, cores)
+    try:
+        return max(1, min(64, int(os.environ.get("AGENTD_READ_THREADS", default))))
+    except ValueError:
+        return default
+
+
+READ_THREADS = _read_threads()  # segments read at once in a restore (see read_pieces); env AGENTD_READ_THREADS
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The restore's read threads, made once: starting 8 threads per restore cost
+    milliseconds (each start waits for the new thread to take the GIL)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="agentd-read")
+    return _POOL
+
+
+def read_pieces(layout: RowLayout, n: int, segments: list[Segment]) -> dict:
+    """Read and check the segments' rows into new arrays (their `error`s say which may
+    be used), on READ_THREADS threads. Where MLX's arrays are host memory, the reads
+    start while the later arrays are still being made (`read_rows`); elsewhere into
+    RowTarget's arrays (zeroed, or staged for CUDA)."""
+    threads = min(READ_THREADS, max(1, len(segments)))
+    if host_read_usable():
+        try:
+            arrays = read_rows(layout, n, segments, _pool().submit)
+            return {"arrays": arrays, "how": f"arrays made while reading, {threads} threads"}
+        except RowsError as e:
+            log.info("%s; reading into RowTarget's arrays instead", e)
+            for seg in segments:
+                seg.error = None
+    target = RowTarget(layout, n)
+
+    def read(seg: Segment) -> None:
+        try:
+            target.fill(seg.at, seg.at + seg.count, lambda rows: read_segment(seg, rows))
+        except RowsError as e:
+            seg.error = str(e)
+
+    # Segments fill disjoint rows, and preadv and xxh3 release the GIL: on an H200's host
+    # (gpu.py split, 1.07 GB hot in the page cache) 8 threads read at 13 GB/s and hash
+    # at 37 GB/s, one thread at 2.6 and 5 GB/s. A segment after a refused one is read
+    # for nothing: its rows lie beyond the prefix kept. The arrays are made here, on the
+    # MLX thread, while the first segments are read (on CUDA they fill pinned slots
+    # meanwhile: RowTarget.allocate).
+    pending = _pool().map(read, segments)
+    try:
+        target.allocate()
+    finally:
+        list(pending)  # every read is done before the caller closes the files
+    t = target.timings
+    return {"arrays": target.take(),
+            "how": f"arrays {t['arrays_ms']:.0f} ms; reading and checking {t['read_ms']:.0f} ms, copies to the "
+                   f"GPU {t['copy_ms']:.0f} ms, summed over {t['fills']} fills on {threads} threads"}
