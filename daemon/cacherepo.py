@@ -532,6 +532,14 @@ class CacheRepository:
     def stats(self) -> dict:
         return dict(self._stats)
 
+    def restore_rows(self, name: str) -> tuple[RowLayout, int] | None:
+        """The row layout and token count a restore of `name` fills (from its manifest),
+        or None when it stores no full-attention rows under this store's settings."""
+        m = self._manifests.get(name)
+        if m is None or m.get("layout") is None or m.get("fingerprint") != self.fingerprint:
+            return None
+        return RowLayout.from_json(m["layout"]), int(m["n_tokens"])
+
     def info(self, name: str) -> ColdInfo:
         """What is stored without loading it; zeros when there is nothing."""
         if name in self._info:

@@ -35,6 +35,7 @@ from .errors import StartupError
 from .kvstore import KVSettings
 from .memory import Limits, MemoryProbe
 from .records import AlreadyExists, NotFound, RecordError, RecordsReplaced
+from .restore_reads import RESERVE_ENV, RestoreReserve, reserve_restores
 from .turns import ChatPlan, Turns
 from .upkeep import FlushPolicy, MemoryPolicy
 from .scheduler import Scheduler
@@ -78,6 +79,7 @@ class Daemon:
         self._reads = ThreadPoolExecutor(1, thread_name_prefix="records-read")
         self._writes = ThreadPoolExecutor(1, thread_name_prefix="records-write")
         self._turning: set[str] = set()  # agents with a `turn` in flight
+        self.restore_reserve: RestoreReserve | None = None  # reserve_restore_memory, at start
         self.turns = Turns(self.store)
         self.http: dict | None = None  # {address, base_url, token_file} once the HTTP front end listens
 
@@ -180,6 +182,7 @@ class Daemon:
                 "model_bytes": self.engine.model_bytes,
                 "cache_bytes": self.store.hot.total_bytes() + self.turns.scratch_bytes(),
                 "active_bytes": mx.get_active_memory(),
+                "restore_reserve": self.restore_reserve.to_dict() if self.restore_reserve else None,
                 "system_available": reading.available,
                 "system_total": reading.total,
                 "pressure": reading.level,
@@ -359,6 +362,23 @@ class Daemon:
             return []
         self.flush.succeeded(saved)
         return saved
+
+    async def reserve_restore_memory(self) -> RestoreReserve | None:
+        """At start (CUDA): memory for the next restores of the agents used last, as many
+        as `max_hot` and the cache budget allow, made ready before any turn asks for it."""
+        names = await self._io(self.store.records.most_recent, self.settings.max_hot)
+        repo = self.store.repo
+
+        def reserve() -> RestoreReserve | None:
+            plans = (rows for rows in map(repo.restore_rows, names) if rows is not None)
+            return reserve_restores(plans, self.settings.cache_budget)
+
+        self.restore_reserve = await self._mlx(reserve)
+        if self.restore_reserve is not None and self.restore_reserve.agents:
+            r = self.restore_reserve
+            log.info("restore memory ready for %d agent(s): %.2f GB in %.2fs (the arrays their next restores "
+                     "fill; %s=0 skips)", r.agents, r.bytes / 1e9, r.seconds, RESERVE_ENV)
+        return self.restore_reserve
 
     async def preload(self, n: int) -> list[str]:
         names = await self._io(self.store.records.most_recent, n)

@@ -233,6 +233,11 @@ def read_segment(seg: Segment, buffers: list[memoryview]) -> None:
         raise RowsError("checksum")
 
 
+def rows_to_allocate(n_tokens: int, step: int = 256) -> int:
+    """Rows a restore of `n_tokens` allocates: at least one of mlx-lm's `step`s to spare."""
+    return -(-(n_tokens + step) // step) * step
+
+
 class RowTarget:
     """Full-attention arrays allocated at their final size, filled in place by reads.
 
@@ -253,7 +258,7 @@ class RowTarget:
         # rows already there. Without it a restore that ends near a step boundary makes the
         # next turn grow the cache, which copies all of it into new memory (on CUDA, 0.2 s
         # at 32k tokens of llama-8B for the first touch of that memory alone).
-        self.n_alloc = -(-(n_tokens + step) // step) * step
+        self.n_alloc = rows_to_allocate(n_tokens, step)
         self.arrays: list[mx.array] | None = None
         self._staging = _cuda_staging()
         self._owner = threading.get_ident()
@@ -438,7 +443,7 @@ def read_rows(layout: RowLayout, n_tokens: int, segments: list[Segment], submit:
     whether its rows may be used: the caller keeps those before the first refused one
     (the rest are never read: the cache's offset ends there). RowsError: MLX gives no
     writable view of its arrays here (the caller uses RowTarget)."""
-    n_alloc = -(-(n_tokens + step) // step) * step  # a step to spare, as RowTarget
+    n_alloc = rows_to_allocate(n_tokens, step)
     specs = layout.arrays
     k = -(-len(specs) // GROUPS)
     groups = [range(g, min(g + k, len(specs))) for g in range(0, len(specs), k)]

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable
 
-from .kvrows import RowLayout, RowsError, RowTarget, Segment, host_read_usable, read_rows, read_segment
+from .kvrows import RowLayout, RowsError, RowTarget, Segment, host_read_usable, read_rows, read_segment, rows_to_allocate
 
 log = logging.getLogger("agentd.cacherepo")
 
@@ -85,3 +88,44 @@ def read_pieces(layout: RowLayout, n: int, segments: list[Segment]) -> dict:
     return {"arrays": target.take(),
             "how": f"arrays {t['arrays_ms']:.0f} ms; reading and checking {t['read_ms']:.0f} ms, copies to the "
                    f"GPU {t['copy_ms']:.0f} ms, summed over {t['fills']} fills on {threads} threads"}
+
+
+RESERVE_ENV = "AGENTD_RESTORE_RESERVE"  # "0" (or off) skips `reserve_restores`
+
+
+@dataclass(frozen=True)
+class RestoreReserve:
+    """Memory made ready at start for the restores of the agents used last."""
+
+    agents: int
+    bytes: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"agents": self.agents, "bytes": self.bytes, "seconds": round(self.seconds, 3)}
+
+
+def reserve_restores(plans: Iterable[tuple[RowLayout, int]], budget: int) -> RestoreReserve | None:
+    """On CUDA, make and let go of the arrays the restores of `plans` (row layout, tokens;
+    most likely first) would make, while their bytes fit in `budget`: MLX keeps freed
+    buffers in its cache and hands them out again for the same size, so each of those
+    restores then gets memory the GPU has already touched. New managed memory costs its
+    first touch: an H200 made the 4.3 GB of arrays of a 32k-token llama-8B restore in
+    255 ms of a 484 ms restore, and in 7 ms from the cache (gpu.py, BENCHMARKS section 12).
+    Elsewhere nothing to do: host memory is made while it is read (`read_rows`). Runs on
+    the MLX thread, before the socket is bound (cli)."""
+    from .backend import CUDA, backend
+
+    if backend() != CUDA or os.environ.get(RESERVE_ENV, "").strip().lower() in ("0", "off", "no", "false"):
+        return None
+    t0 = time.perf_counter()
+    agents = total = 0
+    for layout, n in plans:
+        size = layout.row_bytes() * rows_to_allocate(n)
+        if total + size > budget:
+            break
+        target = RowTarget(layout, n)  # the very arrays (shapes, dtypes) a restore makes
+        target.allocate()
+        target.take()  # dropped here: back into MLX's buffer cache, pages on the GPU
+        agents, total = agents + 1, total + size
+    return RestoreReserve(agents, total, time.perf_counter() - t0)

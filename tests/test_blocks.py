@@ -349,3 +349,11 @@ def test_a_restored_cache_has_a_step_to_spare_so_the_next_turn_does_not_grow_it(
         if type(layer) is KVCache:
             assert layer.offset == want
             assert layer.keys.shape[2] - want >= 256
+    # What the start-up reserve (restore_reads.reserve_restores, CUDA) allocates for this
+    # agent is exactly what its restore made: MLX's buffer cache reuses only that size.
+    from agentd.kvrows import rows_to_allocate
+
+    layout, n = store.repo.restore_rows("a")
+    assert n == want and layout == layout_of(loaded.cache)
+    assert all(layer.keys.shape[2] == rows_to_allocate(n) for layer in loaded.cache if type(layer) is KVCache)
+    assert store.repo.restore_rows("nobody") is None

@@ -114,7 +114,10 @@ def test_no_kernel_is_compiled_inside_a_turn_and_restore_works(tiny_4bit_dir, ho
         d.stop()
         d.start(timeout=START_TIMEOUT_S)
         with d.client() as c:
+            reserve = c.status()["memory"]["restore_reserve"]
             r = c.chat("a", "And now?", max_tokens=4).wait()
+        # Memory for the restores of the 4 agents used last was made ready before the socket.
+        assert reserve["agents"] == 4 and reserve["bytes"] > 0, reserve
         assert r["cache_source"] == "disk"
         assert r["cached_tokens"] > 1000 and r["prefilled_tokens"] < 40  # only the new turn
         assert before["messages"] == 12

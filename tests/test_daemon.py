@@ -231,6 +231,7 @@ def test_agentctl_json_chat_and_status_shapes(home, tiny_llama_dir):
         assert {k: agent[k] for k in ("name", "state", "dirty")} == {"name": "spec", "state": "hot", "dirty": True}
         assert agent["tokens"] > 0 and agent["bytes"] > 0
         assert {"model_bytes", "cache_bytes", "system_available"} <= set(status["memory"])
+        assert status["memory"]["restore_reserve"] is None  # CUDA only (tests/test_cuda.py)
         bad = run("create", "../etc")
         assert bad.returncode != 0 and "Traceback" not in bad.stderr
 
