@@ -166,8 +166,9 @@ class AgentStore:
     def is_hot(self, name: str) -> bool:
         return name in self.hot
 
-    def acquire(self, name: str) -> tuple[HotAgent, CacheSource, float]:
-        """Make the agent hot. Returns it, where its cache came from, and the restore time in ms."""
+    def acquire(self, name: str, *, load: bool = True) -> tuple[HotAgent, CacheSource, float]:
+        """Make the agent hot. Returns it, where its cache came from, and the restore time in ms.
+        With `load` False a cold agent starts from an empty cache: its stored one is not read."""
         agent = self.hot.get(name)
         if agent is not None:
             self.hot.touch(name)
@@ -175,7 +176,7 @@ class AgentStore:
         rec = self.records.get(name, with_messages=False)
         t0 = time.perf_counter()
         source: CacheSource = "new" if rec.n_messages == 0 else "rebuilt"
-        loaded = self.repo.load(name)
+        loaded = self.repo.load(name) if load else None
         if loaded is None or isinstance(loaded, Refusal):
             if loaded is not None:
                 source = "rebuilt"  # a refused file: its turns come back from the transcript
@@ -272,7 +273,10 @@ class AgentStore:
                                           advice=_context_advice(name, rec))
         if room < sampling.max_tokens:
             sampling = dataclasses.replace(sampling, max_tokens=room)
-        agent, source, restore_ms = self.acquire(name)
+        # A rebuild of a cold agent does not read its stored cache only to drop it (on an H200
+        # that was a 4.3 GB restore before a 32k-token rebuild; and a rebuild is what a user
+        # asks for when that cache is in doubt).
+        agent, source, restore_ms = self.acquire(name, load=not rebuild)
         if rebuild and not agent.busy:
             agent.cache, agent.tokens, source, restore_ms = self.engine.new_cache(), [], "rebuilt", 0.0
         def render_after(reply: str) -> list[int]:

@@ -280,3 +280,24 @@ def test_chat_rebuild_prefills_the_whole_transcript_and_answers_the_same(home, t
                               "a", "--rebuild", "--max-tokens", "4", "once more"], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["cache_source"] == "rebuilt"
+
+
+def test_a_rebuild_of_a_cold_agent_does_not_read_its_stored_cache(home, tiny_llama_dir):
+    """A rebuild is asked for when the stored cache is in doubt: a cold agent's files are
+    not read (here every one of them is damaged, and nothing is reported or moved aside)."""
+    with DaemonProc(home, tiny_llama_dir) as d:
+        with d.client() as c:
+            c.create("a", system=SYSTEM)
+            chat(c, "a", TURN1)
+            c.save("a")
+            c.fork("a", "b")  # cold, sharing a's blocks and a copy of its tail
+            damaged = [f for f in (home / "data" / "caches").rglob("*") if f.is_file() and f.suffix != ".json"]
+            assert damaged
+            for f in damaged:
+                data = bytearray(f.read_bytes())
+                data[len(data) // 2] ^= 0xFF
+                f.write_bytes(bytes(data))
+            r = c.chat("b", TURN2, max_tokens=3, rebuild=True).wait()
+            assert (r["cache_source"], r["cached_tokens"], r["restore_ms"]) == ("rebuilt", 0, 0.0)
+            assert c.status()["problems"] == []
+            assert c.show("b")["agent"]["messages"] == 4
