@@ -475,10 +475,12 @@ def read_rows(layout: RowLayout, n_tokens: int, segments: list[Segment], submit:
 
     jobs = [submit(read, seg) for seg in segments]
     arrays: list[mx.array] = []
+    streams = _zeroing_streams()
     try:
         for g, members in enumerate(groups):
-            made = [mx.zeros((1, specs[i].heads, n_alloc, specs[i].width), dtype=getattr(mx, _host_dtype(specs[i].dtype)))
-                    for i in members]
+            made = [mx.zeros((1, specs[i].heads, n_alloc, specs[i].width), dtype=getattr(mx, _host_dtype(specs[i].dtype)),
+                             stream=streams[j % len(streams)])
+                    for j, i in enumerate(members)]
             mx.eval(made)
             for i, a in zip(members, made):
                 views[i] = _shared_view(a)
@@ -493,6 +495,22 @@ def read_rows(layout: RowLayout, n_tokens: int, segments: list[Segment], submit:
         for job in jobs:
             job.result()
     return arrays
+
+
+_ZEROING_STREAMS: list | None = None
+
+
+def _zeroing_streams() -> list:
+    """The streams `read_rows` zeroes new arrays on: on MLX's CPU backend two (made once,
+    on the MLX thread, the only caller), since each stream's work runs on one thread and
+    zeroing new memory is mostly page faults, which two cores take in parallel."""
+    global _ZEROING_STREAMS
+    if _ZEROING_STREAMS is None:
+        device = mx.default_device()
+        _ZEROING_STREAMS = [mx.default_stream(device)]
+        if device == mx.cpu:
+            _ZEROING_STREAMS.append(mx.new_stream(device))
+    return _ZEROING_STREAMS
 
 
 def _cuda_staging():
