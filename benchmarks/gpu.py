@@ -401,7 +401,7 @@ def restore_variants(n_tokens: int, work: Path, runs: int = 3) -> dict:
     import mlx.core as mx
     import numpy as np
 
-    from agentd import cuda_copy, kvrows
+    from agentd import cuda_copy, restore_arrays
     from agentd.blocks import ROOT, BlockStore, chain_ids
     from agentd.kvrows import ArraySpec, RowLayout, row_buffers
 
@@ -417,13 +417,13 @@ def restore_variants(n_tokens: int, work: Path, runs: int = 3) -> dict:
     for i, bid in enumerate(ids):  # random rows, the same for every block (ids differ by tokens)
         store.write(bid, parents[i], tokens[i * B:(i + 1) * B], layout, row_buffers(piece, 0, B), i * B)
     nbytes = layout.row_bytes() * len(tokens)
-    real_staging = kvrows._cuda_staging
+    real_staging = restore_arrays._cuda_staging
 
     def restore(threads: int, staging, read_only: bool = False, overlap: bool = True) -> tuple[float, float]:
-        kvrows._cuda_staging = lambda: staging
-        kvrows.OVERLAP_ARRAYS = overlap
+        restore_arrays._cuda_staging = lambda: staging
+        restore_arrays.OVERLAP_ARRAYS = overlap
         t0 = time.perf_counter()
-        target = kvrows.RowTarget(layout, len(tokens))
+        target = restore_arrays.RowTarget(layout, len(tokens))
 
         def one(i: int) -> None:
             def read(bufs):
@@ -471,8 +471,8 @@ def restore_variants(n_tokens: int, work: Path, runs: int = 3) -> dict:
         out[label] = {"fill_s": fill, "first_gpu_pass_s": first, "gbps": nbytes / (fill + first) / 1e9,
                       "exact": all(t[2] for t in times)}
         c.log(f"restore {len(tokens)} tokens, {label}: {out[label]}")
-    kvrows._cuda_staging = real_staging
-    kvrows.OVERLAP_ARRAYS = True
+    restore_arrays._cuda_staging = real_staging
+    restore_arrays.OVERLAP_ARRAYS = True
     shutil.rmtree(root, ignore_errors=True)
     return out
 

@@ -10,7 +10,7 @@ block) into arrays that MLX allocated and zeroed on the GPU: the pages never lea
 
 Everything here is optional: without a loadable CUDA runtime, or after any CUDA error,
 `staging()` answers None and the restore fills the managed arrays from the host as before.
-Restores use it only on the CUDA backend (`kvrows._cuda_staging`); its tests run anywhere.
+Restores use it only on the CUDA backend (`restore_arrays._cuda_staging`); its tests run anywhere.
 """
 
 from __future__ import annotations

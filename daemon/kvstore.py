@@ -30,7 +30,8 @@ from typing import Callable
 
 from .atomic import full_fsync
 from .records import EXTRA_KEYS, AgentRecord
-from .kvrows import RowsError, RowTarget, Segment, read_segment, row_buffers, segment_digest, write_buffers
+from .kvrows import RowsError, Segment, read_segment, row_buffers, segment_digest, write_buffers
+from .restore_arrays import RowTarget
 
 FORMAT = "agentd-kv"
 FORMAT_VERSION = 2

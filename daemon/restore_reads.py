@@ -3,8 +3,8 @@ read threads made once per process.
 
 `read_pieces` is what `CacheRepository` calls once it has opened and checked every block
 and the tail (their `Segment`s); each segment's `error` says afterwards whether its rows
-may be used. Where MLX's arrays are host memory (CPU, Apple) `kvrows.read_rows` reads
-into them while the later ones are still being made; on CUDA `kvrows.RowTarget` stages
+may be used. Where MLX's arrays are host memory (CPU, Apple) `restore_arrays.read_rows` reads
+into them while the later ones are still being made; on CUDA `restore_arrays.RowTarget` stages
 the rows through pinned memory while the MLX thread makes the arrays.
 """
 
@@ -17,7 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable
 
-from .kvrows import RowLayout, RowsError, RowTarget, Segment, host_read_usable, read_rows, read_segment, rows_to_allocate
+from .kvrows import RowLayout, RowsError, Segment, read_segment
+from .restore_arrays import RowTarget, host_read_usable, read_rows, rows_to_allocate
 
 log = logging.getLogger("agentd.cacherepo")
 

@@ -264,7 +264,7 @@ def test_kv_bits_store_quantized_blocks_that_other_settings_never_load(tmp_path,
 
 def test_where_arrays_cannot_be_filled_in_place_a_restore_stages_on_the_host(llama, home, monkeypatch):
     """A discrete GPU's arrays are not host memory: reads go to host arrays, uploaded once."""
-    from agentd import kvrows
+    from agentd import restore_arrays
 
     store = AgentStore(home, llama, kv=SMALL)
     store.create("a", "", SYSTEM)
@@ -275,7 +275,7 @@ def test_where_arrays_cannot_be_filled_in_place_a_restore_stages_on_the_host(lla
     def not_exportable(a):
         raise TypeError("not host memory")
 
-    monkeypatch.setattr(kvrows, "_shared_view", not_exportable)
+    monkeypatch.setattr(restore_arrays, "_shared_view", not_exportable)
     restored = AgentStore(home, llama, kv=SMALL).chat("a", TURN2, max_tokens=8)
     assert restored.cache_source == "disk" and restored.cached_tokens > 32
     assert restored.text == expected
@@ -283,12 +283,12 @@ def test_where_arrays_cannot_be_filled_in_place_a_restore_stages_on_the_host(lla
 
 @pytest.mark.parametrize("damage", ["block-last-layer", "tail-byte", "tail-truncated"])
 def test_a_restore_keeps_only_the_rows_before_the_first_refused_segment(llama, home, damage):
-    """The arrays are made while their first rows are read (kvrows.read_rows): a flipped
+    """The arrays are made while their first rows are read (restore_arrays.read_rows): a flipped
     byte in a block's last layer (read after every array exists), or a damaged tail, still
     ends the prefix there, the file is moved aside, and the rows kept are the saved ones."""
     import numpy as np
 
-    from agentd import kvrows
+    from agentd import restore_arrays
 
     store = AgentStore(home, llama, kv=SMALL)
     store.create("a", "", SYSTEM)
@@ -312,7 +312,7 @@ def test_a_restore_keeps_only_the_rows_before_the_first_refused_segment(llama, h
     else:
         data[offset] ^= 0x40
     path.write_bytes(bytes(data))
-    assert kvrows.host_read_usable()
+    assert restore_arrays.host_read_usable()
     again = AgentStore(home, llama, kv=SMALL)
     loaded = again.repo.load("a")
     assert loaded.tokens == hot.tokens[:keep]
@@ -351,7 +351,7 @@ def test_a_restored_cache_has_a_step_to_spare_so_the_next_turn_does_not_grow_it(
             assert layer.keys.shape[2] - want >= 256
     # What the start-up reserve (restore_reads.reserve_restores, CUDA) allocates for this
     # agent is exactly what its restore made: MLX's buffer cache reuses only that size.
-    from agentd.kvrows import rows_to_allocate
+    from agentd.restore_arrays import rows_to_allocate
 
     layout, n = store.repo.restore_rows("a")
     assert n == want and layout == layout_of(loaded.cache)

@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from agentd import cuda_copy, kvrows, restore_reads
+from agentd import cuda_copy, restore_arrays, restore_reads
 from agentd.agents import AgentStore
 from agentd.engine import Engine
 from agentd.kvstore import KVSettings
@@ -76,7 +76,7 @@ def staged(monkeypatch, request):
     pinned memory or through a device buffer (AGENTD_CUDA_STAGING); yields that runtime."""
     rt = MemmoveRuntime()
     pool = cuda_copy.Staging(rt, max_slots=3, via_device=request.param == "device")
-    monkeypatch.setattr(kvrows, "_cuda_staging", lambda: None if cuda_copy._disabled else pool)
+    monkeypatch.setattr(restore_arrays, "_cuda_staging", lambda: None if cuda_copy._disabled else pool)
     monkeypatch.setattr(cuda_copy, "_staging", pool)
     monkeypatch.setattr(cuda_copy, "_disabled", False)
     yield rt
@@ -165,7 +165,7 @@ def test_blocks_are_read_and_checked_while_the_arrays_are_made(engine, home, sta
     store = saved_agent(engine, home)
     hot = store._hot["a"]
     checked = threading.Semaphore(0)
-    real_read, real_make = restore_reads.read_segment, kvrows.RowTarget._make_arrays
+    real_read, real_make = restore_reads.read_segment, restore_arrays.RowTarget._make_arrays
     seen = {}
 
     def read_segment(*args, **kwargs):  # a block's or tail segment's rows, read and checked
@@ -179,7 +179,7 @@ def test_blocks_are_read_and_checked_while_the_arrays_are_made(engine, home, sta
         real_make(self)
 
     monkeypatch.setattr(restore_reads, "read_segment", read_segment)
-    monkeypatch.setattr(kvrows.RowTarget, "_make_arrays", make_arrays)
+    monkeypatch.setattr(restore_arrays.RowTarget, "_make_arrays", make_arrays)
     loaded = store.repo.load("a")
     assert seen == {"read_first": True, "copies_before": 0}
     assert loaded.tokens == hot.tokens

@@ -24,7 +24,8 @@ from agentd.atomic import is_temp
 from agentd.blocks import BlockStore
 from agentd.cachefile import load_layers
 from agentd.engine import Engine
-from agentd.kvrows import RowLayout, RowTarget
+from agentd.kvrows import RowLayout
+from agentd.restore_arrays import RowTarget
 from agentd.kvstore import KVSettings, cache_fingerprint, parse_manifest, read_tail
 from daemonproc import DaemonProc
 
