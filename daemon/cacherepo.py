@@ -36,7 +36,7 @@ from .atomic import atomic_replace, fsync_dir, is_temp
 from .blocks import ROOT, BlockError, BlockStore, block_error
 from .cachefile import CacheFileError, Expectation, UnsupportedCache, load_cache, load_layers, read_verified_header
 from .cachefile import save_layers
-from .kvrows import RowLayout, Segment, install, is_row_layer, layout_of, row_buffers
+from .kvrows import RowLayout, RowsError, Segment, install, is_row_layer, layout_of, row_buffers
 from .kvrows import _views as cache_views
 from .kvstore import MANIFEST, KVSettings, append_rows, cache_fingerprint, durable_tail, encode_manifest, parse_manifest
 from .kvstore import open_tail, save_tail
@@ -538,7 +538,10 @@ class CacheRepository:
         m = self._manifests.get(name)
         if m is None or m.get("layout") is None or m.get("fingerprint") != self.fingerprint:
             return None
-        return RowLayout.from_json(m["layout"]), int(m["n_tokens"])
+        try:
+            return RowLayout.from_json(m["layout"]), int(m["n_tokens"])
+        except (RowsError, KeyError, TypeError, ValueError):
+            return None  # its restore reports the damage; a guess about memory need not
 
     def info(self, name: str) -> ColdInfo:
         """What is stored without loading it; zeros when there is nothing."""

@@ -125,8 +125,12 @@ def reserve_restores(plans: Iterable[tuple[RowLayout, int]], budget: int) -> Res
         size = layout.row_bytes() * rows_to_allocate(n)
         if total + size > budget:
             break
-        target = RowTarget(layout, n)  # the very arrays (shapes, dtypes) a restore makes
-        target.allocate()
+        try:
+            target = RowTarget(layout, n)  # the very arrays (shapes, dtypes) a restore makes
+            target.allocate()
+        except (RuntimeError, MemoryError) as e:  # no memory for it: the restore will say so, not the start
+            log.warning("restore memory made ready for %d agent(s) only: %s", agents, e)
+            break
         target.take()  # dropped here: back into MLX's buffer cache, pages on the GPU
         agents, total = agents + 1, total + size
     return RestoreReserve(agents, total, time.perf_counter() - t0)

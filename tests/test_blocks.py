@@ -357,3 +357,39 @@ def test_a_restored_cache_has_a_step_to_spare_so_the_next_turn_does_not_grow_it(
     assert n == want and layout == layout_of(loaded.cache)
     assert all(layer.keys.shape[2] == rows_to_allocate(n) for layer in loaded.cache if type(layer) is KVCache)
     assert store.repo.restore_rows("nobody") is None
+
+
+def test_the_start_up_restore_reserve_keeps_to_its_budget_and_never_fails_the_start(monkeypatch):
+    """restore_reads.reserve_restores (CUDA; the backend is faked here): the agents used
+    last, in order, while their arrays fit the budget; an allocation that fails ends the
+    reserve, not the daemon's start. Off elsewhere and with AGENTD_RESTORE_RESERVE=0."""
+    from agentd import backend, restore_reads
+    from agentd.kvrows import ArraySpec, RowLayout
+    from agentd.restore_arrays import rows_to_allocate
+
+    layout = RowLayout((ArraySpec(0, 2, 8, "float32"), ArraySpec(0, 2, 8, "float32")))
+    size = lambda n: layout.row_bytes() * rows_to_allocate(n)  # noqa: E731
+    assert restore_reads.reserve_restores([(layout, 10)], 10**9) is None  # the CPU: nothing to do
+    monkeypatch.setattr(backend, "backend", lambda: backend.CUDA)
+    made = []
+
+    class Target:
+        def __init__(self, layout, n):
+            self.n = n
+
+        def allocate(self):
+            if self.n == 666:
+                raise RuntimeError("out of memory")
+            made.append(self.n)
+
+        def take(self):
+            return []
+
+    monkeypatch.setattr(restore_reads, "RowTarget", Target)
+    r = restore_reads.reserve_restores([(layout, 100), (layout, 300), (layout, 5000)], size(100) + size(300))
+    assert (r.agents, r.bytes, made) == (2, size(100) + size(300), [100, 300])
+    made.clear()
+    r = restore_reads.reserve_restores([(layout, 100), (layout, 666), (layout, 300)], 10**9)
+    assert (r.agents, made) == (1, [100])
+    monkeypatch.setenv(restore_reads.RESERVE_ENV, "0")
+    assert restore_reads.reserve_restores([(layout, 100)], 10**9) is None
