@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from .switches import switched_off
+
 ENV_SWITCH = "AGENTD_BLAS"  # "off" disables; a path names the library to preload
 ENV_MARKER = "AGENTD_BLAS_REEXEC"  # set on the re-executed process: never exec twice
 FORWARD_SWITCH = "AGENTD_GEMV_FORWARD"  # "off": preload OpenBLAS without the forwarder
@@ -145,7 +147,7 @@ def decide(
     happen and the forwarder is not switched off; it returns the forwarder's path or None.
     """
     setting = env.get(ENV_SWITCH, "").strip()
-    if platform != "linux" or setting.lower() in ("off", "0", "no", "false"):
+    if platform != "linux" or switched_off(setting):
         return Decision(None, None, None)
     preload = env.get("LD_PRELOAD", "")
     if env.get(ENV_MARKER) or "openblas" in preload:
@@ -155,7 +157,7 @@ def decide(
         return Decision(None, None, NOTICE)
     notice = None
     front = [library]
-    if env.get(FORWARD_SWITCH, "").strip().lower() not in ("off", "0", "no", "false"):
+    if not switched_off(env.get(FORWARD_SWITCH)):
         forwarder = (build_forwarder or build_gemv_forward)()
         if forwarder:
             # First, so MLX's lookup of cblas_sgemm finds it; it forwards to the next one.

@@ -29,6 +29,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .switches import switched_off
+
 # A resumed turn's short prefill (and any prompt's last chunk that short); prefill chunks (256
 # rows on the CPU) keep MLX's attention. The same bound as the few-row products.
 MAX_QUERY_ROWS = 32
@@ -89,7 +91,7 @@ def install(model) -> bool:
     modules in this process (a module global is replaced), which `attention` allows for:
     what it does not take goes to mlx-lm's function."""
     global _mlx_attention
-    if os.environ.get(ENV_SWITCH, "").strip().lower() in ("off", "0", "no", "false") or not load():
+    if switched_off(os.environ.get(ENV_SWITCH)) or not load():
         return False
     import sys
 

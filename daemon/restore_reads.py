@@ -19,6 +19,7 @@ from typing import Iterable
 
 from .kvrows import RowLayout, RowsError, Segment, read_segment
 from .restore_arrays import RowTarget, host_read_usable, read_rows, rows_to_allocate
+from .switches import switched_off
 
 log = logging.getLogger("agentd.cacherepo")
 
@@ -117,7 +118,7 @@ def reserve_restores(plans: Iterable[tuple[RowLayout, int]], budget: int) -> Res
     the MLX thread, before the socket is bound (cli)."""
     from .backend import CUDA, backend
 
-    if backend() != CUDA or os.environ.get(RESERVE_ENV, "").strip().lower() in ("0", "off", "no", "false"):
+    if backend() != CUDA or switched_off(os.environ.get(RESERVE_ENV)):
         return None
     t0 = time.perf_counter()
     agents = total = 0

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Mapping
 
 from .backend import CUDA, backend
+from .switches import switched_off
 
 PTX_ENV = "MLX_PTX_CACHE_DIR"  # read by MLX's CUDA backend at its first compile
 SWITCH_ENV = "AGENTD_WARMUP"  # "off" skips the warm-up (a start then compiles on demand)
@@ -46,8 +47,7 @@ class WarmupReport:
 def should_warm(backend: str, env: Mapping[str, str]) -> bool:
     """Warm up on CUDA only (Metal ships its kernels precompiled; the CPU has nothing to
     compile), unless switched off."""
-    off = env.get(SWITCH_ENV, "").strip().lower() in ("off", "0", "no", "false")
-    return backend == CUDA and not off
+    return backend == CUDA and not switched_off(env.get(SWITCH_ENV))
 
 
 def ptx_cache_dir(env: Mapping[str, str], cache_root: Path, mlx_version: str) -> Path | None:
