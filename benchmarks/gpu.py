@@ -49,7 +49,8 @@ Running it on the lent H200 (what was learned; keep it here):
   /usr/local/cuda-13.0), which agentd.cuda_copy finds.
 - Budget device time: a fresh machine takes 90-120 s to start; llama-8b's cold warm-up
   157 s, gemma3-12b's 16 s after llama's (the kernels overlap); a full llama-8b run at
-  8k and 32k with 2 restarts about 140 s once warm; the CUDA tests 300 s cold.
+  8k and 32k with 2 restarts about 140 s once warm; a 32k-only run on a fresh machine 312 s
+  (first start 178 s); the CUDA tests 450-470 s with a cold kernel cache of their own.
 """
 
 from __future__ import annotations
