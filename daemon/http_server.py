@@ -8,7 +8,8 @@ scheduler, one set of limits and one set of errors; nothing here touches MLX or 
 Access: a loopback port is open to every local user, so every request needs
 `Authorization: Bearer <key>` with the key from `<home>/http-token` (0600, made at first
 start). The read-only status page at `/` also takes the HttpOnly cookie that `/login?key=`
-sets (what `agentctl open` opens); the API routes never take the cookie.
+sets (what `agentctl open` opens): an HMAC of the key, not the key, and the API routes never
+take it.
 """
 
 from __future__ import annotations
@@ -158,13 +159,21 @@ class HttpFrontEnd:
     def _key_ok(self, presented: str | None) -> bool:
         return presented is not None and hmac.compare_digest(presented.encode(), self.token.encode())
 
+    def _page_cookie(self) -> str:
+        """The status page's cookie value: derived from the key, not the key, so a cookie
+        that leaks (a browser profile, a backup) opens the read-only page and not the API."""
+        return hmac.new(self.token.encode(), b"agentd status page", "sha256").hexdigest()
+
+    def _cookie_ok(self, presented: str | None) -> bool:
+        return presented is not None and hmac.compare_digest(presented.encode(), self._page_cookie().encode())
+
     @web.middleware
     async def _auth(self, request: web.Request, handler):
         if request.path == "/login":
             return await handler(request)
         header = request.headers.get("Authorization", "")
         bearer = header[7:].strip() if header[:7].lower() == "bearer " else None
-        if self._key_ok(bearer) or (request.path == "/" and self._key_ok(request.cookies.get(COOKIE))):
+        if self._key_ok(bearer) or (request.path == "/" and self._cookie_ok(request.cookies.get(COOKIE))):
             return await handler(request)
         if request.path == "/":
             return web.Response(text=render_login_needed(), content_type="text/html", status=401)
@@ -396,7 +405,7 @@ class HttpFrontEnd:
         if not self._key_ok(request.query.get("key")):
             return web.Response(text=render_login_needed(), content_type="text/html", status=401)
         resp = web.Response(status=303, headers={"Location": "/"})
-        resp.set_cookie(COOKIE, self.token, httponly=True, samesite="Strict", path="/")
+        resp.set_cookie(COOKIE, self._page_cookie(), httponly=True, samesite="Strict", path="/")
         return resp
 
     async def status_page(self, request: web.Request) -> web.Response:

@@ -275,6 +275,13 @@ def test_agentctl_http_env_status_and_open(daemon):
         cookie = next(c for c in browser.cookies.jar)
         assert cookie.has_nonstandard_attr("HttpOnly")
         assert browser.get(http["base_url"] + "/models").status_code == 401  # the cookie is for the page only
+        key = Path(http["token_file"]).read_text().strip()
+        assert key not in cookie.value  # nor does it hold the key, which would open the API
+        with httpx.Client() as other:
+            bearer = other.get(http["base_url"] + "/models", headers={"Authorization": f"Bearer {cookie.value}"})
+            assert bearer.status_code == 401
+            forged = other.get(f"http://{http['address']}/", cookies={cookie.name: key})
+            assert forged.status_code == 401  # the key itself is no page cookie either
     assert oct((Path(http["token_file"]).stat().st_mode) & 0o777) == "0o600"
 
 
