@@ -413,8 +413,13 @@ class AgentStore:
         agent = self.hot.pop(name)
         if agent is not None:
             agent.cache = None
-            # Without this MLX keeps the freed buffers in its own cache and RSS stays up.
-            mx.clear_cache()
+            self.free_unused_memory()
+
+    @staticmethod
+    def free_unused_memory() -> None:
+        """After a cache is let go: without this MLX keeps the freed buffers in its own
+        cache and RSS stays up."""
+        mx.clear_cache()
 
     # ---- accounting ---------------------------------------------------------------
 

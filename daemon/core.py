@@ -72,7 +72,7 @@ class Daemon:
         self.memory = MemoryPolicy(Limits(settings.max_hot, settings.cache_budget, settings.min_available),
                                    probe or MemoryProbe())
         self.flush = FlushPolicy.starting_now(settings.flush_interval)
-        self.scheduler.after_turns = lambda: self.memory.enforce(self.store)
+        self.scheduler.after_turns = lambda: self.memory.enforce(self.store, self.turns)
         self.started = time.time()
         self.stopping = False
         self._cancels: set[threading.Event] = set()
@@ -352,7 +352,7 @@ class Daemon:
         """Periodic: flush dirty agents when due (with backoff after failures), apply limits."""
         if self.flush.due(any(f.dirty for f in self.store.hot.snapshot().values())):
             await self.flush_now()
-        await self._mlx(self.memory.enforce, self.store)
+        await self._mlx(self.memory.enforce, self.store, self.turns)
 
     async def flush_now(self) -> list[str]:
         try:

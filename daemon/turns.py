@@ -79,6 +79,17 @@ class Turns:
     def scratch_bytes(self) -> int:
         return self._scratch.nbytes if self._scratch is not None else 0
 
+    def drop_scratch(self) -> int:
+        """Let the scratch cache go unless a completion is using it (on the MLX thread,
+        between steps, as MemoryPolicy calls it): the bytes freed, 0 if none."""
+        scratch = self._scratch
+        if scratch is None or scratch.busy:
+            return 0
+        self._scratch = None
+        scratch.cache = None
+        self.store.free_unused_memory()
+        return scratch.nbytes
+
     # ---- 1. prepare -------------------------------------------------------------------
 
     def prepare_turn(self, name: str, messages: list[dict], *, follow: bool = False, system: str | None = None,

@@ -75,12 +75,22 @@ class MemoryPolicy:
         self.limits, self.probe = limits, probe
         self.pressure = "normal"
 
-    def enforce(self, store) -> list[str]:
-        """Runs on the MLX thread. Returns the names evicted (each saved first if dirty)."""
+    def enforce(self, store, scratch=None) -> list[str]:
+        """Runs on the MLX thread. Returns the names evicted (each saved first if dirty).
+        `scratch` (the `complete` op's cache, `Turns`) goes first, before any agent, when
+        the caches with it exceed the budget or memory is short: it costs no write, only
+        the next completion's reuse of a resent prefix."""
         snap = store.hot.snapshot()
         hot = [HotFacts(n, f.bytes, f.dirty, f.busy > 0) for n, f in snap.items()]
         reading = self.probe.read()
         self.pressure = reading.level
+        if scratch is not None and scratch.scratch_bytes():
+            short = reading.available < self.limits.min_available or reading.level == "critical"
+            if short or sum(a.nbytes for a in hot) + scratch.scratch_bytes() > self.limits.cache_budget:
+                freed = scratch.drop_scratch()
+                if freed:
+                    log.info("dropped the completions' scratch cache (%d bytes; budget=%d, available=%d, level=%s)",
+                             freed, self.limits.cache_budget, reading.available, reading.level)
         evicted = []
         for name in choose_evictions(hot, self.limits, reading):
             try:

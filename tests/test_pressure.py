@@ -138,3 +138,39 @@ def test_choose_evictions_policy(hot, max_hot, budget, available, level):
     left = [a for a in hot if a.name not in within]
     if len(within) < len(candidates):  # not out of candidates: the limits now hold
         assert len(left) <= max_hot and sum(a.nbytes for a in left) <= budget
+
+
+def test_the_completions_scratch_cache_counts_in_the_budget_and_goes_first(home, tiny_llama_dir):
+    """The `complete` op's cache (the base model's id over HTTP) counts in the caches'
+    bytes; over the cache budget it goes (an agent within the budget stays hot), and the
+    next completion still runs, prefilling again."""
+    from openai import OpenAI
+
+    probe = home / "pressure.json"
+    home.mkdir(exist_ok=True)
+    set_pressure(probe)
+    env = {"AGENTD_MEMORY_PROBE": f"file:{probe}"}
+    with DaemonProc(home, tiny_llama_dir, "--flush-interval", "3600", "--http", "127.0.0.1:0",
+                    "--cache-budget", "300KB", env=env) as d:
+        with d.client() as c:
+            c.create("kept", system="Be brief.")
+            chat(c, "kept", "hello")
+            status = c.status()
+            agent_bytes = status["memory"]["cache_bytes"]
+            assert 0 < agent_bytes < 300_000 and states(c) == {"kept": "hot"}
+            http = status["http"]
+            api = OpenAI(base_url=http["base_url"], api_key=open(http["token_file"]).read().strip())
+            convo = [{"role": "system", "content": SYSTEM * 40}, {"role": "user", "content": "Why?"}]
+            model = status["model"]["id"]
+            first = api.chat.completions.create(model=model, messages=convo, max_tokens=2)
+            assert first.usage.prompt_tokens > 600
+
+            deadline = time.monotonic() + 10  # dropped after the turn, or at the next tick
+            while c.status()["memory"]["cache_bytes"] > agent_bytes and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert c.status()["memory"]["cache_bytes"] == agent_bytes
+            assert states(c) == {"kept": "hot"}  # the scratch went, the agent within the budget stayed
+
+            again = api.chat.completions.create(model=model, messages=convo, max_tokens=2)
+            assert again.usage.prompt_tokens == first.usage.prompt_tokens
+            assert not (again.usage.prompt_tokens_details and again.usage.prompt_tokens_details.cached_tokens)
