@@ -1,11 +1,14 @@
-"""Run every issue-5 benchmark, plot the results and write BENCHMARKS.md (`make bench`).
+"""Run every issue-5 benchmark, plot the results and write a report (`make bench`).
 
     .venv/bin/python benchmarks/run_all.py [--quick] [--model DIR] [--only ttft,memory]
                                            [--set 'ttft=--runs 2'] [--report-only]
 
 Each script runs as its own process and writes JSON to --out-dir (benchmarks/out/); then
-the PNG plots go to --plots (benchmarks/plots/) and the report to --report (BENCHMARKS.md),
-built from that JSON only, so `--report-only` rewrites them without measuring again.
+the PNG plots go to --plots (benchmarks/plots/) and the report to --report
+(benchmarks/out/REPORT.md), built from that JSON only, so `--report-only` rewrites them
+without measuring again. BENCHMARKS.md is not written: it is the curated record, whose
+sittings (the GPU's, the before-and-after runs) no script can regenerate, so numbers from
+a new report are merged into it by hand.
 `--quick` is a smoke run (tiny sizes, one run each); tests/test_benchmarks.py runs it on a
 tiny model so the scripts cannot rot.
 """
@@ -437,6 +440,7 @@ def write_report(data: dict, runs_meta: dict, plots: dict, args, total_s: float 
 
     if args.notes:
         L += ["## Notes on this run", ""] + [f"- {n}" for n in args.notes] + [""]
+    report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text("\n".join(L))
     c.log(f"wrote {report}")
 
@@ -931,7 +935,7 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="plots and report from existing JSON")
     ap.add_argument("--out-dir", type=Path, default=c.OUT_DIR)
     ap.add_argument("--plots", type=Path, default=c.ROOT / "benchmarks" / "plots")
-    ap.add_argument("--report", type=Path, default=c.ROOT / "BENCHMARKS.md")
+    ap.add_argument("--report", type=Path, default=c.OUT_DIR / "REPORT.md")
     args = ap.parse_args()
     args.argv = sys.argv[1:]
     names = args.only.split(",") if args.only else SCRIPTS
