@@ -459,8 +459,10 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
     }
     product pr = {m, n, k, kp, a_packed, b, ldb, c, ldc, alpha, beta};
     int split = (size_t)n * k >= SPLIT_MIN_B || (size_t)n * k * m >= SPLIT_MIN_WORK;
-    if (transposed(trans_b)) /* B is n x k: one unit is a row of B */
-        parallel(&pr, m >= NT_3_ROWS_FROM ? nt_columns_3 : nt_columns_4, n, m >= NT_3_ROWS_FROM ? 30 : 32, split);
+    if (transposed(trans_b) && m >= NT_3_ROWS_FROM) /* B is n x k: one unit is a row of B */
+        parallel(&pr, nt_columns_3, n, 30, split);       /* chunks of whole 3-row tiles */
+    else if (transposed(trans_b))
+        parallel(&pr, nt_columns_4, n, 32, split);
     else /* B is k x n: one unit is a block of NN_W columns */
         parallel(&pr, nn_columns, (n + NN_W - 1) / NN_W, 1, split);
 }

@@ -280,8 +280,8 @@ def test_agentctl_http_env_status_and_open(daemon):
         with httpx.Client() as other:
             bearer = other.get(http["base_url"] + "/models", headers={"Authorization": f"Bearer {cookie.value}"})
             assert bearer.status_code == 401
-            forged = other.get(f"http://{http['address']}/", cookies={cookie.name: key})
-            assert forged.status_code == 401  # the key itself is no page cookie either
+        with httpx.Client(cookies={cookie.name: key}) as forger:
+            assert forger.get(f"http://{http['address']}/").status_code == 401  # the key is no page cookie either
     assert oct((Path(http["token_file"]).stat().st_mode) & 0o777) == "0o600"
 
 
