@@ -43,24 +43,13 @@ from .kvstore import open_tail, save_tail
 from .kvstore import FORMAT, FORMAT_VERSION, ManifestError, record_from_json, record_to_json, summarize  # noqa: F401
 from .kvstore import write_file
 from .protocol import ProtocolError, validate_agent_name
+from .quarantine import CacheProblem, Quarantine
 from .records import AgentRecord, Records
 from .restore_reads import read_pieces
 
 log = logging.getLogger("agentd.cacherepo")
 
 LEGACY_SUFFIX = ".safetensors"
-MAX_PROBLEMS = 20
-
-
-@dataclass
-class CacheProblem:
-    """A refused manifest, block, tail or v1 file: shown in status, kept in quarantine."""
-
-    agent: str
-    reason: str
-    message: str
-    moved_to: str
-    at: float
 
 
 @dataclass(frozen=True)
@@ -97,15 +86,14 @@ class CacheRepository:
                  kv: KVSettings = KVSettings(), *, replace: Callable = atomic_replace):
         self.dir = Path(caches_dir)
         self.agents_dir = self.dir / "agents"
-        self.quarantine_dir = self.dir / "quarantine"
+        self.quarantine = Quarantine(self.dir / "quarantine")
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # private, whatever the umask
         self.agents_dir.mkdir(mode=0o700, exist_ok=True)
         self.expect, self.kv, self.new_cache = expect, kv, new_cache
         self.fingerprint = cache_fingerprint(expect.model, expect.dtype, kv)
         self.blocks = BlockStore(self.dir / "blocks", self.fingerprint, kv.block_tokens,
-                                 replace=replace, quarantine_dir=self.quarantine_dir)
+                                 replace=replace, quarantine_dir=self.quarantine.dir)
         self._replace = replace
-        self.problems: list[CacheProblem] = []
         layers = new_cache()
         self.classes = [type(layer).__name__ for layer in layers]
         # Prefix sharing needs every layer to be a pure function of the prefix: a sliding
@@ -118,6 +106,10 @@ class CacheRepository:
         self._info: dict[str, ColdInfo] = {}
         self._scan()
         self.gc()
+
+    @property
+    def problems(self) -> list[CacheProblem]:
+        return self.quarantine.problems
 
     @property
     def replace(self) -> Callable:
@@ -245,7 +237,7 @@ class CacheRepository:
                 lc = load_cache(legacy, self.expect)
                 return Loaded(lc.cache, lc.tokens, migrated=True)
             except CacheFileError as e:
-                self._problem(name, e.reason, str(e), self._move_aside(legacy, name, e.reason))
+                self.quarantine.refuse(legacy, name, e.reason, str(e))
                 return Refusal(e.reason, str(e))
         try:
             self._check_compatible(m)
@@ -286,7 +278,7 @@ class CacheRepository:
             try:
                 layers = load_layers(path, self._window_meta(name, m["gen"], n))
             except CacheFileError as e:
-                self._problem(name, e.reason, str(e), self._move_aside(path, name, e.reason))
+                self.quarantine.refuse(path, name, e.reason, str(e))
                 return 0
             for i, layer in layers.items():
                 cache[i] = layer
@@ -334,14 +326,14 @@ class CacheRepository:
             at, bid, reason, message = refused
             if bid:
                 moved = self.blocks.quarantine(bid, reason) if reason != "missing" else ""
-                self._problem(name, reason, f"{message}; tokens from {at} on are prefilled again", moved)
+                self.quarantine.report(name, reason, f"{message}; tokens from {at} on are prefilled again", moved)
                 self._refresh()
             else:
                 # Moved aside, so that the next save starts a new tail instead of
                 # appending to (or making a block of) a damaged file.
-                moved = self._move_aside(tail[0], name, reason) if reason != "missing" else ""
-                self._problem(name, reason, f"{name}: tail refused ({reason}) at token {at}; prefilling from there",
-                              moved)
+                moved = self.quarantine.move_aside(tail[0], name, reason) if reason != "missing" else ""
+                self.quarantine.report(name, reason,
+                                       f"{name}: tail refused ({reason}) at token {at}; prefilling from there", moved)
         log.info("restored %s: %d tokens, %.0f MB in %.0f ms (%s)", name, good, layout.row_bytes() * good / 1e6,
                  (time.perf_counter() - t0) * 1000, how["how"])
         return good
@@ -434,27 +426,10 @@ class CacheRepository:
         fsync_dir(self.agents_dir)
 
     def _drop_manifest(self, name: str, err: CacheFileError) -> None:
-        moved = self._move_aside(self.agent_dir(name) / MANIFEST, name, err.reason)
-        self._problem(name, err.reason, str(err), moved)
+        self.quarantine.refuse(self.agent_dir(name) / MANIFEST, name, err.reason, str(err))
         self._manifests.pop(name, None)
         self._drop_dir(name)
         self.gc()
-
-    def _move_aside(self, path: Path, name: str, reason: str) -> str:
-        """Move a refused file to quarantine (never delete what a user may want to inspect)."""
-        self.quarantine_dir.mkdir(mode=0o700, exist_ok=True)
-        dest = self.quarantine_dir / f"{name}.{int(time.time() * 1000)}.{reason}.{path.name}"
-        try:
-            os.replace(path, dest)
-            return str(dest)
-        except OSError as e:
-            log.error("agent %s: cannot move %s aside: %s", name, path.name, e)
-            return str(path)
-
-    def _problem(self, name: str, reason: str, message: str, moved_to: str) -> None:
-        log.warning("agent %s: cache refused (%s), rebuilding from its transcript: %s", name, reason, message)
-        self.problems.append(CacheProblem(name, reason, message, moved_to, time.time()))
-        del self.problems[:-MAX_PROBLEMS]
 
     # ---- start-up, recovery, accounting -------------------------------------------
 
@@ -481,7 +456,7 @@ class CacheRepository:
                 self._manifests[name] = parse_manifest(path.read_bytes(), name)
             except (OSError, ManifestError) as e:
                 reason = getattr(e, "reason", "unreadable")
-                self._problem(name, reason, str(e), self._move_aside(path, name, reason))
+                self.quarantine.refuse(path, name, reason, str(e))
                 self._drop_dir(name)
                 continue
             for p in adir.iterdir():
@@ -520,7 +495,7 @@ class CacheRepository:
         if legacy is None:
             self._drop_manifest(name, err)
         else:
-            self._problem(name, err.reason, str(err), self._move_aside(legacy, name, err.reason))
+            self.quarantine.refuse(legacy, name, err.reason, str(err))
 
     def _refresh(self) -> None:
         """Recompute the snapshots `info` and `stats` hand to other threads (replaced whole)."""
