@@ -96,6 +96,11 @@ class Limits:
     min_available: int
 
 
+def memory_short(reading: Reading, limits: Limits) -> bool:
+    """Free memory below the floor, or the system says critical: one more cache goes per tick."""
+    return reading.available < limits.min_available or reading.level == "critical"
+
+
 def choose_evictions(hot: list[HotFacts], limits: Limits, reading: Reading | None = None) -> list[str]:
     """Agents to evict, in order, to bring the hot set within limits.
 
@@ -112,7 +117,7 @@ def choose_evictions(hot: list[HotFacts], limits: Limits, reading: Reading | Non
             break
         chosen.append(a.name)
         count, total = count - 1, total - a.nbytes
-    if reading is not None and (reading.available < limits.min_available or reading.level == "critical"):
+    if reading is not None and memory_short(reading, limits):
         rest = [a for a in candidates if a.name not in chosen]
         if rest:
             chosen.append(rest[0].name)

@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from .memory import HotFacts, Limits, MemoryProbe, choose_evictions
+from .memory import HotFacts, Limits, MemoryProbe, choose_evictions, memory_short
 
 log = logging.getLogger("agentd.upkeep")
 
@@ -85,8 +85,8 @@ class MemoryPolicy:
         reading = self.probe.read()
         self.pressure = reading.level
         if scratch is not None and scratch.scratch_bytes():
-            short = reading.available < self.limits.min_available or reading.level == "critical"
-            if short or sum(a.nbytes for a in hot) + scratch.scratch_bytes() > self.limits.cache_budget:
+            over_budget = sum(a.nbytes for a in hot) + scratch.scratch_bytes() > self.limits.cache_budget
+            if over_budget or memory_short(reading, self.limits):
                 freed = scratch.drop_scratch()
                 if freed:
                     log.info("dropped the completions' scratch cache (%d bytes; budget=%d, available=%d, level=%s)",
