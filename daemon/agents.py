@@ -18,8 +18,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import mlx.core as mx
-
 from .atomic import atomic_replace
 from .cachefile import Expectation, cache_nbytes
 from .cacherepo import CacheProblem, CacheRepository, Refusal  # noqa: F401 (re-exported)
@@ -29,6 +27,7 @@ from .hotset import HotAgent, HotSet
 from .protocol import Sampling, validate_agent_name
 from .records import AgentRecord, AlreadyExists, NotFound, Records
 from .responses import AgentInfo, CacheSource, ChatResult
+from .restore_reads import give_back_unused
 from .sequence import Generation, Sequence
 from .stepper import Stepper
 from .windows import WindowGuard, has_windows
@@ -418,8 +417,8 @@ class AgentStore:
     @staticmethod
     def free_unused_memory() -> None:
         """After a cache is let go: without this MLX keeps the freed buffers in its own
-        cache and RSS stays up."""
-        mx.clear_cache()
+        cache (and the start's restore reserve) and RSS stays up."""
+        give_back_unused()
 
     # ---- accounting ---------------------------------------------------------------
 

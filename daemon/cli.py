@@ -183,7 +183,7 @@ def _run(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
     daemon = Daemon(settings, engine)
 
     async def run() -> int:
-        await daemon.reserve_restore_memory()  # CUDA only: before the socket, like the warm-up
+        await daemon.reserve_restore_memory()  # CUDA and the CPU: before the socket, like the warm-up
         if preload:
             names = await daemon.preload(preload)
             log.info("preloaded %d agent(s)", len(names))

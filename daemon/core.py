@@ -364,8 +364,8 @@ class Daemon:
         return saved
 
     async def reserve_restore_memory(self) -> RestoreReserve | None:
-        """At start (CUDA): memory for the next restores of the agents used last, as many
-        as `max_hot` and the cache budget allow, made ready before any turn asks for it."""
+        """At start (CUDA, the CPU): memory for the next restores of the agents used last, as
+        many as `max_hot` and the cache budget allow, made ready before any turn asks for it."""
         names = await self._io(self.store.records.most_recent, self.settings.max_hot)
         repo = self.store.repo
 

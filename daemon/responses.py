@@ -25,8 +25,8 @@ Result fields per op:
     status    pid, uptime_s, daemon_version,
               model  {id, path, bytes},
               memory {model_bytes, cache_bytes, active_bytes, system_available,
-                      system_total, pressure: str, restore_reserve (CUDA: {agents,
-                      bytes, seconds} made ready at start, else null)},
+                      system_total, pressure: str, restore_reserve (CUDA and the
+                      CPU: {agents, bytes, seconds} made ready at start, else null)},
               limits {max_hot, cache_budget, min_available},
               flush  {interval_s, last_flush_at, last_result, last_error,
                       consecutive_failures},

@@ -108,30 +108,68 @@ class RestoreReserve:
 
 
 def reserve_restores(plans: Iterable[tuple[RowLayout, int]], budget: int) -> RestoreReserve | None:
-    """On CUDA, make and let go of the arrays the restores of `plans` (row layout, tokens;
-    most likely first) would make, while their bytes fit in `budget`: MLX keeps freed
-    buffers in its cache and hands them out again for the same size, so each of those
-    restores then gets memory the GPU has already touched. New managed memory costs its
-    first touch: an H200 made the 4.3 GB of arrays of a 32k-token llama-8B restore in
-    255 ms of a 484 ms restore, and in 7 ms from the cache (gpu.py, BENCHMARKS section 12).
-    Elsewhere nothing to do: host memory is made while it is read (`read_rows`). Runs on
-    the MLX thread, before the socket is bound (cli)."""
-    from .backend import CUDA, backend
+    """Make and let go of the arrays the restores of `plans` (row layout, tokens; most
+    likely first) would make, while their bytes fit in `budget`: MLX keeps freed buffers
+    in its cache and hands them out again for the same size, so each of those restores
+    then gets memory already touched. New memory costs its first touch, page faults:
+    - CUDA: an H200 made the 4.3 GB of arrays of a 32k-token llama-8B restore in 255 ms of
+      a 484 ms restore, and in 7 ms from the cache (gpu.py, BENCHMARKS section 12).
+    - CPU: the first restore in a new process of an 8,173-token agent of the default model
+      took 247 ms, 75 ms from reserved memory; 40-43 against 28-36 ms at 2,029 tokens
+      (BENCHMARKS section 10). MLX's CPU cache keeps only 32 MiB by default, so its limit
+      is raised by the reserve's bytes until the first time memory is given back
+      (`give_back_unused`, on an eviction or when memory is short).
+    Not on Apple's GPU, where it is not measured. Runs on the MLX thread, before the socket
+    is bound (cli)."""
+    from .backend import CPU, CUDA, backend
 
-    if backend() != CUDA or switched_off(os.environ.get(RESERVE_ENV)):
+    kind = backend()
+    if kind not in (CUDA, CPU) or switched_off(os.environ.get(RESERVE_ENV)):
         return None
     t0 = time.perf_counter()
-    agents = total = 0
+    chosen, total = [], 0
     for layout, n in plans:
         size = layout.row_bytes() * rows_to_allocate(n)
         if total + size > budget:
             break
+        chosen.append((layout, n, size))
+        total += size
+    if kind == CPU and chosen:
+        _raise_cache_limit(total)
+    agents = made = 0
+    for layout, n, size in chosen:
         try:
             target = RowTarget(layout, n)  # the very arrays (shapes, dtypes) a restore makes
             target.allocate()
         except (RuntimeError, MemoryError) as e:  # no memory for it: the restore will say so, not the start
             log.warning("restore memory made ready for %d agent(s) only: %s", agents, e)
             break
-        target.take()  # dropped here: back into MLX's buffer cache, pages on the GPU
-        agents, total = agents + 1, total + size
-    return RestoreReserve(agents, total, time.perf_counter() - t0)
+        target.take()  # dropped here: back into MLX's buffer cache, pages touched
+        agents, made = agents + 1, made + size
+    return RestoreReserve(agents, made, time.perf_counter() - t0)
+
+
+_raised_from: int | None = None  # MLX's cache limit before reserve_restores raised it (CPU)
+
+
+def _raise_cache_limit(extra: int) -> None:
+    global _raised_from
+    import mlx.core as mx
+
+    previous = mx.set_cache_limit(1 << 62)  # read by raising it: a lower limit would free buffers
+    mx.set_cache_limit(previous + extra)
+    if _raised_from is None:
+        _raised_from = previous
+
+
+def give_back_unused() -> None:
+    """MLX's freed buffers back to the system (after a cache is let go, or when memory is
+    short), the restore reserve with them, and MLX's cache limit back to what it was
+    before the reserve raised it: from then on it keeps no more than it did."""
+    global _raised_from
+    import mlx.core as mx
+
+    if _raised_from is not None:
+        mx.set_cache_limit(_raised_from)
+        _raised_from = None
+    mx.clear_cache()

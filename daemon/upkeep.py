@@ -100,6 +100,8 @@ class MemoryPolicy:
                          self.limits.cache_budget, reading.available, reading.level)
             except Exception as e:  # a failed save keeps the agent hot and dirty; flush retries
                 log.error("could not evict %s: %s", name, e)
+        if memory_short(reading, self.limits) and not evicted:
+            store.free_unused_memory()  # MLX's freed buffers, the start's restore reserve among them
         return evicted
 
     def status(self) -> dict:

@@ -360,16 +360,35 @@ def test_a_restored_cache_has_a_step_to_spare_so_the_next_turn_does_not_grow_it(
 
 
 def test_the_start_up_restore_reserve_keeps_to_its_budget_and_never_fails_the_start(monkeypatch):
-    """restore_reads.reserve_restores (CUDA; the backend is faked here): the agents used
-    last, in order, while their arrays fit the budget; an allocation that fails ends the
-    reserve, not the daemon's start. Off elsewhere and with AGENTD_RESTORE_RESERVE=0."""
+    """restore_reads.reserve_restores: the agents used last, in order, while their arrays
+    fit the budget; an allocation that fails ends the reserve, not the daemon's start. On
+    the CPU the arrays wait in MLX's cache, whose limit grows by their bytes until memory
+    is given back. Off on Apple's GPU and with AGENTD_RESTORE_RESERVE=0."""
+    import mlx.core as mx
+
     from agentd import backend, restore_reads
     from agentd.kvrows import ArraySpec, RowLayout
     from agentd.restore_arrays import rows_to_allocate
 
     layout = RowLayout((ArraySpec(0, 2, 8, "float32"), ArraySpec(0, 2, 8, "float32")))
     size = lambda n: layout.row_bytes() * rows_to_allocate(n)  # noqa: E731
-    assert restore_reads.reserve_restores([(layout, 10)], 10**9) is None  # the CPU: nothing to do
+    def cache_limit() -> int:
+        value = mx.set_cache_limit(1 << 62)
+        mx.set_cache_limit(value)
+        return value
+
+    limit = cache_limit()
+    try:
+        r = restore_reads.reserve_restores([(layout, 10), (layout, 5000)], size(10) + size(5000) - 1)
+        assert (r.agents, r.bytes) == (1, size(10))  # the CPU: the real arrays, within the budget
+        assert mx.get_cache_memory() >= size(10)
+        assert cache_limit() == limit + size(10)
+        restore_reads.give_back_unused()
+        assert mx.get_cache_memory() == 0 and cache_limit() == limit
+    finally:
+        mx.set_cache_limit(limit)
+    monkeypatch.setattr(backend, "backend", lambda: backend.METAL)
+    assert restore_reads.reserve_restores([(layout, 10)], 10**9) is None
     monkeypatch.setattr(backend, "backend", lambda: backend.CUDA)
     made = []
 

@@ -41,6 +41,9 @@ def test_exact_resume_across_a_daemon_restart(home, tiny_model_dir):
         assert d.stop() == 0  # SIGTERM: flushes x and twin
     with DaemonProc(home, tiny_model_dir) as d:
         with d.client() as c:
+            # The start made the memory of both agents' next restores ready (the CPU's reserve).
+            reserve = c.status()["memory"]["restore_reserve"]
+            assert reserve["agents"] == 2 and reserve["bytes"] > 0, reserve
             resumed = chat(c, "x", TURN2, max_tokens=24)
     assert in_memory["cache_source"] in ("memory", "rebuilt")
     assert resumed["cache_source"] == ("disk" if in_memory["cache_source"] == "memory" else "rebuilt")
@@ -231,7 +234,8 @@ def test_agentctl_json_chat_and_status_shapes(home, tiny_llama_dir):
         assert {k: agent[k] for k in ("name", "state", "dirty")} == {"name": "spec", "state": "hot", "dirty": True}
         assert agent["tokens"] > 0 and agent["bytes"] > 0
         assert {"model_bytes", "cache_bytes", "system_available"} <= set(status["memory"])
-        assert status["memory"]["restore_reserve"] is None  # CUDA only (tests/test_cuda.py)
+        # Made at start for the agents used last: none had been saved yet.
+        assert {k: status["memory"]["restore_reserve"][k] for k in ("agents", "bytes")} == {"agents": 0, "bytes": 0}
         bad = run("create", "../etc")
         assert bad.returncode != 0 and "Traceback" not in bad.stderr
 
