@@ -372,6 +372,7 @@ def test_the_start_up_restore_reserve_keeps_to_its_budget_and_never_fails_the_st
 
     layout = RowLayout((ArraySpec(0, 2, 8, "float32"), ArraySpec(0, 2, 8, "float32")))
     size = lambda n: layout.row_bytes() * rows_to_allocate(n)  # noqa: E731
+
     def cache_limit() -> int:
         value = mx.set_cache_limit(1 << 62)
         mx.set_cache_limit(value)
