@@ -84,9 +84,10 @@ class MemoryPolicy:
         hot = [HotFacts(n, f.bytes, f.dirty, f.busy > 0) for n, f in snap.items()]
         reading = self.probe.read()
         self.pressure = reading.level
+        short, freed = memory_short(reading, self.limits), 0
         if scratch is not None and scratch.scratch_bytes():
             over_budget = sum(a.nbytes for a in hot) + scratch.scratch_bytes() > self.limits.cache_budget
-            if over_budget or memory_short(reading, self.limits):
+            if over_budget or short:
                 freed = scratch.drop_scratch()
                 if freed:
                     log.info("dropped the completions' scratch cache (%d bytes; budget=%d, available=%d, level=%s)",
@@ -100,8 +101,10 @@ class MemoryPolicy:
                          self.limits.cache_budget, reading.available, reading.level)
             except Exception as e:  # a failed save keeps the agent hot and dirty; flush retries
                 log.error("could not evict %s: %s", name, e)
-        if memory_short(reading, self.limits) and not evicted:
-            store.free_unused_memory()  # MLX's freed buffers, the start's restore reserve among them
+        # Memory short: MLX's freed buffers (the start's restore reserve among them) go back,
+        # unless an eviction or the scratch's drop above has already given them back.
+        if short and not (evicted or freed):
+            store.free_unused_memory()
         return evicted
 
     def status(self) -> dict:
