@@ -19,17 +19,13 @@ runs them far below the memory bound. Without a C compiler the daemon still runs
 
 from __future__ import annotations
 
-import hashlib
 import os
-import platform as _platform
-import shlex
-import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from . import clib
 from .switches import switched_off
 
 ENV_SWITCH = "AGENTD_BLAS"  # "off" disables; a path names the library to preload
@@ -84,55 +80,10 @@ def default_threads() -> int:
     return max(1, min(n, 8))
 
 
-def _cpu_signature() -> bytes:
-    """What a -march=native build depends on: the CPU's model and feature flags (Linux)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return b""
-    keep = ("model name", "flags", "Features", "CPU part")
-    lines = {line.split(":", 1)[0].strip(): line for line in info.splitlines() if ":" in line}
-    return "\n".join(lines[k] for k in keep if k in lines).encode()
-
-
 def build_gemv_forward(cache_dir: Path | None = None, compiler: str | None = None) -> str | None:
-    """The compiled `gemv_forward.c`, built once per source, machine and CPU into the user cache
-    directory; None when there is no C compiler or the build fails.
-
-    Built for this CPU (-march=native) when the compiler accepts that, else for the compiler's
-    generic target; the CPU's flags are in the file name's hash, so a home directory shared
-    with another kind of machine gets a build of its own.
-    """
-    source = FORWARD_SOURCE.read_bytes()
-    digest = hashlib.sha256(source + _platform.machine().encode() + _cpu_signature()).hexdigest()[:12]
-    if cache_dir is None:
-        import platformdirs
-
-        cache_dir = Path(platformdirs.user_cache_dir("agentd", appauthor=False))
-    target = cache_dir / f"{FORWARD_STEM}-{digest}.so"
-    if target.is_file():
-        return str(target)
-    cc = shlex.split(compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "")
-    if not cc:
-        return None
-    # Another process may be building the same file: each writes its own temp name and
-    # the rename is atomic, so a reader never maps a half-written library.
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    common = ["-O3", "-shared", "-fPIC", "-o", str(partial), str(FORWARD_SOURCE), "-ldl", "-lpthread"]
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        for flags in (["-march=native"], []):
-            try:
-                subprocess.run([*cc, *flags, *common], check=True, capture_output=True, timeout=120)
-                break
-            except subprocess.CalledProcessError:
-                if not flags:
-                    raise
-        os.replace(partial, target)
-    except (OSError, subprocess.SubprocessError):
-        partial.unlink(missing_ok=True)
-        return None
-    return str(target)
+    """The compiled `gemv_forward.c` (`clib.build`: once per source, machine and CPU, into the
+    user cache directory); None when there is no C compiler or the build fails."""
+    return clib.build(FORWARD_SOURCE, FORWARD_STEM, cache_dir, compiler)
 
 
 def decide(

@@ -1,8 +1,9 @@
 """The arrays a restore fills: made at their final size, where the reads can reach them.
 
-`read_rows` (CPU, Apple unified memory): MLX's arrays are host memory; they are made in
-groups while the read threads already read and hash each segment's rows of the groups made
-so far straight into them. `RowTarget` (everywhere else): arrays allocated first and filled
+`read_rows` (CPU, Apple unified memory): MLX's arrays are host memory, which the read threads
+fill straight from the files: unwritten arrays read and hashed in one pass in C where
+`readhash` is built, else zeroed arrays made in groups while the rows of the groups made so far
+are read and hashed in Python. `RowTarget` (everywhere else): arrays allocated first and filled
 by `fill`; on CUDA each block goes to a pinned slot, is checked there, and the copy engine
 moves it into GPU arrays (`cuda_copy`). Both leave one of mlx-lm's 256-row steps to spare
 (`rows_to_allocate`). `restore_reads` drives them; `kvrows` has the layout and the row I/O.
@@ -10,7 +11,10 @@ moves it into GPU arrays (`cuda_copy`). Both leave one of mlx-lm's 256-row steps
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import struct
 import threading
 import time
 from typing import Callable
@@ -19,7 +23,9 @@ import mlx.core as mx
 import numpy as np
 import xxhash
 
+from . import readhash
 from .kvrows import RowLayout, RowsError, Segment, _host_dtype, _shared_view, install, read_buffers, row_buffers
+from .switches import switched_off
 
 # On CUDA, make a restore's arrays while its first blocks are read (RowTarget.allocate);
 # "0" makes them first, as before (env: benchmarks/gpu.py restore compares the two).
@@ -198,7 +204,9 @@ class RowTarget:
 # ---- host memory: arrays made while the first rows are read ---------------------------
 
 HOST_READ = True  # read_rows where MLX's arrays are host memory; tests turn it off
-GROUPS = 4  # the arrays are made in this many groups, each read as soon as it exists
+# read_rows reads in C where readhash is built; "off" reads in Python (benchmarks compare the two)
+NATIVE_READS = not switched_off(os.environ.get("AGENTD_NATIVE_READS"))
+GROUPS = 4  # zeroed arrays are made in this many groups, each read as soon as it exists
 
 
 def host_read_usable() -> bool:
@@ -209,59 +217,109 @@ def host_read_usable() -> bool:
     return HOST_READ and backend() != CUDA and _cuda_staging() is None
 
 
+def native_reader() -> readhash.Reader | None:
+    """The C reader `read_rows` uses, or None where it reads in Python."""
+    return readhash.load() if NATIVE_READS else None
+
+
 def read_rows(layout: RowLayout, n_tokens: int, segments: list[Segment], submit: Callable,
               step: int = 256) -> list[mx.array]:
     """New arrays for `layout` (with a `step` of rows to spare, as RowTarget) holding
     the segments' rows, read by `submit`ted jobs (one a segment) straight into the arrays'
-    own memory while this thread is still making the later arrays: the arrays are made
-    (zeroed) in GROUPS groups of consecutive layers, and a segment's rows of a group, one
-    contiguous run of its file, are read and hashed as soon as that group exists, in
-    storage order, so the hash sees them as they were written and reads them in the CPU's
-    cache. Segments are consecutive from row 0. Afterwards each segment's `error` says
-    whether its rows may be used: the caller keeps those before the first refused one
-    (the rest are never read: the cache's offset ends there). RowsError: MLX gives no
-    writable view of its arrays here (the caller uses RowTarget)."""
+    own memory. Where `readhash` is built the arrays are made unwritten, in one call
+    (`unwritten_arrays`: the reads write every row once), and each segment's rows are read
+    and hashed in C, 256 KB at a time while they are in the CPU's cache. Else the arrays are
+    zeroed in GROUPS groups of consecutive layers, and a segment's rows of a group, one
+    contiguous run of its file, are read (`os.preadv`) and hashed (`xxhash`) as soon as that
+    group exists, while this thread is still making the later ones. Either way each
+    segment's rows are hashed in storage order, as they were written. Rows past the
+    segments' are left as the arrays were made: a cache reads no row past its offset.
+    Segments are consecutive from row 0.
+    Afterwards each segment's `error` says whether its rows may be used: the caller keeps
+    those before the first refused one (the rest are never read: the cache's offset ends
+    there). RowsError: MLX gives no writable view of its arrays here (the caller uses
+    RowTarget)."""
+    reader = native_reader()
     n_alloc = rows_to_allocate(n_tokens, step)
     specs = layout.arrays
-    k = -(-len(specs) // GROUPS)
+    # Unwritten arrays come in one call: in 4, each call's fixed cost (~1 ms) outweighed
+    # starting the reads earlier (8,173 tokens: 48 against 44 ms; BENCHMARKS.md section 10).
+    k = len(specs) if reader else -(-len(specs) // GROUPS)
     groups = [range(g, min(g + k, len(specs))) for g in range(0, len(specs), k)]
     row_bytes = [s.width * getattr(mx, s.dtype).size for s in specs]
+    group_bytes = [sum(specs[i].heads * row_bytes[i] for i in members) for members in groups]  # of one row
     views: list[np.ndarray | None] = [None] * len(specs)
+    # For C, per group: the address of each (array, head)'s row 0 and its bytes a row.
+    firsts: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(groups)
     ready = [threading.Event() for _ in groups]
     failed = []
 
+    def read_python(seg: Segment, g: int, pos: int, h) -> None:
+        rows = [memoryview(views[i][0, head, seg.at:seg.at + seg.count, :]).cast("B")
+                for i in groups[g] for head in range(specs[i].heads)]
+        read_buffers(seg.fd, rows, pos)
+        for r in rows:
+            h.update(r)
+
+    def read_c(seg: Segment, g: int, pos: int, state: int) -> None:
+        row0, nbytes = firsts[g]
+        chunks = np.empty((len(row0), 2), np.uint64)  # struct iovec: base, length
+        chunks[:, 0] = row0 + np.uint64(seg.at) * nbytes
+        chunks[:, 1] = np.uint64(seg.count) * nbytes
+        status, err = reader.read(seg.fd, chunks, pos, state)
+        if status == readhash.TRUNCATED:
+            raise RowsError("truncated")
+        if status != readhash.OK:
+            raise OSError(err, os.strerror(err))
+
     def read(seg: Segment) -> None:
-        h, pos = xxhash.xxh3_128(seg.prefix), seg.offset
+        h = reader.start(seg.prefix) if reader else xxhash.xxh3_128(seg.prefix)
+        pos = seg.offset
         try:
-            for g, members in enumerate(groups):
+            for g in range(len(groups)):
                 ready[g].wait()
                 if failed:
                     return
-                rows = [memoryview(views[i][0, head, seg.at:seg.at + seg.count, :]).cast("B")
-                        for i in members for head in range(specs[i].heads)]
-                read_buffers(seg.fd, rows, pos)
-                for r in rows:
-                    h.update(r)
-                pos += sum(specs[i].heads * seg.count * row_bytes[i] for i in members)
+                (read_c if reader else read_python)(seg, g, pos, h)
+                pos += group_bytes[g] * seg.count
         except RowsError:
             seg.error = "truncated"
         except OSError:
             seg.error = "unreadable"
         else:
-            if h.hexdigest() != seg.checksum:
+            digest = reader.finish(h) if reader else h.hexdigest()
+            h = None
+            if digest != seg.checksum:
                 seg.error = "checksum"
+        finally:
+            if reader and h is not None:
+                reader.drop(h)
 
     jobs = [submit(read, seg) for seg in segments]
     arrays: list[mx.array] = []
     streams = _zeroing_streams()
     try:
         for g, members in enumerate(groups):
-            made = [mx.zeros((1, specs[i].heads, n_alloc, specs[i].width), dtype=getattr(mx, _host_dtype(specs[i].dtype)),
-                             stream=streams[j % len(streams)])
-                    for j, i in enumerate(members)]
-            mx.eval(made)
+            shapes = [(1, specs[i].heads, n_alloc, specs[i].width) for i in members]
+            dtypes = [_host_dtype(specs[i].dtype) for i in members]
+            if reader:
+                made = unwritten_arrays(shapes, dtypes)
+            else:
+                made = [mx.zeros(shape, dtype=getattr(mx, dtype), stream=streams[j % len(streams)])
+                        for j, (shape, dtype) in enumerate(zip(shapes, dtypes))]
+                mx.eval(made)
             for i, a in zip(members, made):
                 views[i] = _shared_view(a)
+            if reader:
+                # Memory MLX's allocator got anew (after an eviction gave buffers back) would
+                # fault in the reads 4 KiB at a time: 8,173 tokens took 121 ms, 91 ms in huge
+                # pages (Python's path: 150 ms); memory already touched is not changed.
+                for i in members:
+                    reader.advise_huge(views[i].ctypes.data, views[i].nbytes)
+                heads = [(i, head) for i in members for head in range(specs[i].heads)]
+                nbytes = np.array([row_bytes[i] for i, _ in heads], np.uint64)
+                firsts[g] = (np.array([views[i].ctypes.data + head * n_alloc * row_bytes[i] for i, head in heads],
+                                      np.uint64), nbytes)
             arrays += made
             ready[g].set()
     except (TypeError, ValueError, RuntimeError) as e:
@@ -272,6 +330,58 @@ def read_rows(layout: RowLayout, n_tokens: int, segments: list[Segment], submit:
             event.set()  # a failure above: the jobs stop instead of waiting forever
         for job in jobs:
             job.result()
+    return arrays
+
+
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "uint16": "U16", "uint32": "U32"}
+
+
+class _HeaderOnly(io.RawIOBase):
+    """A safetensors file of `header` and no data: every read past the header is reported
+    done and writes nothing."""
+
+    def __init__(self, header: bytes, size: int):
+        self._header, self._size, self._pos = header, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = offset + (0, self._pos, self._size)[whence]
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        n = len(buffer)
+        if self._pos < len(self._header):
+            n = min(n, len(self._header) - self._pos)
+            memoryview(buffer).cast("B")[:n] = self._header[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+
+def unwritten_arrays(shapes: list[tuple[int, ...]], dtypes: list[str]) -> list[mx.array]:
+    """Evaluated arrays whose memory nothing has written: `mx.load` of a safetensors file
+    whose data reads write nothing. MLX reads each tensor straight into its new array's
+    memory (MLX 0.32 on the CPU), so they come back holding whatever the allocator had there,
+    for the reads to write once: 60 arrays of 6.5 MB in 3 ms from MLX's buffer cache, where
+    `mx.zeros` writes them in 21 ms (one pass over the bytes, as long as a memcpy of them)."""
+    header, at = {}, 0
+    for i, (shape, dtype) in enumerate(zip(shapes, dtypes)):
+        size = int(np.prod(shape)) * getattr(mx, dtype).size
+        header[str(i)] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [at, at + size]}
+        at += size
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    head = struct.pack("<Q", len(text)) + text
+    loaded = mx.load(_HeaderOnly(head, len(head) + at), format="safetensors")
+    arrays = [loaded[str(i)] for i in range(len(shapes))]
+    mx.eval(arrays)
     return arrays
 
 

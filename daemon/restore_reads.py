@@ -4,7 +4,7 @@ read threads made once per process.
 `read_pieces` is what `CacheRepository` calls once it has opened and checked every block
 and the tail (their `Segment`s); each segment's `error` says afterwards whether its rows
 may be used. Where MLX's arrays are host memory (CPU, Apple) `restore_arrays.read_rows` reads
-into them while the later ones are still being made; on CUDA `restore_arrays.RowTarget` stages
+straight into them (in C where `readhash` is built); on CUDA `restore_arrays.RowTarget` stages
 the rows through pinned memory while the MLX thread makes the arrays.
 """
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from .kvrows import RowLayout, RowsError, Segment, read_segment
-from .restore_arrays import RowTarget, host_read_usable, read_rows, rows_to_allocate
+from .restore_arrays import RowTarget, host_read_usable, native_reader, read_rows, rows_to_allocate
 from .switches import switched_off
 
 log = logging.getLogger("agentd.cacherepo")
@@ -55,14 +55,14 @@ def _pool() -> ThreadPoolExecutor:
 
 def read_pieces(layout: RowLayout, n: int, segments: list[Segment]) -> dict:
     """Read and check the segments' rows into new arrays (their `error`s say which may
-    be used), on READ_THREADS threads. Where MLX's arrays are host memory, the reads
-    start while the later arrays are still being made (`read_rows`); elsewhere into
-    RowTarget's arrays (zeroed, or staged for CUDA)."""
+    be used), on READ_THREADS threads. Where MLX's arrays are host memory, straight into
+    them (`read_rows`); elsewhere into RowTarget's arrays (zeroed, or staged for CUDA)."""
     threads = min(READ_THREADS, max(1, len(segments)))
     if host_read_usable():
         try:
             arrays = read_rows(layout, n, segments, _pool().submit)
-            return {"arrays": arrays, "how": f"arrays made while reading, {threads} threads"}
+            how = "unwritten arrays read and checked in C" if native_reader() else "arrays made while reading"
+            return {"arrays": arrays, "how": f"{how}, {threads} threads"}
         except RowsError as e:
             log.info("%s; reading into RowTarget's arrays instead", e)
             for seg in segments:

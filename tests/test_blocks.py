@@ -281,14 +281,19 @@ def test_where_arrays_cannot_be_filled_in_place_a_restore_stages_on_the_host(lla
     assert restored.text == expected
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["read-in-C", "read-in-Python"])
 @pytest.mark.parametrize("damage", ["block-last-layer", "tail-byte", "tail-truncated"])
-def test_a_restore_keeps_only_the_rows_before_the_first_refused_segment(llama, home, damage):
-    """The arrays are made while their first rows are read (restore_arrays.read_rows): a flipped
-    byte in a block's last layer (read after every array exists), or a damaged tail, still
-    ends the prefix there, the file is moved aside, and the rows kept are the saved ones."""
+def test_a_restore_keeps_only_the_rows_before_the_first_refused_segment(llama, home, damage, native, monkeypatch):
+    """Both read paths (restore_arrays.read_rows: in C into unwritten arrays, or in Python while
+    the later arrays are made): a flipped byte in a block's last layer (its last bytes read),
+    or a damaged tail, still ends the prefix there, the file is moved aside, and the rows kept
+    are the saved ones."""
     import numpy as np
 
-    from agentd import restore_arrays
+    from agentd import readhash, restore_arrays
+
+    monkeypatch.setattr(restore_arrays, "NATIVE_READS", native)
+    assert not native or readhash.load() is not None  # this machine has a C compiler: the C path runs
 
     store = AgentStore(home, llama, kv=SMALL)
     store.create("a", "", SYSTEM)
