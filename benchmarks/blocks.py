@@ -13,9 +13,10 @@ Parts (all by default; `--only flush,share,fork,restore,kvbits`):
 - fork: TTFT of a fork of a saved ~3,300-token agent (its blocks) against a fresh agent
   prefilling the same context (rebuilt); interleaved, three runs each.
 - restore: in-process `CacheRepository.load` (read + verify + rebuild) of a saved agent,
-  its bytes per second against a numpy memory copy of the same bytes, interleaved; then
-  the first load in new processes (as after a restart), plain and with glibc's hugetlb
-  tunable (transparent huge pages for malloc).
+  its bytes per second against a numpy memory copy of the same bytes, interleaved, with the
+  rows read and checked in C (readhash) and in Python alternately; then the first load in
+  new processes (as after a restart), plain, with glibc's hugetlb tunable (transparent huge
+  pages for malloc) and after the start's restore reserve.
 - kvbits: unquantized vs --kv-bits 8 and 4 (group 64): bytes per token, greedy agreement
   on fixed prompts, perplexity on a fixed text (README.md as of commit 757017b).
 Writes benchmarks/out/blocks.json.
@@ -183,12 +184,20 @@ def part_restore(model: Path, tok: c.Tok, size: int, runs: int) -> dict:
     src = np.ones(n_bytes, dtype=np.uint8)
     dst = np.empty_like(src)
     np.copyto(dst, src)  # fault the pages in first: a copy into fresh pages measures the kernel
-    load_s, copy_s, fresh_s = [], [], []
+    from agentd import readhash, restore_arrays
+
+    native = readhash.load() is not None
+    load_s, python_s, copy_s, fresh_s = [], [], [], []
     for _ in range(runs):
-        loaded = None
-        t0 = time.perf_counter()
-        loaded = store.repo.load("r")
-        load_s.append(time.perf_counter() - t0)
+        # The C read (readhash) and the Python one alternate in this process: their ratio is
+        # taken in one run.
+        for in_c, times in ((True, load_s), (False, python_s)):
+            restore_arrays.NATIVE_READS = in_c and native
+            loaded = None
+            t0 = time.perf_counter()
+            loaded = store.repo.load("r")
+            times.append(time.perf_counter() - t0)
+        restore_arrays.NATIVE_READS = True
         t0 = time.perf_counter()
         np.copyto(dst, src)
         copy_s.append(time.perf_counter() - t0)
@@ -201,8 +210,11 @@ def part_restore(model: Path, tok: c.Tok, size: int, runs: int) -> dict:
     assert len(loaded.tokens) * store.repo._layout.row_bytes() == n_bytes
     restore_gbs, copy_gbs = n_bytes / c.med(load_s) / 1e9, n_bytes / c.med(copy_s) / 1e9
     fresh_gbs = n_bytes / c.med(fresh_s) / 1e9
-    c.log(f"restore {len(loaded.tokens)} tokens, {n_bytes / 2**20:.0f} MiB: {restore_gbs:.2f} GB/s, memcpy "
-          f"{copy_gbs:.2f} GB/s ({restore_gbs / copy_gbs:.0%}), into new memory {fresh_gbs:.2f} GB/s")
+    python_gbs = n_bytes / c.med(python_s) / 1e9
+    c.log(f"restore {len(loaded.tokens)} tokens, {n_bytes / 2**20:.0f} MiB: {restore_gbs:.2f} GB/s "
+          f"({'read in C' if native else 'no C compiler: read in Python'}), memcpy {copy_gbs:.2f} GB/s "
+          f"({restore_gbs / copy_gbs:.0%}), into new memory {fresh_gbs:.2f} GB/s; read in Python "
+          f"{python_gbs:.2f} GB/s ({python_gbs / copy_gbs:.0%})")
     floor = read_floor(store, "r", runs)
     c.log(f"floor: preadv of the files into touched memory {floor['preadv_gb_s']:.2f} GB/s (1 thread), "
           f"{floor['preadv_threads_gb_s']:.2f} GB/s (2 threads); xxh3 {floor['xxh3_gb_s']:.2f} GB/s")
@@ -212,7 +224,8 @@ def part_restore(model: Path, tok: c.Tok, size: int, runs: int) -> dict:
         c.log(f"first restore in a new process ({label}): {c.med([p['load_s'] for p in pts]) * 1000:.1f} ms, "
               f"memcpy there {n_bytes / c.med([p['copy_s'] for p in pts]) / 1e9:.2f} GB/s")
     return {"tokens": len(loaded.tokens), "kv_bytes": n_bytes, "cache_nbytes": cache_nbytes(loaded.cache),
-            "load_s": load_s, "copy_s": copy_s, "fresh_copy_s": fresh_s, "restore_gb_s": restore_gbs,
+            "load_s": load_s, "read_in_c": native, "python_load_s": python_s, "python_ratio": python_gbs / copy_gbs,
+            "copy_s": copy_s, "fresh_copy_s": fresh_s, "restore_gb_s": restore_gbs,
             "memcpy_gb_s": copy_gbs, "memcpy_fresh_gb_s": fresh_gbs, "ratio": restore_gbs / copy_gbs,
             "ratio_fresh": restore_gbs / fresh_gbs, "first_restore": first, "floor": floor}
 
