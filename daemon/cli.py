@@ -171,12 +171,10 @@ def _run(home, socket_path, model_dir, flush_interval, max_hot, cache_budget, mi
     log.info("model %s loaded in %.2fs (%s, %d MB)", engine.model_id, engine.load_s, engine.dtype,
              engine.model_bytes // 2**20)
     log.info("%s", describe(engine.plan))
-    from .restore_arrays import host_read_usable
+    from .restore_arrays import host_read_usable, native_reader
 
-    if host_read_usable():  # built once per machine (~0.2 s), so no restore waits for a compiler
-        from . import readhash
-
-        log.info("restores read and check %s", "in C (readhash)" if readhash.load() else "in Python")
+    if host_read_usable():  # readhash is built here once per machine (~0.2 s): no restore waits for it
+        log.info("restores read and check %s", "in C (readhash)" if native_reader() else "in Python")
     if should_warm(engine.plan.backend, os.environ):
         # Before the socket exists: no turn may wait while kernels are built (minutes on a
         # machine that never ran this model; under a second once they are cached).
