@@ -2,8 +2,8 @@
 
 Python's path reads a segment's rows with `os.preadv` and then hashes them with `xxhash`:
 a second pass over ~11 MB per block, from memory rather than the CPU's cache, with Python
-between every group of reads. `read_hash` does both in one call that drops the GIL: `RUN`
-bytes read, then hashed while they sit in L2. On this 2-core machine, in C over 376 MB in the
+between every group of reads. `Reader.read` does both in one call that drops the GIL: `RUN`
+bytes read, then hashed while they sit in L2 (`start` and `finish` open and close a segment's hash). On this 2-core machine, in C over 376 MB in the
 page cache on two threads: 63-65% of a memcpy's bandwidth against 55% for read-all-then-hash
 (BENCHMARKS.md section 10).
 
