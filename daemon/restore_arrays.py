@@ -17,7 +17,8 @@ import os
 import struct
 import threading
 import time
-from typing import Callable
+from concurrent import futures
+from typing import Callable, Iterable
 
 import mlx.core as mx
 import numpy as np
@@ -222,104 +223,125 @@ def native_reader() -> readhash.Reader | None:
     return readhash.load() if NATIVE_READS else None
 
 
-def read_rows(layout: RowLayout, n_tokens: int, segments: list[Segment], submit: Callable,
+def read_rows(layout: RowLayout, n_tokens: int, segments: Iterable[Segment], submit: Callable,
               step: int = 256) -> list[mx.array]:
     """New arrays for `layout` (with a `step` of rows to spare, as RowTarget) holding
     the segments' rows, read by `submit`ted jobs (one a segment) straight into the arrays'
-    own memory. Where `readhash` is built the arrays are made unwritten, in one call
-    (`unwritten_arrays`: the reads write every row once), and each segment's rows are read
-    and hashed in C, 256 KB at a time while they are in the CPU's cache. Else the arrays are
-    zeroed in GROUPS groups of consecutive layers, and a segment's rows of a group, one
-    contiguous run of its file, are read (`os.preadv`) and hashed (`xxhash`) as soon as that
-    group exists, while this thread is still making the later ones. Either way each
-    segment's rows are hashed in storage order, as they were written. Rows past the
-    segments' are left as the arrays were made: a cache reads no row past its offset.
-    Segments are consecutive from row 0.
+    own memory: in C where `readhash` is built (`_read_in_c`), else in Python
+    (`_read_in_python`). Either way each segment's rows are hashed in storage order, as
+    they were written, and rows past the segments' are left as the arrays were made: a
+    cache reads no row past its offset. Segments are consecutive from row 0; they are taken
+    from `segments` as they are needed (the C path takes each once the arrays exist and the
+    earlier segments' reads are under way, so the caller may open files as it yields them).
     Afterwards each segment's `error` says whether its rows may be used: the caller keeps
     those before the first refused one (the rest are never read: the cache's offset ends
     there). RowsError: MLX gives no writable view of its arrays here (the caller uses
     RowTarget)."""
     reader = native_reader()
-    n_alloc = rows_to_allocate(n_tokens, step)
+    if reader is not None:
+        return _read_in_c(reader, layout, rows_to_allocate(n_tokens, step), segments, submit)
+    return _read_in_python(layout, rows_to_allocate(n_tokens, step), list(segments), submit)
+
+
+def _read_in_c(reader: readhash.Reader, layout: RowLayout, n_alloc: int, segments: Iterable[Segment],
+               submit: Callable) -> list[mx.array]:
+    """All arrays made unwritten, in one call (`unwritten_arrays`: the reads write every row
+    once), then each segment's rows read and hashed in C, 256 KB at a time while they are in
+    the CPU's cache. The arrays come first, so every job reads as soon as it starts, and each
+    segment is taken from `segments` only then: the files the caller opens as it yields them
+    are opened while the first ones are read (on 2 cores that moved no restore's time, the
+    reads alone keep both busy; on more cores the opens run beside them)."""
     specs = layout.arrays
-    # Unwritten arrays come in one call: in 4, each call's fixed cost (~1 ms) outweighed
-    # starting the reads earlier (8,173 tokens: 48 against 44 ms; BENCHMARKS.md section 10).
-    k = len(specs) if reader else -(-len(specs) // GROUPS)
+    row_bytes = [s.width * getattr(mx, s.dtype).size for s in specs]
+    try:
+        arrays = unwritten_arrays([(1, s.heads, n_alloc, s.width) for s in specs],
+                                  [_host_dtype(s.dtype) for s in specs])
+        views = [_shared_view(a) for a in arrays]
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise RowsError(f"no writable view of the arrays ({e})") from e
+    # Memory MLX's allocator got anew (after an eviction gave buffers back) would fault in the
+    # reads 4 KiB at a time: 8,173 tokens took 121 ms, 91 ms in huge pages (Python's path:
+    # 150 ms); memory already touched is not changed.
+    for v in views:
+        reader.advise_huge(v.ctypes.data, v.nbytes)
+    # The address of each (array, head)'s row 0 and its bytes a row, in storage order.
+    heads = [(i, head) for i, s in enumerate(specs) for head in range(s.heads)]
+    row0 = np.array([views[i].ctypes.data + head * n_alloc * row_bytes[i] for i, head in heads], np.uint64)
+    nbytes = np.array([row_bytes[i] for i, _ in heads], np.uint64)
+    del views
+
+    def read(seg: Segment) -> None:
+        chunks = np.empty((len(row0), 2), np.uint64)  # struct iovec: base, length
+        chunks[:, 0] = row0 + np.uint64(seg.at) * nbytes
+        chunks[:, 1] = np.uint64(seg.count) * nbytes
+        state = reader.start(seg.prefix)
+        try:
+            status, err = reader.read(seg.fd, chunks, seg.offset, state)
+        except BaseException:
+            reader.drop(state)
+            raise
+        if status != readhash.OK:
+            reader.drop(state)
+            seg.error = "truncated" if status == readhash.TRUNCATED else "unreadable"
+        elif reader.finish(state) != seg.checksum:
+            seg.error = "checksum"
+
+    jobs = []
+    try:
+        for seg in segments:
+            jobs.append(submit(read, seg))
+    finally:
+        futures.wait(jobs)  # every read is over before the caller closes the files
+    for job in jobs:
+        job.result()
+    return arrays
+
+
+def _read_in_python(layout: RowLayout, n_alloc: int, segments: list[Segment], submit: Callable) -> list[mx.array]:
+    """Zeroed arrays made in GROUPS groups of consecutive layers, and a segment's rows of a
+    group, one contiguous run of its file, read (`os.preadv`) and hashed (`xxhash`) as soon
+    as that group exists, while this thread is still making the later ones."""
+    specs = layout.arrays
+    k = -(-len(specs) // GROUPS)
     groups = [range(g, min(g + k, len(specs))) for g in range(0, len(specs), k)]
     row_bytes = [s.width * getattr(mx, s.dtype).size for s in specs]
     group_bytes = [sum(specs[i].heads * row_bytes[i] for i in members) for members in groups]  # of one row
     views: list[np.ndarray | None] = [None] * len(specs)
-    # For C, per group: the address of each (array, head)'s row 0 and its bytes a row.
-    firsts: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(groups)
     ready = [threading.Event() for _ in groups]
     failed = []
 
-    def read_python(seg: Segment, g: int, pos: int, h) -> None:
-        rows = [memoryview(views[i][0, head, seg.at:seg.at + seg.count, :]).cast("B")
-                for i in groups[g] for head in range(specs[i].heads)]
-        read_buffers(seg.fd, rows, pos)
-        for r in rows:
-            h.update(r)
-
-    def read_c(seg: Segment, g: int, pos: int, state: int) -> None:
-        row0, nbytes = firsts[g]
-        chunks = np.empty((len(row0), 2), np.uint64)  # struct iovec: base, length
-        chunks[:, 0] = row0 + np.uint64(seg.at) * nbytes
-        chunks[:, 1] = np.uint64(seg.count) * nbytes
-        status, err = reader.read(seg.fd, chunks, pos, state)
-        if status == readhash.TRUNCATED:
-            raise RowsError("truncated")
-        if status != readhash.OK:
-            raise OSError(err, os.strerror(err))
-
     def read(seg: Segment) -> None:
-        h = reader.start(seg.prefix) if reader else xxhash.xxh3_128(seg.prefix)
+        h = xxhash.xxh3_128(seg.prefix)
         pos = seg.offset
         try:
             for g in range(len(groups)):
                 ready[g].wait()
                 if failed:
                     return
-                (read_c if reader else read_python)(seg, g, pos, h)
+                rows = [memoryview(views[i][0, head, seg.at:seg.at + seg.count, :]).cast("B")
+                        for i in groups[g] for head in range(specs[i].heads)]
+                read_buffers(seg.fd, rows, pos)
+                for r in rows:
+                    h.update(r)
                 pos += group_bytes[g] * seg.count
         except RowsError:
             seg.error = "truncated"
         except OSError:
             seg.error = "unreadable"
         else:
-            digest = reader.finish(h) if reader else h.hexdigest()
-            h = None
-            if digest != seg.checksum:
+            if h.hexdigest() != seg.checksum:
                 seg.error = "checksum"
-        finally:
-            if reader and h is not None:
-                reader.drop(h)
 
     jobs = [submit(read, seg) for seg in segments]
     arrays: list[mx.array] = []
     streams = _zeroing_streams()
     try:
         for g, members in enumerate(groups):
-            shapes = [(1, specs[i].heads, n_alloc, specs[i].width) for i in members]
-            dtypes = [_host_dtype(specs[i].dtype) for i in members]
-            if reader:
-                made = unwritten_arrays(shapes, dtypes)
-            else:
-                made = [mx.zeros(shape, dtype=getattr(mx, dtype), stream=streams[j % len(streams)])
-                        for j, (shape, dtype) in enumerate(zip(shapes, dtypes))]
-                mx.eval(made)
+            made = [mx.zeros((1, specs[i].heads, n_alloc, specs[i].width), dtype=getattr(mx, _host_dtype(specs[i].dtype)),
+                             stream=streams[j % len(streams)]) for j, i in enumerate(members)]
+            mx.eval(made)
             for i, a in zip(members, made):
                 views[i] = _shared_view(a)
-            if reader:
-                # Memory MLX's allocator got anew (after an eviction gave buffers back) would
-                # fault in the reads 4 KiB at a time: 8,173 tokens took 121 ms, 91 ms in huge
-                # pages (Python's path: 150 ms); memory already touched is not changed.
-                for i in members:
-                    reader.advise_huge(views[i].ctypes.data, views[i].nbytes)
-                heads = [(i, head) for i in members for head in range(specs[i].heads)]
-                nbytes = np.array([row_bytes[i] for i, _ in heads], np.uint64)
-                firsts[g] = (np.array([views[i].ctypes.data + head * n_alloc * row_bytes[i] for i, head in heads],
-                                      np.uint64), nbytes)
             arrays += made
             ready[g].set()
     except (TypeError, ValueError, RuntimeError) as e:
@@ -328,8 +350,9 @@ def read_rows(layout: RowLayout, n_tokens: int, segments: list[Segment], submit:
     finally:
         for event in ready:
             event.set()  # a failure above: the jobs stop instead of waiting forever
-        for job in jobs:
-            job.result()
+        futures.wait(jobs)
+    for job in jobs:
+        job.result()
     return arrays
 
 
