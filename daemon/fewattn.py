@@ -12,9 +12,11 @@ activation with the same vectorised `exp`, on the same threads as the few-row pr
 `scaled_dot_product_attention` (each imports it from `mlx_lm.models.base`) and `swiglu`
 where they call mlx-lm's `swiglu`. `attention` takes float32 calls of `MIN_QUERY_ROWS` to
 `MAX_QUERY_ROWS` query rows over plain (unquantized) caches, with no mask, "causal", or an
-array mask; `swiglu` float32 calls of `SWIGLU_MIN_ROWS` to `MAX_QUERY_ROWS` rows. Everything
-else -- decode steps, long prefill chunks, quantized caches, attention sinks -- goes to
-mlx-lm's functions unchanged. Each call evaluates its inputs (the kernels read them from
+array mask; `swiglu` float32 calls of `SWIGLU_MIN_ROWS` to `MAX_QUERY_ROWS` rows. A batched
+decode step (one query row for each of several sequences) goes to mlx-lm's attention split in
+two, half the sequences on a second CPU stream (`split_decode_attention`), so that its softmax
+runs on both cores. Everything else -- one sequence's decode step, long prefill chunks,
+quantized caches, attention sinks -- goes to mlx-lm's functions unchanged. Each kernel call evaluates its inputs (the kernels read them from
 memory), so a forward pass of 8-32 rows becomes two MLX evaluations per layer instead of
 one in all: ~60 round trips of about 0.1 ms on the default model. Benchmarks set
 `MAX_QUERY_ROWS = 0` to compare with MLX's path in one process.
@@ -38,6 +40,9 @@ MAX_QUERY_ROWS = 32
 # costs about what the 30 evaluations the kernel needs do (on a busy machine, more).
 MIN_QUERY_ROWS = 2
 ENV_SWITCH = "AGENTD_FEW_ATTENTION"  # "off": MLX's attention everywhere
+# A batched decode step's attention: MLX's, its sequences split over two CPU streams
+# (`split_decode_attention`). "off" keeps it on one (benchmarks compare the two).
+SPLIT_DECODE = not switched_off(os.environ.get("AGENTD_SPLIT_DECODE"))
 _MASK_NONE, _MASK_CAUSAL, _MASK_BOOL, _MASK_ADD = 0, 1, 2, 3
 
 # SwiGLU (llama-style MLPs) of this many rows up to MAX_QUERY_ROWS runs in the library too. Below
@@ -132,7 +137,39 @@ def attention(queries, keys, values, cache=None, scale: float = 1.0, mask=None, 
         out = few_row_attention(queries, keys, values, scale, mask)
         if out is not None:
             return out
+    if (SPLIT_DECODE and sinks is None and not hasattr(cache, "bits") and isinstance(keys, mx.array)
+            and queries.ndim == 4 and queries.shape[0] >= 2 and queries.shape[2] == 1):
+        return split_decode_attention(queries, keys, values, cache, scale, mask)
     return _mlx_attention(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+
+
+def split_decode_attention(queries, keys, values, cache, scale: float, mask) -> mx.array:
+    """MLX's attention of a batched decode step (one query row per sequence), its sequences
+    split between the default stream and a second CPU stream: each stream's work runs on one
+    thread, so the two halves' softmaxes (MLX's `exp`, one element at a time) run on both
+    cores, where the whole step's small ops otherwise run on one. Each sequence's rows are
+    computed as in one call (bitwise: the same products and softmax per row)."""
+    B = queries.shape[0]
+    half = (B + 1) // 2
+
+    def rows(lo: int, hi: int) -> mx.array:
+        m = mask[lo:hi] if isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[0] == B else mask
+        return _mlx_attention(queries[lo:hi], keys[lo:hi], values[lo:hi], cache, scale=scale, mask=m)
+
+    with mx.stream(_second_stream()):
+        later = rows(half, B)
+    return mx.concatenate([rows(0, half), later], axis=0)
+
+
+_SECOND_STREAM = None
+
+
+def _second_stream():
+    """A second CPU stream for `split_decode_attention` (made once, on the MLX thread)."""
+    global _SECOND_STREAM
+    if _SECOND_STREAM is None:
+        _SECOND_STREAM = mx.new_stream(mx.cpu)
+    return _SECOND_STREAM
 
 
 def _dense_last(a: np.ndarray) -> np.ndarray:

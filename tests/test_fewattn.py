@@ -118,6 +118,31 @@ def test_calls_it_does_not_take_go_to_mlx_lm_unchanged(kernel):
     )
 
 
+@pytest.mark.parametrize("B", [2, 3, 4])
+def test_a_batched_decode_step_is_split_over_two_streams_and_bit_identical(kernel, B, monkeypatch):
+    """One query row for each of B sequences (a batched decode step, left-padded rows): half
+    the sequences go to a second CPU stream, and the result is mlx-lm's, bit for bit."""
+    q, k, v = _inputs(B, 9, 3, 1, 300, 64, 64, seed=B)
+    left = mx.array([0, 7, 40, 3][:B])
+    allowed = (mx.arange(300)[None] >= left[:, None])[:, None, None, :]
+    calls = []
+    mlx_attention = fewattn._mlx_attention
+
+    def recording(queries, *args, **kwargs):
+        calls.append(queries.shape[0])
+        return mlx_attention(queries, *args, **kwargs)
+
+    monkeypatch.setattr(fewattn, "SPLIT_DECODE", True)
+    for mask in (None, allowed):
+        want = base.scaled_dot_product_attention(q, k, v, cache=KVCache(), scale=0.125, mask=mask)
+        calls.clear()
+        monkeypatch.setattr(fewattn, "_mlx_attention", recording)
+        got = fewattn.attention(q, k, v, cache=KVCache(), scale=0.125, mask=mask)
+        monkeypatch.setattr(fewattn, "_mlx_attention", mlx_attention)
+        assert calls == [B // 2, (B + 1) // 2] or calls == [(B + 1) // 2, B // 2]
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_the_kernel_refuses_shapes_it_cannot_take(kernel):
     q, k, v = _inputs(1, 8, 3, 2, 10, 16, 16)  # 8 query heads over 3 KV heads
     assert kernel.few_row_attention(q, k, v, 0.25, "causal") is None
