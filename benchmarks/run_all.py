@@ -455,11 +455,13 @@ def concurrency_section(d: dict, plot: Path | None = None, report: Path | None =
              f"forward pass carries every decoding turn); **one after another**: the same agents, the same "
              f"question, in turn; the two alternate order between runs.")
     L.append("")
-    L.append("| agents | one after another | at once | aggregate tok/s, one after another | at once | speed-up |")
-    L.append("|---:|---:|---:|---:|---:|---:|")
+    L.append("| agents | one after another | at once | aggregate tok/s, one after another | at once | speed-up "
+             "(medians) | median of each run's speed-up |")
+    L.append("|---:|---:|---:|---:|---:|---:|---:|")
     for r in d["batched"]:
+        paired = f"{r['speedup_paired']:.2f}x" if "speedup_paired" in r else "-"  # JSON from before it existed
         L.append(f"| {r['agents']} | {r['serial_wall_s']:.2f} s | {r['at_once_wall_s']:.2f} s | "
-                 f"{r['serial_tok_s']:.1f} | {r['at_once_tok_s']:.1f} | **{r['speedup']:.2f}x** |")
+                 f"{r['serial_tok_s']:.1f} | {r['at_once_tok_s']:.1f} | **{r['speedup']:.2f}x** | {paired} |")
     L.append("")
     pf = d["prefill"]
     L.append(f"**A short turn beside a long prefill.** While agent `long` prefilled a {pf['prompt_tokens']:,}-token "

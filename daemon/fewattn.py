@@ -138,7 +138,8 @@ def attention(queries, keys, values, cache=None, scale: float = 1.0, mask=None, 
         if out is not None:
             return out
     if (SPLIT_DECODE and sinks is None and not hasattr(cache, "bits") and isinstance(keys, mx.array)
-            and queries.ndim == 4 and queries.shape[0] >= 2 and queries.shape[2] == 1):
+            and queries.ndim == 4 and queries.shape[0] >= 2 and queries.shape[2] == 1
+            and mx.default_device() == mx.cpu):
         return split_decode_attention(queries, keys, values, cache, scale, mask)
     return _mlx_attention(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
 
