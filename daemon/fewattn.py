@@ -30,6 +30,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.models.cache import BatchKVCache
 
 from .switches import switched_off
 
@@ -147,19 +148,30 @@ def attention(queries, keys, values, cache=None, scale: float = 1.0, mask=None, 
 def split_decode_attention(queries, keys, values, cache, scale: float, mask) -> mx.array:
     """MLX's attention of a batched decode step (one query row per sequence), its sequences
     split between the default stream and a second CPU stream: each stream's work runs on one
-    thread, so the two halves' softmaxes (MLX's `exp`, one element at a time) run on both
-    cores, where the whole step's small ops otherwise run on one. Each sequence's rows are
-    computed as in one call (bitwise: the same products and softmax per row)."""
-    B = queries.shape[0]
-    half = (B + 1) // 2
+    thread, so the two parts' softmaxes (MLX's `exp`, one element at a time) run on both
+    cores, where the whole step's small ops otherwise run on one. Over a batch cache's
+    left-padded rows each part reads its keys from its rows' first unpadded position on (an
+    agent much shorter than the others otherwise attends over all their length), and the
+    split is where the two parts' keys come closest to even. A row's result is the one MLX
+    gives the whole batch, bit for bit: the keys left out are masked ones, whose weights are
+    exactly 0."""
+    B, L = queries.shape[0], keys.shape[2]
+    pads = cache.left_padding.tolist() if isinstance(cache, BatchKVCache) and keys.shape[0] == B else [0] * B
+    starts = [min(pads[:h]) for h in range(1, B + 1)]  # first key of rows [0, h)
+    ends = [min(pads[h:]) for h in range(B)]  # first key of rows [h, B)
+    cut = min(range(1, B), key=lambda h: max(h * (L - starts[h - 1]), (B - h) * (L - ends[h])))
 
-    def rows(lo: int, hi: int) -> mx.array:
-        m = mask[lo:hi] if isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[0] == B else mask
-        return _mlx_attention(queries[lo:hi], keys[lo:hi], values[lo:hi], cache, scale=scale, mask=m)
+    def rows(lo: int, hi: int, first: int) -> mx.array:
+        m = mask
+        if isinstance(m, mx.array) and m.ndim == 4:
+            m = m[lo:hi] if m.shape[0] == B else m
+            m = m[..., first:] if m.shape[-1] == L else m
+        return _mlx_attention(queries[lo:hi], keys[lo:hi, :, first:], values[lo:hi, :, first:], cache,
+                              scale=scale, mask=m)
 
     with mx.stream(_second_stream()):
-        later = rows(half, B)
-    return mx.concatenate([rows(0, half), later], axis=0)
+        later = rows(cut, B, ends[cut])
+    return mx.concatenate([rows(0, cut, starts[cut - 1]), later], axis=0)
 
 
 _SECOND_STREAM = None

@@ -143,6 +143,43 @@ def test_a_batched_decode_step_is_split_over_two_streams_and_bit_identical(kerne
         assert np.array_equal(np.asarray(got), np.asarray(want))
 
 
+@pytest.mark.parametrize("pads", [[0, 7, 40], [200, 0, 3], [150, 160, 0, 170], [5, 5]])
+def test_a_batched_decode_step_over_a_batch_cache_skips_padding_and_is_bit_identical(kernel, pads, monkeypatch):
+    """Over mlx-lm's BatchKVCache (rows left-padded to the longest), each part of the split
+    attends from its rows' first unpadded key: a row much shorter than the others costs its
+    own length, and every row's result is still the whole batch's through mlx-lm, bit for
+    bit (and so the same as that row alone, computed from its first key)."""
+    from mlx_lm.models.cache import BatchKVCache
+
+    B = len(pads)
+    cache = BatchKVCache(pads)
+    k, v = (mx.random.normal((B, 3, 300, 64), key=mx.random.key(i)) for i in (1, 2))
+    cache.update_and_fetch(k, v)  # the merged prompts: row b's keys from pads[b] on
+    mask = cache.make_mask(1)
+    q1, k1, v1 = _inputs(B, 9, 3, 1, 1, 64, 64, seed=B)
+    keys, values = cache.update_and_fetch(k1, v1)
+    seen = []
+    mlx_attention = fewattn._mlx_attention
+
+    def recording(queries, k_, *args, **kwargs):
+        seen.append((queries.shape[0], k_.shape[2]))
+        return mlx_attention(queries, k_, *args, **kwargs)
+
+    want = base.scaled_dot_product_attention(q1, keys, values, cache=cache, scale=0.125, mask=mask)
+    monkeypatch.setattr(fewattn, "SPLIT_DECODE", True)
+    monkeypatch.setattr(fewattn, "_mlx_attention", recording)
+    got = fewattn.attention(q1, keys, values, cache=cache, scale=0.125, mask=mask)
+    monkeypatch.setattr(fewattn, "_mlx_attention", mlx_attention)
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+    assert sum(rows for rows, _ in seen) == B and len(seen) == 2
+    if pads == [0, 7, 40]:  # the longest row alone, the other two from key 7
+        assert sorted(seen) == [(1, 301), (2, 301 - 7)]
+    for b in range(B):  # each row as if it ran alone over its own keys
+        alone = base.scaled_dot_product_attention(q1[b:b + 1], keys[b:b + 1, :, pads[b]:], values[b:b + 1, :, pads[b]:],
+                                                  cache=None, scale=0.125, mask=None)
+        assert np.allclose(np.asarray(got[b:b + 1]), np.asarray(alone), atol=1e-6)
+
+
 def test_the_kernel_refuses_shapes_it_cannot_take(kernel):
     q, k, v = _inputs(1, 8, 3, 2, 10, 16, 16)  # 8 query heads over 3 KV heads
     assert kernel.few_row_attention(q, k, v, 0.25, "causal") is None
