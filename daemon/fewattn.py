@@ -14,8 +14,8 @@ where they call mlx-lm's `swiglu`. `attention` takes float32 calls of `MIN_QUERY
 `MAX_QUERY_ROWS` query rows over plain (unquantized) caches, with no mask, "causal", or an
 array mask; `swiglu` float32 calls of `SWIGLU_MIN_ROWS` to `MAX_QUERY_ROWS` rows. A batched
 decode step (one query row for each of several sequences) goes to mlx-lm's attention split in
-two, half the sequences on a second CPU stream (`split_decode_attention`), so that its softmax
-runs on both cores. Everything else -- one sequence's decode step, long prefill chunks,
+two, part of the sequences on a second CPU stream and each part from its rows' first unpadded
+key (`split_decode_attention`), so that its softmax runs on both cores. Everything else -- one sequence's decode step, long prefill chunks,
 quantized caches, attention sinks -- goes to mlx-lm's functions unchanged. Each kernel call evaluates its inputs (the kernels read them from
 memory), so a forward pass of 8-32 rows becomes two MLX evaluations per layer instead of
 one in all: ~60 round trips of about 0.1 ms on the default model. Benchmarks set
