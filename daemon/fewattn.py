@@ -156,7 +156,10 @@ def split_decode_attention(queries, keys, values, cache, scale: float, mask) -> 
     gives the whole batch, bit for bit: the keys left out are masked ones, whose weights are
     exactly 0."""
     B, L = queries.shape[0], keys.shape[2]
-    pads = cache.left_padding.tolist() if isinstance(cache, BatchKVCache) and keys.shape[0] == B else [0] * B
+    # Row b's keys are [pads[b], L) in mlx-lm's BatchKVCache (exactly that class: a rotating
+    # one lays its rows out otherwise), and its mask masks the padding.
+    padded = type(cache) is BatchKVCache and isinstance(mask, mx.array) and keys.shape[0] == B
+    pads = cache.left_padding.tolist() if padded else [0] * B
     starts = [min(pads[:h]) for h in range(1, B + 1)]  # first key of rows [0, h)
     ends = [min(pads[h:]) for h in range(B)]  # first key of rows [h, B)
     cut = min(range(1, B), key=lambda h: max(h * (L - starts[h - 1]), (B - h) * (L - ends[h])))
