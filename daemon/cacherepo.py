@@ -295,36 +295,27 @@ class CacheRepository:
         parents = [ROOT, *ids[:-1]]
         fds: list[int] = []
         pieces: list[tuple[str, Segment]] = []  # (the block id, or "" for the tail; its rows)
-        refusals: list[tuple[int, str, str, str]] = []  # a file refused as it was opened: at most one
-
-        def opened():
-            """Each block's segments, then the tail's, opened as the reads take them: the
-            first are read while the later files are opened. Stops at a file refused here."""
+        refused: tuple[int, str, str, str] | None = None  # (token, block id or "", reason, message)
+        try:
             for i, bid in enumerate(ids):
                 try:
                     fd, segs = self.blocks.open_rows(bid, parents[i], tokens[i * B:(i + 1) * B], layout, i * B)
                 except BlockError as e:
-                    refusals.append((i * B, bid, e.reason, str(e)))
-                    return
+                    refused = (i * B, bid, e.reason, str(e))
+                    break
                 fds.append(fd)
-                pieces.extend((bid, seg) for seg in segs)
-                yield from segs
-            if tail is not None:
-                opened_tail = open_tail(tail[0], tail[1])
-                if opened_tail is None:
-                    refusals.append((len(ids) * B, "", "missing", ""))
-                    return
-                fds.append(opened_tail[0])
-                pieces.extend(("", seg) for seg in opened_tail[1])
-                yield from opened_tail[1]
-
-        try:
-            how = read_pieces(layout, n, opened())
+                pieces += [(bid, seg) for seg in segs]
+            if refused is None and tail is not None:
+                opened = open_tail(tail[0], tail[1])
+                if opened is None:
+                    refused = (len(ids) * B, "", "missing", "")
+                else:
+                    fds.append(opened[0])
+                    pieces += [("", seg) for seg in opened[1]]
+            how = read_pieces(layout, n, [seg for _, seg in pieces])
         finally:
             for fd in fds:
                 os.close(fd)
-        # (token, block id or "", reason, message): the first refused file, or segment as read
-        refused = refusals[0] if refusals else None
         for owner, seg in pieces:
             if seg.error is not None:
                 refused = (seg.at, owner, seg.error, str(block_error(owner, seg.error)) if owner else "")

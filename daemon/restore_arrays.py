@@ -18,7 +18,7 @@ import struct
 import threading
 import time
 from concurrent import futures
-from typing import Callable, Iterable
+from typing import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -223,16 +223,14 @@ def native_reader() -> readhash.Reader | None:
     return readhash.load() if NATIVE_READS else None
 
 
-def read_rows(layout: RowLayout, n_tokens: int, segments: Iterable[Segment], submit: Callable,
+def read_rows(layout: RowLayout, n_tokens: int, segments: list[Segment], submit: Callable,
               step: int = 256) -> list[mx.array]:
     """New arrays for `layout` (with a `step` of rows to spare, as RowTarget) holding
     the segments' rows, read by `submit`ted jobs (one a segment) straight into the arrays'
     own memory: in C where `readhash` is built (`_read_in_c`), else in Python
     (`_read_in_python`). Either way each segment's rows are hashed in storage order, as
     they were written, and rows past the segments' are left as the arrays were made: a
-    cache reads no row past its offset. Segments are consecutive from row 0; they are taken
-    from `segments` as they are needed (the C path takes each once the arrays exist and the
-    earlier segments' reads are under way, so the caller may open files as it yields them).
+    cache reads no row past its offset. Segments are consecutive from row 0.
     Afterwards each segment's `error` says whether its rows may be used: the caller keeps
     those before the first refused one (the rest are never read: the cache's offset ends
     there). RowsError: MLX gives no writable view of its arrays here (the caller uses
@@ -240,17 +238,14 @@ def read_rows(layout: RowLayout, n_tokens: int, segments: Iterable[Segment], sub
     reader = native_reader()
     if reader is not None:
         return _read_in_c(reader, layout, rows_to_allocate(n_tokens, step), segments, submit)
-    return _read_in_python(layout, rows_to_allocate(n_tokens, step), list(segments), submit)
+    return _read_in_python(layout, rows_to_allocate(n_tokens, step), segments, submit)
 
 
-def _read_in_c(reader: readhash.Reader, layout: RowLayout, n_alloc: int, segments: Iterable[Segment],
+def _read_in_c(reader: readhash.Reader, layout: RowLayout, n_alloc: int, segments: list[Segment],
                submit: Callable) -> list[mx.array]:
     """All arrays made unwritten, in one call (`unwritten_arrays`: the reads write every row
     once), then each segment's rows read and hashed in C, 256 KB at a time while they are in
-    the CPU's cache. The arrays come first, so every job reads as soon as it starts, and each
-    segment is taken from `segments` only then: the files the caller opens as it yields them
-    are opened while the first ones are read (on 2 cores that moved no restore's time, the
-    reads alone keep both busy; on more cores the opens run beside them)."""
+    the CPU's cache. The arrays come first, so every job reads as soon as it starts."""
     specs = layout.arrays
     row_bytes = [s.width * getattr(mx, s.dtype).size for s in specs]
     try:

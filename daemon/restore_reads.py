@@ -1,9 +1,9 @@
 """A restore's reads: checked segments of blocks and tails into a new cache's arrays, on
 read threads made once per process.
 
-`read_pieces` is what `CacheRepository` calls with the `Segment`s of its blocks and tail,
-which it opens and checks as they are taken; each segment's `error` says afterwards whether
-its rows may be used. Where MLX's arrays are host memory (CPU, Apple) `restore_arrays.read_rows` reads
+`read_pieces` is what `CacheRepository` calls once it has opened and checked every block
+and the tail (their `Segment`s); each segment's `error` says afterwards whether its rows
+may be used. Where MLX's arrays are host memory (CPU, Apple) `restore_arrays.read_rows` reads
 straight into them (in C where `readhash` is built); on CUDA `restore_arrays.RowTarget` stages
 the rows through pinned memory while the MLX thread makes the arrays.
 """
@@ -15,7 +15,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from .kvrows import RowLayout, RowsError, Segment, read_segment
 from .restore_arrays import RowTarget, host_read_usable, native_reader, read_rows, rows_to_allocate
@@ -53,30 +53,20 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL
 
 
-def read_pieces(layout: RowLayout, n: int, segments: Iterable[Segment]) -> dict:
+def read_pieces(layout: RowLayout, n: int, segments: list[Segment]) -> dict:
     """Read and check the segments' rows into new arrays (their `error`s say which may
     be used), on READ_THREADS threads. Where MLX's arrays are host memory, straight into
-    them (`read_rows`, which takes the segments as it reads them); elsewhere into
-    RowTarget's arrays (zeroed, or staged for CUDA)."""
-    pending = iter(segments)
-    taken: list[Segment] = []
-
-    def take() -> Iterator[Segment]:
-        for seg in pending:
-            taken.append(seg)
-            yield seg
-
+    them (`read_rows`); elsewhere into RowTarget's arrays (zeroed, or staged for CUDA)."""
+    threads = min(READ_THREADS, max(1, len(segments)))
     if host_read_usable():
         try:
-            arrays = read_rows(layout, n, take(), _pool().submit)
+            arrays = read_rows(layout, n, segments, _pool().submit)
             how = "unwritten arrays read and checked in C" if native_reader() else "arrays made while reading"
-            return {"arrays": arrays, "how": f"{how}, {min(READ_THREADS, max(1, len(taken)))} threads"}
+            return {"arrays": arrays, "how": f"{how}, {threads} threads"}
         except RowsError as e:
             log.info("%s; reading into RowTarget's arrays instead", e)
-            for seg in taken:
+            for seg in segments:
                 seg.error = None
-    segments = taken + list(pending)
-    threads = min(READ_THREADS, max(1, len(segments)))
     target = RowTarget(layout, n)
 
     def read(seg: Segment) -> None:
