@@ -205,9 +205,13 @@ class Stepper:
 
     @staticmethod
     def _sample_rows(rows: list[Sequence], logits: mx.array) -> mx.array:
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if all(s.sampling.temperature == 0 for s in rows):
-            return mx.argmax(logprobs, axis=-1)
+            # Greedy needs no normalisation: the largest logit is the largest log-probability.
+            # The logsumexp over the vocabulary (49,152 exps a row, one at a time on MLX's CPU
+            # backend) cost a batched step of 3 rows 2.3-2.9 ms of 97-118 (one process, the
+            # two alternated). A lone turn keeps its expression (`_decode`): it is token-exact.
+            return mx.argmax(logits, axis=-1)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return mx.concatenate([s.sampler(logprobs[i : i + 1]).reshape(1) for i, s in enumerate(rows)])
 
 
