@@ -6,13 +6,14 @@ cache holds exactly the turn's cache_tokens afterwards."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import mlx.core as mx
 import pytest
 
 from agentd.engine import Engine
 from agentd.protocol import Sampling
-from agentd.sequence import Sequence
+from agentd.sequence import Sequence, make_sampler
 from agentd.stepper import Stepper, generate
 
 CHUNK = 16  # small, so the tiny models' prompts span several chunks
@@ -181,3 +182,17 @@ def test_a_short_rest_of_the_prompt_runs_in_chunks_the_few_row_kernels_take(engi
             assert seq.cache[0].offset == len(seq.result().cache_tokens) == length
     finally:
         engine.model, engine.prefill_chunk, engine.plan = counting.model, chunk, plan
+
+
+def test_a_batched_step_gives_each_greedy_row_its_largest_logit_and_each_drawing_row_its_own_draw():
+    """All-greedy batches skip the normalisation (an argmax of the logits); a batch with a
+    row that draws normalises, and every row samples from its own log-probabilities."""
+    logits = mx.array([[0.1, 3.0, -1.0, 2.9], [5.0, 4.0, 4.5, -2.0], [-3.0, -2.0, -1.0, -1.5]])
+    greedy = Sampling()
+    rows = [SimpleNamespace(sampling=greedy, sampler=make_sampler(greedy)) for _ in range(3)]
+    assert Stepper._sample_rows(rows, logits).tolist() == [1, 0, 2]
+
+    drawing = Sampling(temperature=1.0, seed=7)
+    rows[1] = SimpleNamespace(sampling=drawing, sampler=make_sampler(drawing))
+    alone = make_sampler(drawing)(logits[1:2] - mx.logsumexp(logits[1:2], axis=-1, keepdims=True)).item()
+    assert Stepper._sample_rows(rows, logits).tolist() == [1, alone, 2]
