@@ -18,7 +18,10 @@ name, e.g. `agentctl --json status`.
 
 
 def _walk(command: click.Command, path: list[str], parent: click.Context | None):
-    ctx = click.Context(command, info_name=path[-1], parent=parent, terminal_width=100, max_content_width=100)
+    # The command's own context settings (the group's `-h, --help`; subcommands inherit them
+    # from their parent context), as when a user runs it.
+    settings = {"terminal_width": 100, "max_content_width": 100, **command.context_settings}
+    ctx = click.Context(command, info_name=path[-1], parent=parent, **settings)
     yield path, command.get_help(ctx)
     if isinstance(command, click.Group):
         for name in command.list_commands(ctx):
