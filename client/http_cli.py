@@ -13,12 +13,12 @@ from typing import Any
 
 import click
 
-from agentctl.cli import CliError, Options, _connected, _dumps, pass_opts
+from agentctl.cli_common import CliError, Options, connected, dumps, pass_opts
 
 
 def _http(opts: Options) -> tuple[dict[str, Any], str]:
     """(the status result's `http` entry, the key); a clear error when HTTP is off."""
-    with _connected(opts) as client:
+    with connected(opts) as client:
         http = client.status().get("http")
     if not http:
         raise CliError("agentd is not serving HTTP (started with --http off, or its port was taken: see its log)",
@@ -40,7 +40,7 @@ def http_env(opts: Options) -> None:
     """
     http, key = _http(opts)
     if opts.as_json:
-        click.echo(_dumps({"base_url": http["base_url"], "api_key": key}))
+        click.echo(dumps({"base_url": http["base_url"], "api_key": key}))
         return
     click.echo(f"export OPENAI_BASE_URL={shlex.quote(http['base_url'])}")
     click.echo(f"export OPENAI_API_KEY={shlex.quote(key)}")
@@ -59,7 +59,7 @@ def open_(opts: Options, no_browser: bool) -> None:
     url = f"http://{http['address']}/login?key={key}"
     opened = False if no_browser else webbrowser.open(url)
     if opts.as_json:
-        click.echo(_dumps({"url": url, "opened": opened}))
+        click.echo(dumps({"url": url, "opened": opened}))
     elif opened:
         click.echo(f"Opened the status page of http://{http['address']}/ in your browser.")
     else:
