@@ -177,6 +177,7 @@ class Daemon:
             "model": {"id": self.engine.model_id, "path": str(self.engine.model_dir), "bytes": self.engine.model_bytes,
                       "dtype": self.engine.dtype, "device": self.engine.plan.device, "blas": self.engine.plan.blas,
                       "backend": self.engine.plan.backend, "quantized_layers": self.engine.plan.quantized,
+                      "attention": self.engine.plan.attention,
                       "warmup": self.engine.warmup.to_dict() if self.engine.warmup else None},
             "memory": {
                 "model_bytes": self.engine.model_bytes,

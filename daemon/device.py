@@ -54,9 +54,11 @@ class DevicePlan:
     one_row: str = ""
     backend: str = ""  # "metal", "cuda" or "cpu" (`decide_backend`)
     quantized: int = 0  # layers left quantized, as loaded (0 on the CPU, which dequantizes them)
-    # What runs attention over queries of up to `fewattn.MAX_QUERY_ROWS` rows: "agentd" (the
-    # few-row library's kernel, `agentd.fewattn`) or "mlx"; "" on a GPU.
+    # What runs attention over queries of up to `fewattn.MAX_QUERY_ROWS` rows: "graph" (the
+    # few-row library's kernels as nodes of MLX's graph, `agentd.graph_kernels`), "agentd"
+    # (the same kernels through ctypes, `agentd.fewattn`) or "mlx"; "" on a GPU.
     attention: str = ""
+    graph_unavailable: str = ""  # with "agentd": why the graph kernels did not load
     # On CUDA: attention over at most this many query rows is composed of matrix products
     # instead of cuDNN's, which plans every new shape (agentd.gpu_attention); 0: not used.
     short_attention_rows: int = 0
@@ -282,10 +284,10 @@ def prepare_for_device(
         _limit_numpy_blas_threads(1)
     one_row = "numpy" if gemv_rows else ("forwarded" if forwarded else "sgemm")
     # The attention kernel lives in the forwarder's library, beside the threads it shares.
-    attention = "agentd" if forwarded and fewattn.install(model) else "mlx"
+    attention = fewattn.mode() if forwarded and fewattn.install(model) else "mlx"
     return DevicePlan(
         "cpu", CPU_COMPUTE_DTYPE, n, gemv_rows, blas.mlx_blas(), CPU_PREFILL_CHUNK, one_row, backend=CPU,
-        attention=attention,
+        attention=attention, graph_unavailable=fewattn.graph_unavailable if attention == "agentd" else "",
     )
 
 
@@ -300,9 +302,16 @@ def describe(plan: DevicePlan) -> str:
     return (
         f"device: CPU, {plan.dequantized} layers dequantized to {plan.compute_dtype}, "
         f"MLX BLAS {plan.blas}, few-row products via {_ONE_ROW[plan.one_row]}, "
-        f"few-row attention via {'agentd' if plan.attention == 'agentd' else 'MLX'}"
+        f"few-row attention via {_ATTENTION[plan.attention]}"
+        + (f" (graph kernels {plan.graph_unavailable})" if plan.graph_unavailable else "")
     )
 
+
+_ATTENTION = {
+    "graph": "agentd's kernels in MLX's graph",
+    "agentd": "agentd's kernels (ctypes)",
+    "mlx": "MLX",
+}
 
 _ONE_ROW = {
     "forwarded": "agentd's few-row sgemm kernel",

@@ -8,6 +8,11 @@ and ~20 more in the MLP's SwiGLU (`silu(gate) * up`, an `exp` per element too).
 a vectorised softmax and PV per KV head and tile of query rows, and `agentd_swiglu` the
 activation with the same vectorised `exp`, on the same threads as the few-row products.
 
+When `agentd.graph_kernels` loads (its C++ module, built once), the same kernels run as nodes
+of MLX's graph instead, without those evaluations: then they take decode steps too (one query
+row per sequence, batched or not) and SwiGLU of any number of rows. The ctypes path below is
+what runs without it.
+
 `install(model)` puts `attention` where mlx-lm's model modules call
 `scaled_dot_product_attention` (each imports it from `mlx_lm.models.base`) and `swiglu`
 where they call mlx-lm's `swiglu`. `attention` takes float32 calls of `MIN_QUERY_ROWS` to
@@ -32,6 +37,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache
 
+from . import graph_kernels
 from .switches import switched_off
 
 # A resumed turn's short prefill (and any prompt's last chunk that short); prefill chunks (256
@@ -51,6 +57,8 @@ _MASK_NONE, _MASK_CAUSAL, _MASK_BOOL, _MASK_ADD = 0, 1, 2, 3
 SWIGLU_MIN_ROWS = 8
 
 _lib: ctypes.CDLL | None = None
+_graph = None  # agentd.graph_kernels' module, bound to _lib's kernels, when it loads
+graph_unavailable = ""  # why it did not, for the start-up log
 _mlx_attention = None  # mlx-lm's scaled_dot_product_attention, kept for everything else
 _mlx_swiglu = None  # mlx-lm's swiglu (mlx_lm.models.activations), likewise
 _Strides = ctypes.c_longlong * 3
@@ -105,7 +113,12 @@ def install(model) -> bool:
 
     from mlx_lm.models import activations
 
-    global _mlx_swiglu
+    global _mlx_swiglu, _graph, graph_unavailable
+    if _graph is None and not switched_off(os.environ.get(graph_kernels.ENV_SWITCH)):
+        address = ctypes.cast(_lib.agentd_attention, ctypes.c_void_p).value
+        _graph, graph_unavailable = graph_kernels.load(address, ctypes.cast(_lib.agentd_swiglu, ctypes.c_void_p).value)
+    elif _graph is None:
+        graph_unavailable = f"switched off ({graph_kernels.ENV_SWITCH})"
     if _mlx_attention is None:
         _mlx_attention = base.scaled_dot_product_attention
     if _mlx_swiglu is None:
@@ -123,18 +136,27 @@ def install(model) -> bool:
     return patched > 0
 
 
+def mode() -> str:
+    """What `attention` and `swiglu` run on: "graph" (the kernels as MLX graph nodes), "agentd"
+    (the kernels through ctypes) or "mlx" (mlx-lm's functions)."""
+    return "graph" if _graph is not None else "agentd" if _lib is not None else "mlx"
+
+
 def attention(queries, keys, values, cache=None, scale: float = 1.0, mask=None, sinks=None):
     """mlx-lm's `scaled_dot_product_attention`, through agentd's kernel when it takes the call."""
-    if (
+    takes = (
         sinks is None
         and not hasattr(cache, "bits")
         and _lib is not None
         and isinstance(keys, mx.array)
         and queries.ndim == 4
-        and MIN_QUERY_ROWS <= queries.shape[2] <= MAX_QUERY_ROWS
+        and 1 <= queries.shape[2] <= MAX_QUERY_ROWS
         and queries.dtype == keys.dtype == values.dtype == mx.float32
         and (mask is None or isinstance(mask, mx.array) or (isinstance(mask, str) and mask == "causal"))
-    ):
+    )
+    if takes and _graph is not None:
+        return graph_attention(queries, keys, values, cache, scale, mask)
+    if takes and queries.shape[2] >= MIN_QUERY_ROWS:
         out = few_row_attention(queries, keys, values, scale, mask)
         if out is not None:
             return out
@@ -143,6 +165,25 @@ def attention(queries, keys, values, cache=None, scale: float = 1.0, mask=None, 
             and mx.default_device() == mx.cpu):
         return split_decode_attention(queries, keys, values, cache, scale, mask)
     return _mlx_attention(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+
+
+def graph_attention(queries, keys, values, cache, scale: float, mask) -> mx.array:
+    """softmax(scale Q K^T + mask) V by agentd's kernel as a node of MLX's graph. Over a batch
+    cache's left-padded rows it starts at the first key any row attends: the keys before are
+    masked in every row, and a masked key's weight is exactly 0, so a row's result is the same
+    bits with them or without (the kernel sums each lane's keys in order)."""
+    if mask is None:
+        kind = _MASK_NONE
+    elif isinstance(mask, str):
+        kind, mask = _MASK_CAUSAL, None
+    else:
+        kind = _MASK_BOOL if mask.dtype == mx.bool_ else _MASK_ADD
+        length = keys.shape[2]
+        if type(cache) is BatchKVCache and mask.shape[-1] == length and keys.shape[0] > 1:
+            first = min(cache.left_padding.tolist())
+            if 0 < first < length:
+                keys, values, mask = keys[:, :, first:], values[:, :, first:], mask[..., first:]
+    return _graph.attention(queries, keys, values, float(scale), kind, mask)
 
 
 def split_decode_attention(queries, keys, values, cache, scale: float, mask) -> mx.array:
@@ -236,6 +277,8 @@ def swiglu(gate: mx.array, x: mx.array) -> mx.array:
     """mlx-lm's `swiglu` (silu(gate) * x), through agentd's kernel for SWIGLU_MIN_ROWS to
     MAX_QUERY_ROWS rows of float32; evaluates its inputs then."""
     rows = gate.size // gate.shape[-1] if gate.ndim else 0
+    if _graph is not None and 1 <= rows <= MAX_QUERY_ROWS and gate.dtype == x.dtype == mx.float32 and gate.shape == x.shape:
+        return _graph.swiglu(gate, x)
     if (
         _lib is not None
         and SWIGLU_MIN_ROWS <= rows <= MAX_QUERY_ROWS

@@ -66,7 +66,7 @@ def make_sampler(sampling: Sampling) -> Callable[[mx.array], mx.array]:
 def _few_rows(engine: Engine) -> int:
     """Rows of a forward pass that agentd's few-row kernels take (products and attention);
     0 where they do not run (a GPU, or MLX's own attention on the CPU)."""
-    if getattr(getattr(engine, "plan", None), "attention", "") != "agentd":
+    if getattr(getattr(engine, "plan", None), "attention", "") not in ("agentd", "graph"):
         return 0
     from .fewattn import MAX_QUERY_ROWS
 

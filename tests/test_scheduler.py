@@ -99,6 +99,33 @@ def test_concurrent_turns_on_several_agents_keep_transcripts_and_caches_apart(ho
         assert expected[-1]["content"].strip().startswith(fed_reply)
 
 
+def test_greedy_turns_decoded_in_one_batch_give_the_replies_they_give_alone(home, tiny_llama_dir):
+    """With agentd's few-row kernels (products, and attention and SwiGLU as MLX graph nodes),
+    each row of a batched decode step is the same bits as that agent's solo step, so three
+    greedy turns run at once reply exactly as the same turns run one after another."""
+    names = ["a", "b", "c"]
+
+    def ask(d, agent, n):
+        with d.client() as c:
+            return c.chat(agent, f"Agent {n}, report on the incident.", max_tokens=24).wait()["text"]
+
+    def brief(n):
+        return f"{SYSTEM} You are agent {n}, " + "with a longer brief " * names.index(n)
+
+    with DaemonProc(home, tiny_llama_dir, "--flush-interval", "3600") as d:
+        with d.client() as c:
+            if c.status()["model"].get("attention") != "graph":
+                pytest.skip("agentd's graph kernels are not in use here (no OpenBLAS or compiler)")
+            for n in names:
+                c.create(n, system=brief(n))
+                c.create(f"{n}-alone", system=brief(n))
+        together = run_concurrently([lambda n=n: ask(d, n, n) for n in names])
+        with d.client() as c:
+            assert c.status()["scheduler"]["max_batch"] >= 2
+        alone = [ask(d, f"{n}-alone", n) for n in names]
+    assert together == alone and all(together)
+
+
 def test_cancelling_one_of_three_concurrent_turns_ends_only_that_turn(home, tiny_llama_dir):
     with DaemonProc(home, tiny_llama_dir, "--flush-interval", "3600") as d:
         with d.client() as c:
