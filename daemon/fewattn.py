@@ -10,8 +10,8 @@ activation with the same vectorised `exp`, on the same threads as the few-row pr
 
 When `agentd.graph_kernels` loads (its C++ module, built once), the same kernels run as nodes
 of MLX's graph instead, without those evaluations: then they take decode steps too (one query
-row per sequence, batched or not) and SwiGLU of any number of rows. The ctypes path below is
-what runs without it.
+row per sequence, batched or not) and SwiGLU of 1 to `MAX_QUERY_ROWS` rows. The ctypes path
+below is what runs without it.
 
 `install(model)` puts `attention` where mlx-lm's model modules call
 `scaled_dot_product_attention` (each imports it from `mlx_lm.models.base`) and `swiglu`
@@ -155,8 +155,10 @@ def attention(queries, keys, values, cache=None, scale: float = 1.0, mask=None, 
         and (mask is None or isinstance(mask, mx.array) or (isinstance(mask, str) and mask == "causal"))
     )
     if takes and _graph is not None:
-        return graph_attention(queries, keys, values, cache, scale, mask)
-    if takes and queries.shape[2] >= MIN_QUERY_ROWS:
+        out = graph_attention(queries, keys, values, cache, scale, mask)
+        if out is not None:
+            return out
+    elif takes and queries.shape[2] >= MIN_QUERY_ROWS:
         out = few_row_attention(queries, keys, values, scale, mask)
         if out is not None:
             return out
@@ -167,8 +169,9 @@ def attention(queries, keys, values, cache=None, scale: float = 1.0, mask=None, 
     return _mlx_attention(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
 
 
-def graph_attention(queries, keys, values, cache, scale: float, mask) -> mx.array:
-    """softmax(scale Q K^T + mask) V by agentd's kernel as a node of MLX's graph. Over a batch
+def graph_attention(queries, keys, values, cache, scale: float, mask) -> mx.array | None:
+    """softmax(scale Q K^T + mask) V by agentd's kernel as a node of MLX's graph; None for
+    shapes the kernel does not take (a mask that does not broadcast, say). Over a batch
     cache's left-padded rows it starts at the first key any row attends: the keys before are
     masked in every row, and a masked key's weight is exactly 0, so a row's result is the same
     bits with them or without (the kernel sums each lane's keys in order)."""
@@ -183,7 +186,10 @@ def graph_attention(queries, keys, values, cache, scale: float, mask) -> mx.arra
             first = min(cache.left_padding.tolist())
             if 0 < first < length:
                 keys, values, mask = keys[:, :, first:], values[:, :, first:], mask[..., first:]
-    return _graph.attention(queries, keys, values, float(scale), kind, mask)
+    try:
+        return _graph.attention(queries, keys, values, float(scale), kind, mask)
+    except ValueError:
+        return None
 
 
 def split_decode_attention(queries, keys, values, cache, scale: float, mask) -> mx.array:

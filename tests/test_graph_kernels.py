@@ -138,6 +138,16 @@ def test_fewattn_routes_few_rows_to_the_graph_and_the_rest_to_mlx_lm(graph, monk
             assert float(mx.abs(got - want).max()) < 5e-6
     assert calls == [1, 2, 32]
 
+    class Refusing:
+        def attention(self, *args):
+            raise ValueError("shapes the kernel does not take")
+
+    monkeypatch.setattr(fewattn, "_graph", Refusing())  # a call it refuses: mlx-lm's, not an error
+    q, k, v = _inputs(1, 9, 3, 4, 300, 64, 64)
+    got = fewattn.attention(q, k, v, cache=KVCache(), scale=0.125, mask="causal")
+    want = base.scaled_dot_product_attention(q, k, v, cache=KVCache(), scale=0.125, mask="causal")
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+
 
 def test_swiglu_the_same_bits_as_through_ctypes_and_decode_rows_too(graph, monkeypatch):
     worst = 0.0
