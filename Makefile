@@ -38,7 +38,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m agentd.convert
 	@# The few-row sgemm forwarder (Linux; agentd also builds it on first start if missing).
 	@$(PY) -c 'import sys; from agentd import blas; sys.platform == "linux" and print("sgemm forwarder:", blas.build_gemv_forward() or "not built (no C compiler)")'
-	@# The few-row kernels as MLX graph nodes (Linux; ~20 s once; also built on first start if missing).
+	@# The few-row kernels as MLX graph nodes (Linux; ~15 s once; also built on first start if missing),
+	@# from nanobind's sources: best effort, as agentd runs without them (on a slower path).
+	@if [ "$$(uname -s)" = Linux ]; then $(PY) -m pip install --quiet --timeout 20 --retries 1 'nanobind>=2.0' \
+	  || echo "note: could not install nanobind; agentd's graph kernels will not be built"; fi
 	@$(PY) -c 'import sys; from agentd import graph_kernels as g; sys.platform == "linux" and print("graph kernels:", g.build() or "not built (needs a C++ compiler and nanobind)")'
 	@# A restore's one-pass read and checksum (agentd also builds it on first start if missing).
 	@$(PY) -c 'from agentd import readhash; print("restore reads:", "in C" if readhash.load() else "in Python (no C compiler)")'

@@ -5,6 +5,7 @@ equal to the row alone, and what `agentd.fewattn` routes to them."""
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import shutil
 import sys
 
@@ -17,8 +18,9 @@ from mlx_lm.models.cache import BatchKVCache, KVCache
 from agentd import blas, fewattn, graph_kernels
 
 pytestmark = pytest.mark.skipif(
-    sys.platform != "linux" or not (shutil.which("c++") or shutil.which("g++")) or not shutil.which("cc"),
-    reason="needs Linux and C and C++ compilers",
+    sys.platform != "linux" or not (shutil.which("c++") or shutil.which("g++")) or not shutil.which("cc")
+    or importlib.util.find_spec("nanobind") is None,
+    reason="needs Linux, C and C++ compilers and nanobind (make setup installs it when it can)",
 )
 
 
