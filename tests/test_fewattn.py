@@ -12,32 +12,15 @@ import pytest
 from mlx_lm.models import activations, base
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
-from agentd import blas, fewattn
+from agentd import fewattn
+from fewrows import attention_inputs, load_kernels
 
 pytestmark = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="needs a C compiler")
 
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):
-    built = blas.build_gemv_forward(tmp_path_factory.mktemp("fewattn"))
-    assert built and fewattn.load(built)
-    # What `install` keeps: mlx-lm's own function, for the calls the kernel does not take.
-    if fewattn._mlx_attention is None:
-        fewattn._mlx_attention = base.scaled_dot_product_attention
-    if fewattn._mlx_swiglu is None:
-        fewattn._mlx_swiglu = activations.swiglu
-    return fewattn
-
-
-def _inputs(B, hq, hkv, lq, lk, d, dv, seed=0):
-    key = mx.random.key(seed)
-    k1, k2, k3 = mx.random.split(key, 3)
-    # Keys and values as a cache holds them: a view of the first lk rows of a longer buffer.
-    keys = mx.random.normal((B, hkv, lk + 37, d), key=k1)[:, :, :lk, :]
-    values = mx.random.normal((B, hkv, lk + 37, dv), key=k2)[:, :, :lk, :]
-    # Queries as the model makes them: (B, L, H, D) transposed to (B, H, L, D).
-    queries = mx.random.normal((B, lq, hq, d), key=k3).transpose(0, 2, 1, 3)
-    return queries, keys, values
+    return load_kernels(tmp_path_factory.mktemp("fewattn"))
 
 
 SHAPES = [  # B, Hq, Hkv, D, Dv
@@ -56,7 +39,7 @@ def test_matches_mlx_attention_with_every_mask(kernel, shape):
         for lq in (1, 2, 5, 8, 22, 32):
             if lq > lk:
                 continue
-            q, k, v = _inputs(B, hq, hkv, lq, lk, d, dv, seed=lk * 100 + lq)
+            q, k, v = attention_inputs(B, hq, hkv, lq, lk, d, dv, seed=lk * 100 + lq)
             left = mx.array(np.arange(B) % 3)
             allowed = (mx.arange(lk)[None] >= left[:, None])[:, None, None, :]  # a batch's left padding
             masks = [None, "causal", allowed, mx.where(allowed, 0.0, -1e9).astype(mx.float32)]
@@ -74,7 +57,7 @@ def test_a_row_is_bit_identical_to_the_same_row_alone(kernel, shape):
     (the kernel's rows do not depend on the other rows of the call)."""
     B, hq, hkv, d, dv = shape
     for lk, lq in ((40, 22), (685, 22), (300, 32), (9, 3)):
-        q, k, v = _inputs(B, hq, hkv, lq, lk, d, dv, seed=lk + lq)
+        q, k, v = attention_inputs(B, hq, hkv, lq, lk, d, dv, seed=lk + lq)
         together = np.asarray(kernel.few_row_attention(q, k, v, 0.125, "causal"))
         for i in range(lq):
             seen = lk - lq + i + 1
@@ -86,16 +69,16 @@ def test_calls_it_does_not_take_go_to_mlx_lm_unchanged(kernel):
     """More than MAX_QUERY_ROWS rows, one row (a decode step), a quantized cache, attention sinks,
     float16: mlx-lm's own function, bit for bit (the kernel's results differ from it in the last
     bits)."""
-    q, k, v = _inputs(1, 9, 3, fewattn.MAX_QUERY_ROWS + 1, 300, 64, 64)
+    q, k, v = attention_inputs(1, 9, 3, fewattn.MAX_QUERY_ROWS + 1, 300, 64, 64)
     want = base.scaled_dot_product_attention(q, k, v, cache=KVCache(), scale=0.125, mask="causal")
     got = fewattn.attention(q, k, v, cache=KVCache(), scale=0.125, mask="causal")
     assert np.array_equal(np.asarray(got), np.asarray(want))
 
-    q1, k1, v1 = _inputs(1, 9, 3, 1, 300, 64, 64)  # a decode step
+    q1, k1, v1 = attention_inputs(1, 9, 3, 1, 300, 64, 64)  # a decode step
     assert np.array_equal(np.asarray(fewattn.attention(q1, k1, v1, cache=KVCache(), scale=0.125, mask=None)),
                           np.asarray(base.scaled_dot_product_attention(q1, k1, v1, cache=KVCache(), scale=0.125,
                                                                        mask=None)))
-    q, k, v = _inputs(1, 9, 3, 8, 300, 64, 64)
+    q, k, v = attention_inputs(1, 9, 3, 8, 300, 64, 64)
     mine = fewattn.attention(q, k, v, cache=KVCache(), scale=0.125, mask="causal")
     assert np.array_equal(np.asarray(mine), np.asarray(fewattn.few_row_attention(q, k, v, 0.125, "causal")))
     sinks = mx.zeros((9,))
@@ -122,7 +105,7 @@ def test_calls_it_does_not_take_go_to_mlx_lm_unchanged(kernel):
 def test_a_batched_decode_step_is_split_over_two_streams_and_bit_identical(kernel, B, monkeypatch):
     """One query row for each of B sequences (a batched decode step, left-padded rows): half
     the sequences go to a second CPU stream, and the result is mlx-lm's, bit for bit."""
-    q, k, v = _inputs(B, 9, 3, 1, 300, 64, 64, seed=B)
+    q, k, v = attention_inputs(B, 9, 3, 1, 300, 64, 64, seed=B)
     left = mx.array([0, 7, 40, 3][:B])
     allowed = (mx.arange(300)[None] >= left[:, None])[:, None, None, :]
     calls = []
@@ -156,7 +139,7 @@ def test_a_batched_decode_step_over_a_batch_cache_skips_padding_and_is_bit_ident
     k, v = (mx.random.normal((B, 3, 300, 64), key=mx.random.key(i)) for i in (1, 2))
     cache.update_and_fetch(k, v)  # the merged prompts: row b's keys from pads[b] on
     mask = cache.make_mask(1)
-    q1, k1, v1 = _inputs(B, 9, 3, 1, 1, 64, 64, seed=B)
+    q1, k1, v1 = attention_inputs(B, 9, 3, 1, 1, 64, 64, seed=B)
     keys, values = cache.update_and_fetch(k1, v1)
     seen = []
     mlx_attention = fewattn._mlx_attention
@@ -181,7 +164,7 @@ def test_a_batched_decode_step_over_a_batch_cache_skips_padding_and_is_bit_ident
 
 
 def test_the_kernel_refuses_shapes_it_cannot_take(kernel):
-    q, k, v = _inputs(1, 8, 3, 2, 10, 16, 16)  # 8 query heads over 3 KV heads
+    q, k, v = attention_inputs(1, 8, 3, 2, 10, 16, 16)  # 8 query heads over 3 KV heads
     assert kernel.few_row_attention(q, k, v, 0.25, "causal") is None
 
 

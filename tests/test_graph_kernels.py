@@ -15,7 +15,8 @@ import pytest
 from mlx_lm.models import activations, base
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
-from agentd import blas, fewattn, graph_kernels
+from agentd import fewattn, graph_kernels
+from fewrows import attention_inputs, load_kernels
 
 pytestmark = pytest.mark.skipif(
     sys.platform != "linux" or not (shutil.which("c++") or shutil.which("g++")) or not shutil.which("cc")
@@ -28,27 +29,13 @@ pytestmark = pytest.mark.skipif(
 def graph(tmp_path_factory):
     """The module bound to a freshly built few-row library (loaded through ctypes, as
     `fewattn.load` does), and that library's ctypes path for comparison."""
-    built = blas.build_gemv_forward(tmp_path_factory.mktemp("graph"))
-    assert built and fewattn.load(built)
-    if fewattn._mlx_attention is None:
-        fewattn._mlx_attention = base.scaled_dot_product_attention
-    if fewattn._mlx_swiglu is None:
-        fewattn._mlx_swiglu = activations.swiglu
+    load_kernels(tmp_path_factory.mktemp("graph"))
     lib = fewattn._lib
     address = lambda fn: ctypes.cast(fn, ctypes.c_void_p).value  # noqa: E731
     # The default cache directory: the build the daemon uses (make setup makes it).
     module, why = graph_kernels.load(address(lib.agentd_attention), address(lib.agentd_swiglu))
     assert module is not None, why
     return module
-
-
-def _inputs(B, hq, hkv, lq, lk, d, dv, seed=0):
-    k1, k2, k3 = mx.random.split(mx.random.key(seed), 3)
-    # Keys and values as a cache holds them: the first lk rows of a longer buffer.
-    keys = mx.random.normal((B, hkv, lk + 37, d), key=k1)[:, :, :lk, :]
-    values = mx.random.normal((B, hkv, lk + 37, dv), key=k2)[:, :, :lk, :]
-    queries = mx.random.normal((B, lq, hq, d), key=k3).transpose(0, 2, 1, 3)
-    return queries, keys, values
 
 
 _KIND = {None: 0, "causal": 1}
@@ -64,7 +51,7 @@ def test_the_same_bits_as_the_kernel_through_ctypes_and_close_to_mlx(graph, shap
     B, hq, hkv, d, dv = shape
     worst = 0.0
     for lk, lq in ((9, 1), (300, 1), (300, 2), (300, 22), (40, 32)):
-        q, k, v = _inputs(B, hq, hkv, lq, lk, d, dv, seed=lk + lq)
+        q, k, v = attention_inputs(B, hq, hkv, lq, lk, d, dv, seed=lk + lq)
         left = mx.array(np.arange(B) % 3)
         allowed = (mx.arange(lk)[None] >= left[:, None])[:, None, None, :]
         for mask in [None, allowed, mx.where(allowed, 0.0, -1e9)] + (["causal"] if lq > 1 else []):
@@ -79,7 +66,7 @@ def test_the_same_bits_as_the_kernel_through_ctypes_and_close_to_mlx(graph, shap
 
 
 def test_a_strided_last_axis_is_read_right(graph):
-    q, k, v = _inputs(1, 4, 2, 3, 50, 16, 16)
+    q, k, v = attention_inputs(1, 4, 2, 3, 50, 16, 16)
     kt = mx.random.normal((1, 2, 16, 50)).transpose(0, 1, 3, 2)  # the head dimension strided
     got = _graph_attention(graph, q, kt, v, 0.25, "causal")
     want = mx.fast.scaled_dot_product_attention(q, kt, v, scale=0.25, mask="causal")
@@ -87,7 +74,7 @@ def test_a_strided_last_axis_is_read_right(graph):
 
 
 def test_shapes_it_does_not_take_are_refused_with_a_value_error(graph):
-    q, k, v = _inputs(1, 8, 3, 2, 10, 16, 16)  # 8 query heads over 3 KV heads
+    q, k, v = attention_inputs(1, 8, 3, 2, 10, 16, 16)  # 8 query heads over 3 KV heads
     with pytest.raises(ValueError):
         graph.attention(q, k, v, 0.25, 1, None)
     with pytest.raises(ValueError):
@@ -107,7 +94,7 @@ def test_a_batched_decode_step_gives_each_row_its_bits_alone(graph, pads, monkey
     k, v = (mx.random.normal((B, 3, 300, 64), key=mx.random.key(i)) for i in (1, 2))
     cache.update_and_fetch(k, v)
     mask = cache.make_mask(1)
-    q1, k1, v1 = _inputs(B, 9, 3, 1, 1, 64, 64, seed=B)
+    q1, k1, v1 = attention_inputs(B, 9, 3, 1, 1, 64, 64, seed=B)
     keys, values = cache.update_and_fetch(k1, v1)
     got = fewattn.attention(q1, keys, values, cache=cache, scale=0.125, mask=mask)
     want = base.scaled_dot_product_attention(q1, keys, values, cache=cache, scale=0.125, mask=mask)
@@ -130,7 +117,7 @@ def test_fewattn_routes_few_rows_to_the_graph_and_the_rest_to_mlx_lm(graph, monk
 
     monkeypatch.setattr(fewattn, "_graph", Recording())
     for lq in (1, 2, 32, 33):
-        q, k, v = _inputs(1, 9, 3, lq, 300, 64, 64, seed=lq)
+        q, k, v = attention_inputs(1, 9, 3, lq, 300, 64, 64, seed=lq)
         got = fewattn.attention(q, k, v, cache=KVCache(), scale=0.125, mask="causal" if lq > 1 else None)
         want = base.scaled_dot_product_attention(q, k, v, cache=KVCache(), scale=0.125,
                                                  mask="causal" if lq > 1 else None)
@@ -145,7 +132,7 @@ def test_fewattn_routes_few_rows_to_the_graph_and_the_rest_to_mlx_lm(graph, monk
             raise ValueError("shapes the kernel does not take")
 
     monkeypatch.setattr(fewattn, "_graph", Refusing())  # a call it refuses: mlx-lm's, not an error
-    q, k, v = _inputs(1, 9, 3, 4, 300, 64, 64)
+    q, k, v = attention_inputs(1, 9, 3, 4, 300, 64, 64)
     got = fewattn.attention(q, k, v, cache=KVCache(), scale=0.125, mask="causal")
     want = base.scaled_dot_product_attention(q, k, v, cache=KVCache(), scale=0.125, mask="causal")
     assert np.array_equal(np.asarray(got), np.asarray(want))
@@ -175,7 +162,7 @@ def test_the_graph_path_evaluates_nothing_where_the_ctypes_path_does(graph, monk
     evaluations = []
     real_eval = mx.eval
     monkeypatch.setattr(mx, "eval", lambda *a: (evaluations.append(len(a)), real_eval(*a)))
-    q, k, v = _inputs(1, 9, 3, 22, 300, 64, 64)
+    q, k, v = attention_inputs(1, 9, 3, 22, 300, 64, 64)
     gate, up = mx.random.normal((1, 22, 1536)), mx.random.normal((1, 22, 1536))
     for path in (graph, None):
         monkeypatch.setattr(fewattn, "_graph", path)
@@ -191,3 +178,4 @@ def test_build_is_cached_and_needs_a_compiler(tmp_path):
     assert first and graph_kernels.build() == first and graph_kernels.MODULE in first
     assert graph_kernels.build(tmp_path, compiler=str(tmp_path / "no-such-c++")) is None
     assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob(".*partial"))
+
