@@ -8,6 +8,9 @@ MLX, nanobind, Python and machine into the user cache directory, with the system
 compiler, against the installed MLX's headers and `libmlx` and nanobind's sources, in MLX's
 nanobind domain ("mlx": otherwise `mlx.core.array` arguments would not convert).
 
+The module also makes a restore's arrays without writing them (`unwritten`, for
+agentd.restore_arrays): `loaded()` is the module this process loaded, if any.
+
 Optional like the rest: without a C++ compiler, nanobind, or an MLX whose nanobind build
 matches this one, `load` says why and `agentd.fewattn` keeps its ctypes path.
 """
@@ -108,10 +111,23 @@ def load(attention_address: int, swiglu_address: int, path: str | Path | None = 
         module = importlib.util.module_from_spec(spec)
         loader.exec_module(module)
         module.bind(attention_address, swiglu_address)
-        return module, "" if _works(module) else "its results do not match MLX's"
+        if not _works(module):
+            return None, "its results do not match MLX's"
+        global _loaded
+        _loaded = module
+        return module, ""
     except (ImportError, OSError, TypeError, ValueError, RuntimeError) as e:
         # TypeError: an MLX built with another nanobind, whose arrays this module cannot take.
         return None, f"not usable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+
+
+_loaded: ModuleType | None = None  # the module `load` returned last, checked
+
+
+def loaded() -> ModuleType | None:
+    """The module this process loaded (agentd.fewattn loads it with the few-row library), or
+    None: what agentd.restore_arrays asks for its `unwritten` arrays."""
+    return _loaded
 
 
 def _works(module: ModuleType) -> bool:

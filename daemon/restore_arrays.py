@@ -24,7 +24,7 @@ import mlx.core as mx
 import numpy as np
 import xxhash
 
-from . import readhash
+from . import graph_kernels, readhash
 from .kvrows import RowLayout, RowsError, Segment, _host_dtype, _shared_view, install, read_buffers, row_buffers
 from .switches import switched_off
 
@@ -207,6 +207,8 @@ class RowTarget:
 HOST_READ = True  # read_rows where MLX's arrays are host memory; tests turn it off
 # read_rows reads in C where readhash is built; "off" reads in Python (benchmarks compare the two)
 NATIVE_READS = not switched_off(os.environ.get("AGENTD_NATIVE_READS"))
+# unwritten_arrays from the C++ module where it is loaded; "off" uses mx.load (tests compare)
+NATIVE_ARRAYS = not switched_off(os.environ.get("AGENTD_NATIVE_ARRAYS"))
 GROUPS = 4  # zeroed arrays are made in this many groups, each read as soon as it exists
 
 
@@ -384,11 +386,16 @@ class _HeaderOnly(io.RawIOBase):
 
 
 def unwritten_arrays(shapes: list[tuple[int, ...]], dtypes: list[str]) -> list[mx.array]:
-    """Evaluated arrays whose memory nothing has written: `mx.load` of a safetensors file
-    whose data reads write nothing. MLX reads each tensor straight into its new array's
-    memory (MLX 0.32 on the CPU), so they come back holding whatever the allocator had there,
-    for the reads to write once: 60 arrays of 6.5 MB in 3 ms from MLX's buffer cache, where
-    `mx.zeros` writes them in 21 ms (one pass over the bytes, as long as a memcpy of them)."""
+    """Evaluated arrays whose memory nothing has written, for the reads to write once
+    (`mx.zeros` writes them first: 60 arrays of 6.5 MB in 21 ms, as long as a memcpy of them).
+    From agentd's C++ module where it is loaded (`graph_kernels.unwritten`: a malloc from
+    MLX's allocator each, 60 in ~0.1 ms), else `mx.load` of a safetensors file whose data
+    reads write nothing: MLX reads each tensor straight into its new array's memory (MLX
+    0.32 on the CPU), so they come back holding whatever the allocator had there, at ~70 us
+    an array (4.3 ms of a 12 ms restore at 2,029 tokens)."""
+    native = graph_kernels.loaded() if NATIVE_ARRAYS else None
+    if native is not None:
+        return native.unwritten([list(s) for s in shapes], [getattr(mx, d) for d in dtypes])
     header, at = {}, 0
     for i, (shape, dtype) in enumerate(zip(shapes, dtypes)):
         size = int(np.prod(shape)) * getattr(mx, dtype).size

@@ -15,7 +15,7 @@ import pytest
 from mlx_lm.models import activations, base
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
-from agentd import fewattn, graph_kernels
+from agentd import blas, fewattn, graph_kernels
 from fewrows import attention_inputs, load_kernels
 
 pytestmark = pytest.mark.skipif(
@@ -179,3 +179,57 @@ def test_build_is_cached_and_needs_a_compiler(tmp_path):
     assert graph_kernels.build(tmp_path, compiler=str(tmp_path / "no-such-c++")) is None
     assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob(".*partial"))
 
+
+def test_unwritten_arrays_have_the_shapes_asked_and_hold_what_is_written_into_them(graph):
+    """`unwritten` (a restore's new arrays, written once by its reads): evaluated arrays of the
+    shapes and dtypes asked, whose memory a writable numpy view reaches."""
+    from agentd.kvrows import _shared_view
+
+    shapes, dtypes = [[1, 3, 300, 64], [2, 5], [0, 4]], [mx.float32, mx.uint16, mx.float32]
+    arrays = graph.unwritten(shapes, dtypes)
+    assert [a.shape for a in arrays] == [tuple(s) for s in shapes] and [a.dtype for a in arrays] == dtypes
+    for a, fill in zip(arrays[:2], (1.5, 7)):
+        _shared_view(a)[...] = fill
+        assert mx.all(a == fill).item()
+    with pytest.raises(ValueError):
+        graph.unwritten([[2, -1]], [mx.float32])
+    with pytest.raises(ValueError):
+        graph.unwritten([[2]], [])
+
+
+@pytest.mark.parametrize("from_module", [True, False], ids=["module-arrays", "mx.load-arrays"])
+def test_a_restore_into_the_modules_arrays_gives_back_the_saved_cache(graph, tiny_llama_dir, home, from_module,
+                                                                      monkeypatch):
+    """A restore makes its arrays with the module's `unwritten` where this process loaded it
+    (mx.load's way otherwise): either way the cache comes back as it was saved."""
+    from agentd import restore_arrays
+    from agentd.agents import AgentStore
+    from agentd.engine import Engine
+
+    assert graph_kernels.loaded() is not None  # the fixture loaded it: what a restore asks for
+    made = []
+    real = graph.unwritten
+
+    class Spy:
+        def unwritten(self, shapes, dtypes):
+            made.append(len(shapes))
+            return real(shapes, dtypes)
+
+    monkeypatch.setattr(graph_kernels, "loaded", lambda: Spy())
+    monkeypatch.setattr(restore_arrays, "NATIVE_ARRAYS", from_module)
+    # The fixture mapped the few-row library into this process: an Engine would install its
+    # kernels into mlx-lm for every later test. The restore does not need them.
+    monkeypatch.setattr(blas, "gemv_forward_active", lambda: False)
+    store = AgentStore(home, Engine(tiny_llama_dir))
+    store.create("a", "", "You are terse. " * 20)
+    store.chat("a", "Say something.", max_tokens=5)
+    store.save("a")
+    hot = store._hot["a"]
+    loaded = store.repo.load("a")
+    assert bool(made) == from_module
+    assert loaded.tokens == hot.tokens
+    for want, got in zip(hot.cache, loaded.cache):
+        n = want.offset
+        assert got.offset == n
+        assert np.array_equal(np.array(want.keys[..., :n, :]), np.array(got.keys[..., :n, :]))
+        assert np.array_equal(np.array(want.values[..., :n, :]), np.array(got.values[..., :n, :]))
