@@ -20,7 +20,12 @@ pytestmark = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")),
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):
-    return load_kernels(tmp_path_factory.mktemp("fewattn"))
+    """The ctypes path: without the graph module, which an Engine made by an earlier test of
+    this process may have loaded (test_graph_kernels.py tests that path)."""
+    kernels = load_kernels(tmp_path_factory.mktemp("fewattn"))
+    graph, kernels._graph = kernels._graph, None
+    yield kernels
+    kernels._graph = graph
 
 
 SHAPES = [  # B, Hq, Hkv, D, Dv
