@@ -287,6 +287,9 @@ from _build import speed_up
 engine = Engine(Path(sys.argv[2]))
 speed_up(engine)
 store = AgentStore(Path(sys.argv[1]), engine)
+from agentd.restore_arrays import host_read_usable, native_reader
+if host_read_usable():
+    native_reader()  # as the daemon's start does (cli): the C reader is loaded before any restore
 if os.environ.get("BENCH_RESERVE"):
     from agentd.restore_reads import reserve_restores
     reserve_restores([store.repo.restore_rows("r")], 1 << 40)
